@@ -1,0 +1,307 @@
+"""Generative model of spectral DCM: neuronal coupling, balloon hemodynamics, spectra.
+
+Everything is written in PyTorch on batched tensors (leading dimension B = subjects) so
+that ``torch.func.jvp`` gives exact Jacobians and the same code runs on CPU or CUDA.
+The equations are those of SPM12's ``spm_fx_fmri``/``spm_gx_fmri``/``spm_csd_fmri_mtf``
+(DESIGN.md section 7).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .priors import ParamLayout
+
+# Hemodynamic constants (SPM12 spm_fx_fmri / spm_gx_fmri).
+KAPPA = 0.64  # rate of signal decay, scaled by exp(decay)
+GAMMA = 0.32  # rate of flow-dependent elimination
+TAU = 2.0  # transit time, scaled by exp(transit)
+GRUBB = 0.32  # Grubb's exponent alpha
+E0 = 0.4  # resting oxygen extraction fraction
+V0 = 4.0  # resting venous volume (%)
+TE = 0.04  # echo time (s)
+R0 = 25.0  # intravascular relaxation rate
+NU0 = 40.3  # frequency offset at the outer surface of magnetised vessels
+INPUT_GAIN = 1.0 / 16.0  # endogenous fluctuations enter every region through I/16
+EIG_CEILING = -1.0 / 32.0  # real parts of the system's eigenvalues are clamped below this
+MODEL_AR_ORDER = 7  # SPM re-expresses predicted spectra through an AR(p - 1) model
+
+
+def unpack(theta: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """Split a batched flat parameter tensor (B, P) into SPM's named parameters.
+
+    ``A`` comes back as (B, n, n) with rows = targets (the vector holds it column-major);
+    the others as (B, size).
+    """
+    layout = ParamLayout(n)
+    out = {name: theta[..., s] for name, s in layout.slices().items()}
+    out["A"] = out["A"].reshape(theta.shape[:-1] + (n, n)).transpose(-1, -2)
+    return out
+
+
+def effective_connectivity(A: torch.Tensor) -> torch.Tensor:
+    """Coupling in Hz from SPM's A parameters: self-connections become ``-exp(A_ii)/2``."""
+    diag = torch.diagonal(A, dim1=-2, dim2=-1)
+    return A - torch.diag_embed(diag) - torch.diag_embed(torch.exp(diag) / 2.0)
+
+
+def hemodynamic_transfer(
+    sigma: torch.Tensor, transit: torch.Tensor, decay: torch.Tensor, epsilon: torch.Tensor
+) -> torch.Tensor:
+    """Transfer function from neuronal activity to BOLD of each region's balloon model.
+
+    The balloon model linearised at rest is a chain (signal -> flow -> volume ->
+    deoxyhaemoglobin -> BOLD) whose Laplace transform has this closed form.
+
+    Parameters
+    ----------
+    sigma
+        Complex Laplace variables, (K,) shared by all subjects (e.g. ``i 2 pi f``) or
+        (B, K) per subject (e.g. eigenvalues).
+    transit
+        (B, n) log transit-time scalings.
+    decay, epsilon
+        (B, 1) log signal-decay scaling and log intra/extravascular ratio.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, K, n) complex: BOLD response of region i to its own neuronal state.
+    """
+    s = sigma.reshape((-1,) + sigma.shape[-1:] + (1,)) if sigma.dim() == 2 else sigma[None, :, None]
+    kappa = (KAPPA * torch.exp(decay))[:, :, None]
+    tau = (TAU * torch.exp(transit))[:, None, :]
+    eps = torch.exp(epsilon)[:, :, None]
+    k1 = 4.3 * NU0 * E0 * TE
+    k2 = eps * R0 * E0 * TE
+    k3 = 1.0 - eps
+    # d(f E(f))/d ln f at rest, divided by E0 (E(f) = 1 - (1 - E0)^(1/f))
+    c_flow = (E0 + (1.0 - E0) * math.log(1.0 - E0)) / E0
+    ln_f = 1.0 / (s * s + kappa * s + GAMMA)
+    ln_v = ln_f / (tau * s + 1.0 / GRUBB)
+    ln_q = (c_flow * ln_f - (1.0 / GRUBB - 1.0) * ln_v) / (tau * s + 1.0)
+    return V0 * (-(k1 + k2) * ln_q + (k2 - k3) * ln_v)
+
+
+def transfer_function(
+    params: dict[str, torch.Tensor], freqs: torch.Tensor, clamp_subjects: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Transfer function from endogenous fluctuations to BOLD, (B, F, n, n) complex.
+
+    ``S(f) = diag(h(i 2 pi f)) (i 2 pi f I - A_eff)^-1 / 16`` where ``h`` is each
+    region's hemodynamic transfer. SPM clamps the real part of every eigenvalue of the
+    system's Jacobian at -1/32; the hemodynamic eigenvalues sit far below it, so only
+    neuronal modes can be moved. For those the exact correction
+    ``sum_k R_k [1/(i w - s~_k) - 1/(i w - s_k)]`` (residue ``R_k`` of mode k) is added,
+    computed from an eigendecomposition of ``A_eff`` only for the subjects listed in
+    ``clamp_subjects`` (see :func:`clamped_subjects`), so that gradients never pass
+    through the eigendecomposition of repeated eigenvalues.
+    """
+    A = effective_connectivity(params["A"])
+    n = A.shape[-1]
+    sigma = (2j * math.pi) * freqs.to(A.dtype)
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    system = sigma[None, :, None, None] * eye - A[:, None, :, :].to(sigma.dtype)
+    neuronal = torch.linalg.inv(system) * INPUT_GAIN
+    hemo = hemodynamic_transfer(sigma, params["transit"], params["decay"], params["epsilon"])
+    S = hemo[..., :, None] * neuronal
+    if clamp_subjects is not None and clamp_subjects.numel() > 0:
+        S = S.index_add(0, clamp_subjects, _clamp_correction(params, clamp_subjects, sigma))
+    return S
+
+
+def _clamp_correction(
+    params: dict[str, torch.Tensor], subjects: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """Change of the transfer function when unstable neuronal modes are clamped."""
+    A = effective_connectivity(params["A"][subjects])
+    lam, right = torch.linalg.eig(A)
+    left = torch.linalg.inv(right)
+    lam_clamped = torch.complex(torch.clamp(lam.real, max=EIG_CEILING), lam.imag)
+    hemo = hemodynamic_transfer(
+        lam, params["transit"][subjects], params["decay"][subjects], params["epsilon"][subjects]
+    )  # (b, k, n)
+    residue = hemo.transpose(-1, -2)[:, :, :, None] * right[:, :, :, None] * left[:, None, :, :]
+    # residue[b, i, k, j] = h_i(lam_k) right[i, k] left[k, j]
+    diff = 1.0 / (sigma[None, :, None] - lam_clamped[:, None, :]) - 1.0 / (sigma[None, :, None] - lam[:, None, :])
+    return torch.einsum("bikj,bfk->bfij", residue, diff) * INPUT_GAIN
+
+
+def clamped_subjects(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Indices of subjects whose coupling has an eigenvalue with real part above -1/32."""
+    with torch.no_grad():
+        lam = torch.linalg.eigvals(effective_connectivity(params["A"]))
+        return torch.nonzero((lam.real > EIG_CEILING).any(dim=-1)).flatten()
+
+
+def fluctuation_spectra(
+    params: dict[str, torch.Tensor], freqs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spectra of neuronal fluctuations (B, F) and observation noise (B, F, n, n).
+
+    Neuronal: ``exp(a1) f^-exp(a2)``, normalised to unit sum over frequencies, identical
+    and independent in every region. Noise: ``exp(c_i) G_b`` on the diagonal plus the
+    global ``exp(b1) G_b`` in every element, ``G_b = f^(-exp(b2)/2)`` normalised.
+    """
+    f = freqs.to(params["a"].dtype)[None, :]
+    ga = f ** (-torch.exp(params["a"][:, 1:2]))
+    gu = torch.exp(params["a"][:, 0:1]) * ga / ga.sum(dim=1, keepdim=True)
+    gb = f ** (-torch.exp(params["b"][:, 1:2]) / 2.0)
+    gb = gb / gb.sum(dim=1, keepdim=True)
+    n = params["c"].shape[-1]
+    ones = torch.ones(n, n, dtype=gb.dtype, device=gb.device)
+    noise = (torch.exp(params["b"][:, 0:1]) * gb)[:, :, None, None] * ones
+    noise = noise + torch.diag_embed(torch.exp(params["c"])[:, None, :] * gb[:, :, None])
+    return gu, noise
+
+
+@dataclass(frozen=True)
+class CcfGrid:
+    """Lag grid of SPM's CSD -> cross-covariance transform for a frequency grid.
+
+    Attributes
+    ----------
+    df
+        Frequency spacing (Hz).
+    n_lags
+        N, the number of positive lags: ``ceil(ns / (2 df))`` with ``ns = 2 f_max``.
+    start
+        Index of the first frequency in the zero-padded spectrum (``ceil(f1/df) - 1``).
+    ns
+        The model's sampling rate ``2 f_max`` (Hz).
+    """
+
+    df: float
+    n_lags: int
+    start: int
+    ns: float
+
+    @classmethod
+    def from_freqs(cls, freqs: torch.Tensor) -> "CcfGrid":
+        f = np.asarray(freqs.detach().cpu(), dtype=float) if isinstance(freqs, torch.Tensor) else np.asarray(freqs, dtype=float)
+        df = float(f[1] - f[0])
+        ns = 2.0 * float(f[-1])
+        return cls(df=df, n_lags=math.ceil(ns / (2.0 * df)), start=math.ceil(float(f[0]) / df) - 1, ns=ns)
+
+
+def csd_to_autocovariance(csd: torch.Tensor, grid: CcfGrid, max_lag: int) -> torch.Tensor:
+    """Cross-covariances at lags 0..max_lag from cross-spectra, as SPM's ``spm_csd2ccf``.
+
+    SPM zero-pads the spectrum to N positive frequencies, mirrors it with its conjugate
+    and takes a (2N + 1)-point inverse FFT scaled by ``N df``. Only a few lags are needed
+    for Yule-Walker, so the same numbers are computed directly as
+    ``c(m) = 2 N df / (2N + 1) Re sum_k csd_k exp(2 pi i (k + start + 1) m / (2N + 1))``.
+
+    Parameters
+    ----------
+    csd
+        (B, F, n, n) complex cross-spectral density.
+    grid
+        Lag grid of the frequencies (:class:`CcfGrid`).
+    max_lag
+        Largest lag returned.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, max_lag + 1, n, n) real; ``c[:, m, i, j]`` is the covariance of region i with
+        region j at lag m (``c_ji(m) = c_ij(-m)``).
+    """
+    F = csd.shape[1]
+    length = 2 * grid.n_lags + 1
+    real = torch.float64 if csd.dtype == torch.complex128 else torch.float32
+    lag = torch.arange(max_lag + 1, dtype=real, device=csd.device)
+    position = torch.arange(F, dtype=real, device=csd.device) + grid.start + 1
+    kernel = torch.exp((2j * math.pi / length) * (lag[:, None] * position[None, :]).to(csd.dtype))
+    kernel = kernel * (2.0 * grid.n_lags * grid.df / length)
+    return torch.einsum("mf,bfij->bmij", kernel, csd).real
+
+
+def ccf_to_mar(cov: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multivariate AR coefficients by Yule-Walker from cross-covariances (``spm_ccf2mar``).
+
+    Parameters
+    ----------
+    cov
+        (B, L, n, n) cross-covariances at lags 0..L-1, L > order
+        (:func:`csd_to_autocovariance`).
+    order
+        AR order p.
+
+    Returns
+    -------
+    lags : torch.Tensor
+        (B, order, n, n): ``y_t + sum_k lags[k-1] y_{t-k} = e_t``.
+    noise_cov : torch.Tensor
+        (B, n, n) innovation covariance.
+    """
+    B, _, n, _ = cov.shape
+    p = order
+    r = torch.arange(p, device=cov.device)
+    diff = r[:, None] - r[None, :]
+    lag = diff.abs()
+    # block (i, j) of the system: Toeplitz, first column c_ij(0..p-1), first row c_ji(0..p-1)
+    blocks = torch.where((diff >= 0)[None, :, :, None, None], cov[:, lag], cov[:, lag].transpose(-1, -2))
+    system = blocks.permute(0, 3, 1, 4, 2).reshape(B, n * p, n * p)
+    rhs = cov[:, 1 : p + 1].permute(0, 2, 1, 3).reshape(B, n * p, n)  # [(i, k), j] = c_ij(k)
+    coef = torch.linalg.solve(system, rhs)
+    noise_cov = cov[:, 0] - rhs.transpose(-1, -2) @ coef
+    lags = -coef.reshape(B, n, p, n).permute(0, 2, 1, 3)
+    return lags, noise_cov
+
+
+def mar_to_csd(lags: torch.Tensor, noise_cov: torch.Tensor, freqs: torch.Tensor, ns: float) -> torch.Tensor:
+    """Cross-spectral density of a multivariate AR process (``spm_mar2csd``).
+
+    ``2/ns H(f) C H(f)^H`` with ``H(f) = (I + sum_k lags_k exp(-i 2 pi f k / ns))^-1``.
+
+    Parameters
+    ----------
+    lags
+        (B, p, n, n) lag matrices.
+    noise_cov
+        (B, n, n) innovation covariance.
+    freqs
+        (F,) frequencies in Hz.
+    ns
+        Sampling rate in Hz.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, F, n, n) complex.
+    """
+    B, p, n, _ = lags.shape
+    ctype = torch.complex128 if lags.dtype == torch.float64 else torch.complex64
+    w = 2.0 * math.pi * freqs.to(lags.dtype) / ns
+    k = torch.arange(1, p + 1, dtype=lags.dtype, device=lags.device)
+    phase = torch.exp(-1j * (w[:, None] * k[None, :]).to(ctype))  # (F, p)
+    eye = torch.eye(n, dtype=ctype, device=lags.device)
+    transfer = torch.linalg.inv(eye + torch.einsum("fk,bkij->bfij", phase, lags.to(ctype)))
+    return (2.0 / ns) * transfer @ noise_cov.to(ctype)[:, None] @ transfer.conj().transpose(-1, -2)
+
+
+def predict_csd_tensor(
+    theta: torch.Tensor,
+    freqs: torch.Tensor,
+    n: int,
+    clamp_subjects: torch.Tensor | None = None,
+    grid: CcfGrid | None = None,
+) -> torch.Tensor:
+    """Predicted CSD (B, F, n, n) for flat parameters theta (B, P), as SPM12.
+
+    ``S Gu S^H + Gn`` passed through SPM's round trip CSD -> cross-covariance ->
+    AR(7) -> CSD. ``grid`` may be precomputed with :meth:`CcfGrid.from_freqs` (needed
+    inside ``torch.func`` transforms).
+    """
+    params = unpack(theta, n)
+    S = transfer_function(params, freqs, clamp_subjects)
+    gu, noise = fluctuation_spectra(params, freqs)
+    csd = gu[:, :, None, None] * (S @ S.conj().transpose(-1, -2)) + noise
+    grid = grid if grid is not None else CcfGrid.from_freqs(freqs)
+    lags, cov = ccf_to_mar(csd_to_autocovariance(csd, grid, MODEL_AR_ORDER), MODEL_AR_ORDER)
+    return mar_to_csd(lags, cov, freqs, ns=grid.ns)

@@ -1,0 +1,180 @@
+"""Prior means and covariances of spectral DCM, as SPM12's defaults.
+
+The parameter vector follows SPM's ``spm_vec`` order: ``A`` (n x n, column-major), then
+``transit`` (n), ``decay`` (1), ``epsilon`` (1), ``a`` (2), ``b`` (2) and ``c`` (n).
+Every number of SPM12's ``spm_dcm_fmri_priors``/``spm_dcm_fmri_csd`` defaults lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Prior mean of off-diagonal (between-region) couplings, Hz.
+A_OFFDIAG_MEAN = 1.0 / 128.0
+#: Prior variance of every A parameter.
+A_VARIANCE = 1.0 / 64.0
+#: Prior variance of the hemodynamic parameters (transit, decay, epsilon).
+HEMO_VARIANCE = 1.0 / 256.0
+#: Prior variance of the spectral parameters (a, b, c).
+SPECTRAL_VARIANCE = 1.0 / 64.0
+#: SPM's ``maxnodes``: above this many regions the A prior is projected onto data modes.
+MAX_NODES = 8
+#: Prior mean and precision of the log-precision hyperparameters of the CSD error.
+HYPER_MEAN = 8.0
+HYPER_PRECISION = 128.0
+
+PARAM_NAMES = ("A", "transit", "decay", "epsilon", "a", "b", "c")
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each named parameter sits in the flat parameter vector of an n-region model."""
+
+    n: int
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Number of entries of each named parameter."""
+        n = self.n
+        return {"A": n * n, "transit": n, "decay": 1, "epsilon": 1, "a": 2, "b": 2, "c": n}
+
+    @property
+    def size(self) -> int:
+        """Total number of parameters."""
+        return sum(self.sizes.values())
+
+    def slices(self) -> dict[str, slice]:
+        """Slice of the flat vector for each named parameter."""
+        out, start = {}, 0
+        for name in PARAM_NAMES:
+            out[name] = slice(start, start + self.sizes[name])
+            start += self.sizes[name]
+        return out
+
+    def unpack(self, theta: np.ndarray) -> dict[str, np.ndarray]:
+        """Split a flat vector (..., P) into named arrays; ``A`` becomes (..., n, n)."""
+        theta = np.asarray(theta)
+        out = {name: theta[..., s] for name, s in self.slices().items()}
+        out["A"] = np.swapaxes(out["A"].reshape(theta.shape[:-1] + (self.n, self.n)), -1, -2)
+        return out
+
+    def pack(self, params: dict[str, np.ndarray]) -> np.ndarray:
+        """Inverse of :meth:`unpack`: named arrays to a flat vector (column-major A)."""
+        A = np.asarray(params["A"], dtype=float)
+        parts = [np.swapaxes(A, -1, -2).reshape(A.shape[:-2] + (self.n * self.n,))]
+        for name in PARAM_NAMES[1:]:
+            parts.append(np.asarray(params[name], dtype=float).reshape(A.shape[:-2] + (-1,)))
+        return np.concatenate(parts, axis=-1)
+
+
+def prior_mean(n: int) -> np.ndarray:
+    """Prior mean of the flat parameter vector of an n-region, fully connected model.
+
+    Parameters
+    ----------
+    n
+        Number of regions.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (P,), P = n^2 + 2n + 6: off-diagonal A 1/128, everything else 0.
+    """
+    layout = ParamLayout(n)
+    A = np.full((n, n), A_OFFDIAG_MEAN)
+    np.fill_diagonal(A, 0.0)
+    zeros = {name: np.zeros(size) for name, size in layout.sizes.items() if name != "A"}
+    return layout.pack({"A": A, **zeros})
+
+
+def prior_variance(n: int) -> np.ndarray:
+    """Diagonal of the (unprojected) prior covariance, shape (P,)."""
+    layout = ParamLayout(n)
+    var = np.empty(layout.size)
+    for name, s in layout.slices().items():
+        if name == "A":
+            var[s] = A_VARIANCE
+        elif name in ("transit", "decay", "epsilon"):
+            var[s] = HEMO_VARIANCE
+        else:
+            var[s] = SPECTRAL_VARIANCE
+    return var
+
+
+def projected_A_covariance(y: np.ndarray, n_modes: int = MAX_NODES) -> np.ndarray:
+    """SPM's prior covariance of vec(A) for models with more than ``n_modes`` regions.
+
+    The isotropic prior is projected onto the principal modes of the data:
+    ``C_A <- (P kron P) C_A (P kron P)^T`` with ``P = V V^T`` and ``V`` the first
+    ``n_modes`` left singular vectors of the mean-removed n x T data.
+
+    Parameters
+    ----------
+    y
+        Time series, shape (T, n).
+    n_modes
+        Number of modes kept (SPM's ``maxnodes``, 8).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (n^2, n^2).
+    """
+    y = np.asarray(y, dtype=float)
+    n = y.shape[1]
+    yc = (y - y.mean(axis=0)).T
+    u, _, _ = np.linalg.svd(yc, full_matrices=False)
+    v = u[:, :n_modes]
+    proj = v @ v.T
+    pp = np.kron(proj, proj)
+    return pp @ (np.eye(n * n) * A_VARIANCE) @ pp.T
+
+
+def prior_covariance(n: int, y: np.ndarray | None = None) -> np.ndarray:
+    """Full prior covariance of the flat parameter vector, shape (P, P).
+
+    Parameters
+    ----------
+    n
+        Number of regions.
+    y
+        Time series (T, n). Required when ``n > 8``: the A block is then projected onto
+        the data's principal modes as SPM does (:func:`projected_A_covariance`).
+    """
+    cov = np.diag(prior_variance(n))
+    if n > MAX_NODES:
+        if y is None:
+            raise ValueError(
+                f"a {n}-region model needs the time series to build SPM's projected A prior"
+            )
+        cov[: n * n, : n * n] = projected_A_covariance(y)
+    return cov
+
+
+def principal_subspace(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal basis of the prior's principal subspace, as SPM's ``spm_svd(pC, 0)``.
+
+    Keeps eigenvectors whose eigenvalue s satisfies ``s^2 N / sum(s^2) > 64 eps``.
+
+    Parameters
+    ----------
+    cov
+        Prior covariance (P, P), symmetric positive semi-definite.
+
+    Returns
+    -------
+    basis : numpy.ndarray
+        Shape (P, R): columns span the subspace in which the optimiser works.
+    variances : numpy.ndarray
+        Shape (R,): prior variances along those columns.
+    """
+    if np.count_nonzero(cov - np.diag(np.diag(cov))) == 0:
+        s = np.diag(cov).copy()
+        keep = s**2 * s.size / np.sum(s**2) > 64 * np.finfo(float).eps
+        return np.eye(cov.shape[0])[:, keep], s[keep]
+    s, vec = np.linalg.eigh((cov + cov.T) / 2)
+    keep = s**2 * s.size / np.sum(s**2) > 64 * np.finfo(float).eps
+    order = np.argsort(-s[keep], kind="stable")
+    return vec[:, keep][:, order], s[keep][order]
