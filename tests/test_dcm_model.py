@@ -1,0 +1,190 @@
+"""Model pieces of the spectral DCM engine against independent truth."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import signal
+from torch.func import jacrev
+
+from bids_ketdcm.dcm import ConvergenceWarning, fit, invert, simulate
+from bids_ketdcm.dcm.invert import _Problem
+from bids_ketdcm.dcm.model import (
+    EIG_CEILING,
+    clamped_subjects,
+    hemodynamic_transfer,
+    transfer_function,
+    unpack,
+)
+from bids_ketdcm.dcm.priors import prior_mean, prior_variance, principal_subspace
+from bids_ketdcm.dcm.simulate import bold_signal, integrate, state_derivative
+
+FREQS = torch.linspace(1 / 128, 1 / 8, 32, dtype=torch.float64)
+
+
+def _eigen_form_transfer(theta: torch.Tensor, freqs: torch.Tensor, n: int) -> torch.Tensor:
+    """SPM's transfer function from the full 5n x 5n Jacobian of the nonlinear equations
+    (autograd at rest), eigenvalues clamped at -1/32: independent of model.py's algebra."""
+    params = unpack(theta[None], n)
+    x0 = torch.zeros(1, 5, n, dtype=torch.float64)
+    u0 = torch.zeros(1, n, dtype=torch.float64)
+    dfdx = jacrev(lambda x: state_derivative(x.reshape(1, 5, n), u0, params).reshape(-1))(x0.reshape(-1))
+    dgdx = jacrev(lambda x: bold_signal(x.reshape(1, 5, n), params).reshape(-1))(x0.reshape(-1))
+    dfdu = jacrev(lambda u: state_derivative(x0, u.reshape(1, n), params).reshape(-1))(u0.reshape(-1))
+    s, v = torch.linalg.eig(dfdx)
+    s = torch.complex(torch.clamp(s.real, max=EIG_CEILING), s.imag)
+    left = dgdx.to(v.dtype) @ v
+    right = torch.linalg.inv(v) @ dfdu.to(v.dtype)
+    w = 2j * math.pi * freqs
+    return torch.einsum("ik,kj,fk->fij", left, right, 1.0 / (w[:, None] - s[None, :]))
+
+
+def _theta(A_raw: np.ndarray, seed: int) -> torch.Tensor:
+    n = A_raw.shape[0]
+    rng = np.random.default_rng(seed)
+    theta = prior_mean(n) + rng.normal(0, 1, prior_mean(n).size) * np.sqrt(prior_variance(n))
+    theta[: n * n] = A_raw.T.ravel()
+    return torch.tensor(theta)
+
+
+@pytest.mark.parametrize("clamped", [False, True])
+def test_transfer_function_matches_full_eigen_form(clamped):
+    n = 4
+    A = np.full((n, n), 0.1)
+    np.fill_diagonal(A, 0.0)  # self-inhibition -0.5 Hz
+    if clamped:  # strong excitatory loop: an eigenvalue with positive real part
+        A[0, 1], A[1, 0] = 0.6, 0.6
+    theta = _theta(A, seed=3)
+    params = unpack(theta[None], n)
+    clamp = clamped_subjects(params)
+    assert clamp.numel() == int(clamped)
+    ours = transfer_function(params, FREQS, clamp)[0]
+    ref = _eigen_form_transfer(theta, FREQS, n)
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-10
+    if clamped:  # the correction matters
+        plain = transfer_function(params, FREQS, None)[0]
+        assert (plain - ref).abs().max() / ref.abs().max() > 1e-2
+
+
+def test_hemodynamic_transfer_matches_linearised_balloon_model():
+    """Closed-form chain vs (sI - J_h)^-1 from the autograd Jacobian of the nonlinear ODE."""
+    n = 3
+    theta = _theta(np.zeros((n, n)), seed=5)
+    params = unpack(theta[None], n)
+    x0 = torch.zeros(1, 5, n, dtype=torch.float64)
+    u0 = torch.zeros(1, n, dtype=torch.float64)
+    dfdx = jacrev(lambda x: state_derivative(x.reshape(1, 5, n), u0, params).reshape(-1))(x0.reshape(-1))
+    dgdx = jacrev(lambda x: bold_signal(x.reshape(1, 5, n), params).reshape(-1))(x0.reshape(-1))
+    sigma = 2j * math.pi * FREQS
+    ours = hemodynamic_transfer(sigma, params["transit"], params["decay"], params["epsilon"])[0]
+    for i in range(n):
+        rows = [n * k + i for k in range(1, 5)]  # s, ln f, ln v, ln q of region i
+        jh = dfdx[rows][:, rows].to(torch.complex128)
+        drive = dfdx[rows, i].to(torch.complex128)  # d(states)/d(neuronal state i)
+        g = dgdx[i, rows].to(torch.complex128)
+        for f, s in enumerate(sigma):
+            ref = g @ torch.linalg.solve(s * torch.eye(4, dtype=torch.complex128) - jh, drive)
+            assert abs(ours[f, i] - ref) < 1e-12 * max(1.0, abs(ref))
+
+
+def test_autograd_jacobian_matches_central_differences():
+    n = 4
+    theta0 = _theta(np.array([[0, .1, .05, 0], [.2, 0, .1, .1], [0, .15, 0, -.1], [.05, 0, .2, 0]]), seed=7)
+    cov = np.diag(prior_variance(n))
+    basis, var = principal_subspace(cov)
+    problem = _Problem(
+        torch.zeros(1, 32, n, n, dtype=torch.complex128), FREQS, theta0[None],
+        torch.tensor(basis)[None], torch.tensor(var)[None],
+    )
+    rng = np.random.default_rng(0)
+    p = torch.tensor(rng.normal(0, 0.05, (1, basis.shape[1])))
+    idx = torch.tensor([0])
+    _, jac = problem.predict_and_jacobian(p, idx)
+    step = 1e-6
+    for r in rng.choice(basis.shape[1], 8, replace=False):
+        e = torch.zeros_like(p)
+        e[0, r] = step
+        central = (problem.predict(p + e, idx) - problem.predict(p - e, idx)) / (2 * step)
+        scale = central.abs().max()
+        assert (jac[..., r] - central).abs().max() / scale < 1e-6
+
+
+def test_transfer_function_matches_spectrum_of_simulated_bold():
+    """Cross-spectrum between white-noise input and simulated BOLD (nonlinear model, small
+    amplitude) over the input's spectrum estimates the transfer function independently."""
+    n, dt = 3, 0.25
+    A = np.array([[0.0, 0.2, 0.0], [0.1, 0.0, 0.3], [0.0, 0.25, 0.0]])
+    theta = _theta(A, seed=11)
+    params = unpack(theta[None], n)
+    rng = np.random.default_rng(2)
+    steps = 60_000
+    u = rng.standard_normal((steps, 1, n)) * 0.02
+    bold = integrate(params, u, dt, sample_every=1)[0]  # sampled every step
+    fs = 1.0 / dt
+    f, _ = signal.csd(u[:, 0, 0], u[:, 0, 0], fs=fs, nperseg=1024)
+    band = (f >= 1 / 64) & (f <= 1 / 8)
+    S = transfer_function(params, torch.tensor(f[band]), clamped_subjects(params))[0].numpy()
+    for j in range(n):  # input j -> BOLD i
+        _, suu = signal.csd(u[:, 0, j], u[:, 0, j], fs=fs, nperseg=1024)
+        for i in range(n):
+            # scipy's csd(x, y) = E[conj(X) Y]: input first gives the transfer function
+            _, syu = signal.csd(u[:, 0, j], bold[:, i], fs=fs, nperseg=1024)
+            est = (syu / suu)[band]
+            # the input enters through I/16 in the model
+            err = np.abs(est - S[:, i, j]) / np.abs(S[:, :, :]).max()
+            assert np.median(err) < 0.05, (i, j, np.median(err))
+
+
+def test_bad_timeseries_raise_clear_errors():
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((192, 4))
+    bad = y.copy()
+    bad[10, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit(bad, 2.5)
+    flat = y.copy()
+    flat[:, 1] = 3.0
+    with pytest.raises(ValueError, match="zero variance"):
+        fit(flat, 2.5)
+    with pytest.raises(ValueError, match="too few scans"):
+        fit(y[:30], 2.5)
+    with pytest.raises(ValueError, match="more regions"):
+        fit(rng.standard_normal((5, 8)), 2.5)
+
+
+def test_iteration_cap_returns_unconverged_with_warning():
+    y = simulate(np.array([[-0.5, 0.2], [0.1, -0.5]]), 2.5, 192, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        post = fit(y, 2.5, max_iterations=3)
+    assert not post.converged
+    assert post.iterations == 3
+    assert any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def test_batched_inversion_equals_single_inversions():
+    A = np.array([[-0.5, 0.2, 0.0], [0.1, -0.5, 0.15], [0.0, 0.2, -0.5]])
+    ys = simulate(np.stack([A, A * 1.2]), 2.5, 192, seed=4)
+    batch = fit(ys, 2.5)
+    for b in range(2):
+        single = fit(ys[b], 2.5)
+        np.testing.assert_allclose(batch.A_hz[b], single.A_hz, atol=1e-8)
+        assert batch.iterations[b] == single.iterations
+        assert batch.F[b] == pytest.approx(single.F)
+
+
+def test_simulate_is_seeded_and_validates():
+    A = np.array([[-0.5, 0.2], [0.1, -0.5]])
+    np.testing.assert_array_equal(simulate(A, 2.5, 64, seed=3), simulate(A, 2.5, 64, seed=3))
+    assert not np.allclose(simulate(A, 2.5, 64, seed=3), simulate(A, 2.5, 64, seed=4))
+    with pytest.raises(ValueError, match="negative"):
+        simulate(np.array([[0.1, 0.2], [0.1, -0.5]]), 2.5, 64, seed=0)
+
+
+def test_invert_rejects_unknown_jacobian():
+    with pytest.raises(ValueError, match="jacobian"):
+        invert(np.zeros((32, 2, 2), complex), FREQS.numpy(), jacobian="magic")
