@@ -1,0 +1,14 @@
+"""HTML reports: the participant-level page (one per subject) and its methods text."""
+
+from .methods import citations_bibtex, methods_paragraph, software_versions
+from .participant import DEFAULT_QC_THRESHOLDS, RunReport, run_warnings, write_participant_report
+
+__all__ = [
+    "DEFAULT_QC_THRESHOLDS",
+    "RunReport",
+    "citations_bibtex",
+    "methods_paragraph",
+    "run_warnings",
+    "software_versions",
+    "write_participant_report",
+]

@@ -1,0 +1,356 @@
+"""Auto-generated methods paragraph and citations for the participant report.
+
+The paragraph describes what the participant level actually did (network, ROI extraction,
+spectral DCM settings, software versions) in prose a researcher can paste into a paper;
+:func:`citations_bibtex` gives the cited works as BibTeX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Mapping
+
+#: Distribution names whose versions the methods paragraph reports, in citation order.
+SOFTWARE = ("bids-ketdcm", "torch", "nilearn", "nibabel", "pybids")
+
+#: SPM12's spectral-DCM settings reproduced by the engine (DESIGN.md section 7).
+DEFAULT_DCM_SETTINGS = {
+    "mar_order": 8,
+    "n_freqs": 32,
+    "max_iterations": 128,
+    "spm_release": "SPM12",
+    "space": "MNI152NLin2009cAsym",
+}
+
+_ROI_SUMMARIES = {
+    "eigenvariate": "the first principal eigenvariate of its voxels",
+    "mean": "the mean over its voxels",
+}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One cited work: enough fields for a BibTeX entry and a formatted reference."""
+
+    key: str
+    kind: str  # BibTeX entry type
+    authors: tuple[str, ...]  # "Last, First M." each
+    title: str
+    venue: str  # journal or proceedings title
+    year: int
+    volume: str
+    pages: str
+    doi: str = ""
+    number: str = ""
+    url: str = ""
+
+    @property
+    def cite(self) -> str:
+        """In-text citation, e.g. ``Friston et al., 2014`` (every cited work has 3+ authors)."""
+        return f"{self.authors[0].split(',')[0]} et al., {self.year}"
+
+    def bibtex(self) -> str:
+        """The BibTeX entry (UTF-8; for biber/biblatex or a UTF-8-aware BibTeX)."""
+        venue_field = "journal" if self.kind == "article" else "booktitle"
+        fields = [
+            ("author", " and ".join(self.authors)),
+            ("title", "{" + self.title + "}"),
+            (venue_field, self.venue),
+            ("year", str(self.year)),
+            ("volume", self.volume),
+            ("number", self.number),
+            ("pages", self.pages.replace("-", "--")),
+            ("doi", self.doi),
+            ("url", self.url),
+        ]
+        body = ",\n".join(f"  {name} = {{{value}}}" for name, value in fields if value)
+        return f"@{self.kind}{{{self.key},\n{body}\n}}"
+
+    def formatted(self, max_authors: int = 6) -> str:
+        """A plain-text reference: ``Friston KJ, Kahan J, ... (2014). Title. Venue 94:396-407.``"""
+        names = [_short_name(a) for a in self.authors]
+        if len(names) > max_authors:
+            names = names[:max_authors] + ["et al."]
+        where = f"{self.venue} {self.volume}"
+        if self.number:
+            where += f"({self.number})"
+        where += f":{self.pages}"
+        text = f"{', '.join(names)} ({self.year}). {self.title}. {where}."
+        if self.doi:
+            text += f" doi:{self.doi}"
+        return text
+
+
+def _short_name(author: str) -> str:
+    """``"Friston, Karl J."`` -> ``"Friston KJ"``."""
+    last, _, given = author.partition(",")
+    initials = "".join(part[0] for part in given.replace("-", " ").split() if part[0].isalpha())
+    return f"{last.strip()} {initials}".strip()
+
+
+REFERENCES: tuple[Reference, ...] = (
+    Reference(
+        key="friston2014dcm",
+        kind="article",
+        authors=("Friston, Karl J.", "Kahan, Joshua", "Biswal, Bharat", "Razi, Adeel"),
+        title="A DCM for resting state fMRI",
+        venue="NeuroImage",
+        year=2014,
+        volume="94",
+        pages="396-407",
+        doi="10.1016/j.neuroimage.2013.12.009",
+    ),
+    Reference(
+        key="razi2015construct",
+        kind="article",
+        authors=("Razi, Adeel", "Kahan, Joshua", "Rees, Geraint", "Friston, Karl J."),
+        title="Construct validation of a DCM for resting state fMRI",
+        venue="NeuroImage",
+        year=2015,
+        volume="106",
+        pages="1-14",
+        doi="10.1016/j.neuroimage.2014.11.027",
+    ),
+    Reference(
+        key="esteban2019fmriprep",
+        kind="article",
+        authors=(
+            "Esteban, Oscar", "Markiewicz, Christopher J.", "Blair, Ross W.",
+            "Moodie, Craig A.", "Isik, A. Ilkay", "Erramuzpe, Asier", "Kent, James D.",
+            "Goncalves, Mathias", "DuPre, Elizabeth", "Snyder, Madeleine", "Oya, Hiroyuki",
+            "Ghosh, Satrajit S.", "Wright, Jessey", "Durnez, Joke", "Poldrack, Russell A.",
+            "Gorgolewski, Krzysztof J.",
+        ),
+        title="fMRIPrep: a robust preprocessing pipeline for functional MRI",
+        venue="Nature Methods",
+        year=2019,
+        volume="16",
+        number="1",
+        pages="111-116",
+        doi="10.1038/s41592-018-0235-4",
+    ),
+    Reference(
+        key="abraham2014nilearn",
+        kind="article",
+        authors=(
+            "Abraham, Alexandre", "Pedregosa, Fabian", "Eickenberg, Michael",
+            "Gervais, Philippe", "Mueller, Andreas", "Kossaifi, Jean", "Gramfort, Alexandre",
+            "Thirion, Bertrand", "Varoquaux, Gaël",
+        ),
+        title="Machine learning for neuroimaging with scikit-learn",
+        venue="Frontiers in Neuroinformatics",
+        year=2014,
+        volume="8",
+        pages="14",
+        doi="10.3389/fninf.2014.00014",
+    ),
+    Reference(
+        key="yarkoni2019pybids",
+        kind="article",
+        authors=(
+            "Yarkoni, Tal", "Markiewicz, Christopher J.", "de la Vega, Alejandro",
+            "Gorgolewski, Krzysztof J.", "Salo, Taylor", "Halchenko, Yaroslav O.",
+            "McNamara, Quinten", "DeStasio, Krista", "Poline, Jean-Baptiste",
+            "Petrov, Dmitry", "Hayot-Sasson, Valérie", "Nielson, Dylan M.", "Carlin, Johan",
+            "Kiar, Gregory", "Whitaker, Kirstie", "DuPre, Elizabeth", "Wagner, Adina",
+            "Tirrell, Lee S.", "Jas, Mainak", "Hanke, Michael", "Poldrack, Russell A.",
+            "Esteban, Oscar", "Appelhoff, Stefan", "Holdgraf, Chris", "Staden, Isla",
+            "Rokem, Ariel", "Thirion, Bertrand", "Kleinschmidt, Dave F.", "Lee, John A.",
+            "Visconti di Oleggio Castello, Matteo", "Notter, Michael P.", "Roca, Pauline",
+            "Blair, Ross",
+        ),
+        title="PyBIDS: Python tools for BIDS datasets",
+        venue="Journal of Open Source Software",
+        year=2019,
+        volume="4",
+        number="40",
+        pages="1294",
+        doi="10.21105/joss.01294",
+    ),
+    Reference(
+        key="paszke2019pytorch",
+        kind="inproceedings",
+        authors=(
+            "Paszke, Adam", "Gross, Sam", "Massa, Francisco", "Lerer, Adam",
+            "Bradbury, James", "Chanan, Gregory", "Killeen, Trevor", "Lin, Zeming",
+            "Gimelshein, Natalia", "Antiga, Luca", "Desmaison, Alban", "Köpf, Andreas",
+            "Yang, Edward", "DeVito, Zachary", "Raison, Martin", "Tejani, Alykhan",
+            "Chilamkurthy, Sasank", "Steiner, Benoit", "Fang, Lu", "Bai, Junjie",
+            "Chintala, Soumith",
+        ),
+        title="PyTorch: an imperative style, high-performance deep learning library",
+        venue="Advances in Neural Information Processing Systems",
+        year=2019,
+        volume="32",
+        pages="8024-8035",
+        url="https://proceedings.neurips.cc/paper/2019/hash/"
+        "bdbca288fee7f92f2bfa9f7012727740-Abstract.html",
+    ),
+)
+
+_BY_KEY = {ref.key: ref for ref in REFERENCES}
+
+
+def software_versions() -> dict[str, str]:
+    """Installed versions of the software the methods paragraph names.
+
+    Returns
+    -------
+    dict
+        Distribution name (:data:`SOFTWARE`) -> version string, ``"not installed"`` when the
+        distribution is absent.
+    """
+    out = {}
+    for name in SOFTWARE:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def citations_bibtex() -> str:
+    """All works the methods paragraph cites, as BibTeX (entries separated by a blank line).
+
+    Returns
+    -------
+    str
+        BibTeX, UTF-8, ending with a newline; save it as e.g. ``citations.bib``.
+    """
+    return "\n\n".join(ref.bibtex() for ref in REFERENCES) + "\n"
+
+
+def methods_paragraph(settings: Mapping[str, Any]) -> str:
+    """An auto-generated methods paragraph describing the participant-level analysis.
+
+    Parameters
+    ----------
+    settings
+        Required keys: ``network`` (str, name of the ROI set), ``n_rois`` (int), ``tr``
+        (float, repetition time in seconds). Optional keys: ``radius_mm`` (float, ROI sphere
+        radius), ``space`` (default ``MNI152NLin2009cAsym``), ``denoise_strategy`` (str),
+        ``denoise_description`` (str, free text appended in parentheses), ``roi_summary``
+        (``"eigenvariate"`` or ``"mean"``), ``n_volumes`` (int, sets the lowest frequency
+        as SPM does), ``mar_order`` (8), ``n_freqs`` (32), ``max_iterations`` (128),
+        ``spm_release`` (``"SPM12"``), ``device`` (str, e.g. ``"cpu"``),
+        ``fmriprep_version`` (str), ``versions`` (dict: distribution name -> version,
+        overriding the installed versions of :data:`SOFTWARE`).
+
+    Returns
+    -------
+    str
+        One paragraph of plain text with in-text citations (author, year) of the works in
+        :func:`citations_bibtex`.
+
+    Raises
+    ------
+    ValueError
+        When a required key is missing or a value is out of range; the message names the key.
+    """
+    s = {**DEFAULT_DCM_SETTINGS, **settings}
+    missing = [key for key in ("network", "n_rois", "tr") if s.get(key) is None]
+    if missing:
+        raise ValueError(f"methods settings lack required key(s): {', '.join(missing)}")
+    n_rois, tr = int(s["n_rois"]), float(s["tr"])
+    if n_rois < 1:
+        raise ValueError(f"methods settings: n_rois must be >= 1, got {s['n_rois']!r}")
+    if not tr > 0:
+        raise ValueError(
+            f"methods settings: tr must be a positive number of seconds, got {s['tr']!r}"
+        )
+    summary = s.get("roi_summary")
+    if summary is not None and summary not in _ROI_SUMMARIES:
+        raise ValueError(
+            f"methods settings: roi_summary must be one of {sorted(_ROI_SUMMARIES)}, "
+            f"got {summary!r}"
+        )
+    versions = {**software_versions(), **dict(s.get("versions") or {})}
+    cite = {key: ref.cite for key, ref in _BY_KEY.items()}
+
+    fmriprep = "fMRIPrep"
+    if s.get("fmriprep_version"):
+        fmriprep += f" {s['fmriprep_version']}"
+    sentences = [
+        f"Effective connectivity was estimated with bids-ketdcm {versions['bids-ketdcm']}, "
+        f"a BIDS-App built on PyTorch {versions['torch']} ({cite['paszke2019pytorch']}), "
+        f"nilearn {versions['nilearn']} ({cite['abraham2014nilearn']}), "
+        f"NiBabel {versions['nibabel']} and PyBIDS {versions['pybids']} "
+        f"({cite['yarkoni2019pybids']}), from functional MRI data preprocessed with "
+        f"{fmriprep} ({cite['esteban2019fmriprep']})."
+    ]
+
+    roi = (
+        f"For each resting-state run, BOLD time series were extracted in {s['space']} space "
+        f"from the {n_rois} regions of interest of the '{s['network']}' network"
+    )
+    if s.get("radius_mm") is not None:
+        roi += f" (spheres of {float(s['radius_mm']):g} mm radius around their MNI coordinates)"
+    if s.get("denoise_strategy"):
+        roi += f", after confound regression with the '{s['denoise_strategy']}' denoising strategy"
+        if s.get("denoise_description"):
+            roi += f" ({s['denoise_description']})"
+    roi += "."
+    if summary is not None:
+        roi += f" Each region was summarised by {_ROI_SUMMARIES[summary]}."
+    sentences.append(roi)
+
+    f_low, f_high = _frequency_bounds(tr, s.get("n_volumes"))
+    sentences.append(
+        f"Spectral dynamic causal modelling (DCM; {cite['friston2014dcm']}; "
+        f"{cite['razi2015construct']}) was applied with an implementation that reproduces "
+        f"{s['spm_release']}'s spm_dcm_fmri_csd: the data features were the cross-spectral "
+        f"densities (CSD) of a multivariate autoregressive model of order {int(s['mar_order'])}, "
+        f"fitted by variational Bayes, at {int(s['n_freqs'])} frequencies linearly spaced "
+        f"from {f_low} to {f_high} of the repetition time (TR = {tr:g} s)."
+    )
+    inversion = (
+        f"A fully connected model ({n_rois} x {n_rois} effective connectivity matrix A) with "
+        f"{s['spm_release']}-equivalent priors was inverted by variational Laplace "
+        f"(Gauss-Newton ascent of the free energy, with Jacobians by automatic "
+        f"differentiation), with one log-precision hyperparameter per CSD element and at "
+        f"most {int(s['max_iterations'])} iterations"
+    )
+    if n_rois > 8:
+        inversion += (
+            "; because the network has more than eight regions, the prior covariance of A was "
+            f"projected onto the eight principal modes of the data, as in {s['spm_release']}"
+        )
+    inversion += "."
+    if s.get("device"):
+        inversion += f" Computations ran on {_device_text(str(s['device']))}."
+    sentences.append(inversion)
+    sentences.append(
+        "The reported effective connectivity is the posterior expectation of A in Hz (rows: "
+        "target regions; columns: source regions); convergence, the number of iterations and "
+        "the free-energy trajectory were recorded for every run."
+    )
+    return " ".join(sentences)
+
+
+def formatted_references() -> list[str]:
+    """The cited works as plain-text references, in the order of :data:`REFERENCES`."""
+    return [ref.formatted() for ref in REFERENCES]
+
+
+def _device_text(device: str) -> str:
+    """``"cpu"`` -> ``"the CPU"``; ``"cuda:0"`` -> ``"a GPU (cuda:0)"``; anything else as is."""
+    if device.lower() == "cpu":
+        return "the CPU"
+    if device.lower().startswith(("cuda", "mps", "xpu")):
+        return f"a GPU ({device})"
+    return device
+
+
+def _frequency_bounds(tr: float, n_volumes: Any) -> tuple[str, str]:
+    """SPM's frequency range as text: 1/min(128, T TR) to 1/max(8, 2 TR) Hz."""
+    high = f"{1.0 / max(8.0, 2.0 * tr):.4g} Hz, the lower of 1/8 Hz and the Nyquist frequency"
+    if n_volumes is None:
+        low = (
+            f"{1.0 / 128.0:.4g} Hz (1/128 Hz, or the inverse of the run duration when the "
+            "run is shorter than 128 s)"
+        )
+    else:
+        duration = int(n_volumes) * tr
+        low = f"{1.0 / min(128.0, duration):.4g} Hz (1/{min(128.0, duration):g} Hz)"
+    return low, high
