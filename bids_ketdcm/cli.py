@@ -1,0 +1,241 @@
+"""Command line: the BIDS-App (``BIDS_DIR OUTPUT_DIR participant|group``) and tools.
+
+Only argument parsing, logging and exit codes live here; the work is done by library
+functions. Exit codes: 0 success, 1 failure of the program, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import InputError
+
+log = logging.getLogger("bids_ketdcm")
+
+EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
+SUBCOMMANDS = ("synth", "dpnn-synthetic")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose + 1, 2)  # default INFO, -v DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    logging.getLogger("nilearn").setLevel(logging.WARNING)
+    logging.getLogger("bids").setLevel(logging.WARNING)
+
+
+def _strip_sub(label: str) -> str:
+    return label[4:] if label.startswith("sub-") else label
+
+
+def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path | None, problems: list[str]) -> None:
+    if not bids_dir.is_dir():
+        problems.append(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
+        return
+    root = bids_dir.resolve()
+    for name, path in (("OUTPUT_DIR", output_dir), ("--work-dir", work_dir)):
+        if path is None:
+            continue
+        resolved = path.resolve()
+        if resolved == root or root in resolved.parents:
+            problems.append(f"{name} {path} is inside the input dataset {bids_dir}; choose a folder outside it")
+            continue
+        probe = resolved
+        while not probe.exists():
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            problems.append(f"{name} {path} is not writable (no write permission on {probe})")
+
+
+def _read_filter(path: Path | None, problems: list[str]) -> dict | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        problems.append(f"--bids-filter-file {path}: cannot read JSON ({err})")
+        return None
+    if not isinstance(data, dict) or (data and "bold" not in data):
+        problems.append(f"--bids-filter-file {path}: expected a JSON object with a 'bold' key of pybids filters")
+        return None
+    return data.get("bold", {})
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("bids_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.argument("analysis_level", type=click.Choice(["participant", "group"]))
+@click.option("--participant-label", "participant_labels", multiple=True,
+              help="Subject label(s), with or without 'sub-' (repeatable). Default: all.")
+@click.option("--session-label", default="b0", show_default=True, help="Session to analyse.")
+@click.option("--task-label", default="rest", show_default=True, help="Task of the resting BOLD runs.")
+@click.option("--fmriprep-dir", type=click.Path(path_type=Path),
+              help="fMRIPrep derivatives. Default: BIDS_DIR/derivatives/fmriprep (or BIDS_DIR itself).")
+@click.option("--space", default="MNI152NLin2009cAsym", show_default=True, help="Template space of the BOLD.")
+@click.option("--network", "networks", multiple=True, default=("dmn4",), show_default=True,
+              help="dmn4, dmn11, dmn15, ket21, or a path to an ROI TSV / labelled NIfTI (repeatable).")
+@click.option("--denoise", default="simple", show_default=True,
+              help="Confound strategy: simple, scrubbing, compcor, spm, 9p, 36p, none.")
+@click.option("--roi-summary", type=click.Choice(["eigenvariate", "mean"]), default="eigenvariate",
+              show_default=True, help="ROI summary: first eigenvariate (SPM's VOI) or mean.")
+@click.option("--bids-filter-file", type=click.Path(path_type=Path), help="pybids filters (JSON keyed by 'bold').")
+@click.option("--work-dir", type=click.Path(path_type=Path), help="Work folder (pybids index). Default: OUTPUT_DIR/work.")
+@click.option("--nprocs", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads/processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Torch device for DCM inversion.")
+@click.option("--dcm-jacobian", type=click.Choice(["autograd", "finite-difference"]), default="autograd",
+              show_default=True, help="Exact autograd Jacobian, or SPM12's finite differences (SPM's path exactly).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--overwrite", is_flag=True, help="Redo runs whose outputs already exist.")
+@click.option("--skip-bids-validation", is_flag=True, help="Do not run the BIDS validator on BIDS_DIR.")
+@click.option("--n-permutations", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Group level: label permutations per headline model.")
+@click.option("--allow-missing", is_flag=True, help="Group level: go on with participants that have derivatives.")
+@click.option("--treatment-selection", is_flag=True, help="Group level: also run ketamine-vs-placebo selection.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
+@click.version_option(__version__, "--version", prog_name="bids-ketdcm")
+def bids_app(**kw) -> None:
+    """bids-ketdcm: spectral DCM of resting fMRI to predict ketamine response.
+
+    \b
+    BIDS_DIR        raw BIDS dataset (participants.tsv, phenotype/) or fMRIPrep output
+    OUTPUT_DIR      where the BIDS-Derivatives are written
+    ANALYSIS_LEVEL  participant (per subject) or group (prediction suite)
+    """
+    _setup_logging(kw["verbose"])
+    import torch
+
+    torch.set_num_threads(kw["nprocs"])
+    problems: list[str] = []
+    bids_dir, output_dir = kw["bids_dir"], kw["output_dir"]
+    work_dir = kw["work_dir"] or output_dir / "work"
+    _check_paths(bids_dir, output_dir, kw["work_dir"], problems)
+    bids_filter = _read_filter(kw["bids_filter_file"], problems)
+    from .networks import load_network
+    from .timeseries import DENOISE_STRATEGIES
+
+    for spec in kw["networks"]:
+        try:
+            load_network(spec)
+        except InputError as err:
+            problems.append(str(err))
+    if kw["denoise"] not in DENOISE_STRATEGIES:
+        problems.append(f"--denoise {kw['denoise']}: unknown strategy; choose from {', '.join(DENOISE_STRATEGIES)}")
+    if problems:
+        raise InputError("\n".join(problems))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if kw["analysis_level"] == "participant":
+        _participant(kw, bids_dir, output_dir, work_dir, bids_filter)
+    else:
+        _group(kw, bids_dir, output_dir)
+
+
+def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bids_filter: dict | None) -> None:
+    from .layout import find_bold_runs, validate_bids
+    from .participant import ParticipantOptions, run_participant
+
+    if not kw["skip_bids_validation"]:
+        validate_bids(bids_dir)
+    labels = [_strip_sub(x) for x in kw["participant_labels"]]
+    runs = find_bold_runs(bids_dir, fmriprep_dir=kw["fmriprep_dir"], work_dir=work_dir, participant_labels=labels,
+                          session=kw["session_label"], task=kw["task_label"], space=kw["space"],
+                          bids_filter=bids_filter)
+    opts = ParticipantOptions(
+        bids_dir=bids_dir, output_dir=output_dir, fmriprep_dir=kw["fmriprep_dir"], work_dir=work_dir,
+        participant_labels=labels, session=kw["session_label"], task=kw["task_label"], space=kw["space"],
+        networks=list(kw["networks"]), denoise=kw["denoise"], roi_summary=kw["roi_summary"],
+        bids_filter=bids_filter, device=kw["device"], seed=kw["seed"], overwrite=kw["overwrite"],
+        jacobian=kw["dcm_jacobian"],
+    )
+    summary = run_participant(opts, runs)
+    for label, counts in summary.items():
+        log.info("%s: %d inverted, %d skipped, %d finished before", label, counts["inverted"],
+                 counts["skipped"], counts["finished_before"])
+
+
+def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
+    from .group.run import GroupOptions, run_group
+
+    opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=kw["nprocs"], seed=kw["seed"],
+                        allow_missing=kw["allow_missing"], session=kw["session_label"])
+    result = run_group(bids_dir, output_dir, opts)
+    if kw["treatment_selection"]:
+        from .group.treatment import run_group_treatment_selection
+
+        run_group_treatment_selection(bids_dir, output_dir, opts, result)
+    log.info("group results: %s", output_dir / "group")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def tools() -> None:
+    """bids-ketdcm tools."""
+
+
+@tools.command("synth")
+@click.argument("outdir", type=click.Path(path_type=Path))
+@click.option("--n-subjects", type=click.IntRange(min=1), help="Number of participants (default: the 27 with MADRS b0 and d2).")
+@click.option("--network", default="dmn4", show_default=True, help="Network whose ROIs carry the simulated signals.")
+@click.option("--link", type=click.Choice(["planted", "none"]), default="planted", show_default=True,
+              help="Plant a link between A and the real MADRS response, or none (null cohort).")
+@click.option("--n-scans", type=click.IntRange(min=64), default=192, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-v", "--verbose", count=True)
+def synth_command(outdir: Path, n_subjects: int | None, network: str, link: str, n_scans: int, seed: int,
+                  verbose: int) -> None:
+    """Write a ds005917-shaped synthetic dataset (raw BIDS + fMRIPrep derivatives) to OUTDIR."""
+    _setup_logging(verbose)
+    from .synth import make_synthetic_dataset
+
+    path = make_synthetic_dataset(outdir, n_subjects=n_subjects, network=network, link=link, seed=seed,
+                                  n_scans=n_scans)
+    click.echo(str(path))
+
+
+@tools.command("dpnn-synthetic")
+@click.argument("outdir", type=click.Path(path_type=Path))
+@click.option("--repeats", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-v", "--verbose", count=True)
+def dpnn_synthetic_command(outdir: Path, repeats: int, seed: int, verbose: int) -> None:
+    """Run the DPNN paper's synthetic treatment-selection experiment; write results to OUTDIR."""
+    _setup_logging(verbose)
+    from .group.dpnn_synthetic import run_dpnn_synthetic
+
+    result = run_dpnn_synthetic(outdir=outdir, repeats=repeats, seed=seed)
+    click.echo(json.dumps(result.get("summary", {}), default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: dispatch, map errors to exit codes, never show a traceback for bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = tools if argv and argv[0] in SUBCOMMANDS else bids_app
+    try:
+        command.main(args=argv, prog_name="bids-ketdcm", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as err:
+        err.show()
+        return EXIT_INPUT
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return EXIT_FAILURE
+    except InputError as err:
+        click.echo(f"bids-ketdcm: error: {err}", err=True)
+        return EXIT_INPUT
+    except Exception as err:  # a failure of the program: one line, traceback only with -v
+        log.debug("traceback", exc_info=True)
+        click.echo(f"bids-ketdcm: internal error: {type(err).__name__}: {err} (run with -v for the traceback)",
+                   err=True)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

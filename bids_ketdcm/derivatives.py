@@ -1,0 +1,192 @@
+"""BIDS-Derivatives writers: dataset description, time series, DCM connectivity.
+
+File names follow DESIGN.md section 3 and the Giga Connectome / XCP-D conventions
+(``seg-`` for the network, ``desc-dcm`` for the measure). Every file is written
+atomically; a run is finished when its connectivity TSV, JSON and posterior NPZ exist.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .dcm import SPM_RELEASE, Posterior
+from .io import atomic_path, write_json, write_text, write_tsv
+from .timeseries import RoiTimeseries
+
+BIDS_VERSION = "1.9.0"
+
+BIDSIGNORE = "\n".join(["*_posterior.npz", "*.html", "logs/", "figures/", "group/", ""])
+
+CONNECTIVITY_DESCRIPTION = {
+    "Measure": "Effective connectivity (spectral DCM posterior mean of A)",
+    "MeasureDescription": (
+        "Posterior expectation of the neuronal coupling matrix A of a spectral "
+        "(cross-spectral density) dynamic causal model, in Hz. Rows are targets, "
+        "columns are sources; the diagonal is the self-inhibition -exp(A_ii)/2."
+    ),
+    "Units": "Hz",
+    "Method": "spectral DCM (Friston et al. 2014), SPM12 spm_dcm_fmri_csd equivalent",
+}
+
+
+@dataclass(frozen=True)
+class RunEntities:
+    """BIDS entities identifying one BOLD run."""
+
+    subject: str
+    session: str | None
+    task: str
+    run: str | None
+    space: str
+
+    def prefix(self, network_label: str) -> str:
+        """File-name stem up to and including ``seg-<network>``."""
+        parts = [f"sub-{self.subject}"]
+        if self.session:
+            parts.append(f"ses-{self.session}")
+        parts.append(f"task-{self.task}")
+        if self.run:
+            parts.append(f"run-{self.run}")
+        parts += [f"space-{self.space}", f"seg-{network_label}"]
+        return "_".join(parts)
+
+    def folder(self, output_dir: Path) -> Path:
+        """``OUTPUT_DIR/sub-X[/ses-Y]/func``."""
+        out = Path(output_dir) / f"sub-{self.subject}"
+        if self.session:
+            out = out / f"ses-{self.session}"
+        return out / "func"
+
+    @property
+    def label(self) -> str:
+        """Readable run label, e.g. ``ses-b0_task-rest_run-01``."""
+        parts = ([f"ses-{self.session}"] if self.session else []) + [f"task-{self.task}"]
+        return "_".join(parts + ([f"run-{self.run}"] if self.run else []))
+
+
+def connectivity_paths(output_dir: Path, run: RunEntities, network_label: str) -> dict[str, Path]:
+    """Paths of a run's DCM outputs: ``tsv``, ``json`` and ``npz`` (full posterior)."""
+    stem = run.folder(output_dir) / f"{run.prefix(network_label)}_desc-dcm"
+    return {
+        "tsv": stem.with_name(stem.name + "_connectivity.tsv"),
+        "json": stem.with_name(stem.name + "_connectivity.json"),
+        "npz": stem.with_name(stem.name + "_posterior.npz"),
+    }
+
+
+def timeseries_paths(output_dir: Path, run: RunEntities, network_label: str) -> dict[str, Path]:
+    """Paths of a run's ROI time series TSV and JSON."""
+    stem = run.folder(output_dir) / f"{run.prefix(network_label)}_timeseries"
+    return {"tsv": stem.with_suffix(".tsv"), "json": stem.with_suffix(".json")}
+
+
+def is_finished(output_dir: Path, run: RunEntities, network_label: str) -> bool:
+    """Whether every DCM output of this run and network exists (re-runs skip it)."""
+    return all(p.exists() for p in connectivity_paths(output_dir, run, network_label).values())
+
+
+def write_dataset_description(output_dir: Path, argv: list[str] | None = None) -> None:
+    """Write ``dataset_description.json`` (with ``GeneratedBy``) and ``.bidsignore``."""
+    argv = sys.argv if argv is None else argv
+    output_dir = Path(output_dir)
+    write_json(output_dir / "dataset_description.json", {
+        "Name": "bids-ketdcm spectral DCM derivatives",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{
+            "Name": "bids-ketdcm",
+            "Version": __version__,
+            "CodeURL": "https://github.com/bids-ketdcm/bids-ketdcm",
+            "CommandLine": " ".join(shlex.quote(a) for a in argv),
+            "Description": f"spectral DCM emulating {SPM_RELEASE} spm_dcm_fmri_csd, PyTorch {torch.__version__}",
+        }],
+        "SourceDatasets": [],
+    })
+    write_text(output_dir / ".bidsignore", BIDSIGNORE)
+    write_json(output_dir / "desc-dcm_connectivity.json", CONNECTIVITY_DESCRIPTION)
+
+
+def write_timeseries(output_dir: Path, run: RunEntities, network_label: str, network: pd.DataFrame,
+                     series: RoiTimeseries) -> None:
+    """Write the denoised ROI time series (TSV: one column per ROI) and its sidecar."""
+    paths = timeseries_paths(output_dir, run, network_label)
+    write_tsv(paths["tsv"], series.to_frame())
+    write_json(paths["json"], {
+        "RepetitionTime": series.tr,
+        "ROIs": list(series.names),
+        "Coordinates": np.asarray(series.coords).round(2).tolist(),
+        "CoordinateSpace": "MNI152 (mm)",
+        "RadiusMM": network["radius_mm"].tolist() if "radius_mm" in network else None,
+        "Network": network_label,
+        "DenoiseStrategy": series.denoise,
+        "KeptVolumes": np.asarray(series.kept_volumes).tolist(),
+        "QC": series.qc,
+    })
+
+
+def connectivity_frame(A_hz: np.ndarray, names: list[str]) -> pd.DataFrame:
+    """A matrix as a readable table: column ``target`` then one column per source."""
+    table = pd.DataFrame(np.asarray(A_hz), columns=list(names))
+    table.insert(0, "target", list(names))
+    return table
+
+
+def read_connectivity(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Read a connectivity TSV back: (A in Hz, region names)."""
+    table = pd.read_csv(path, sep="\t")
+    names = table["target"].tolist()
+    return table[names].to_numpy(float), names
+
+
+def write_connectivity(output_dir: Path, run: RunEntities, network_label: str,
+                       series: RoiTimeseries, post: Posterior, settings: dict) -> dict[str, Path]:
+    """Write one run's posterior: A in Hz (TSV), diagnostics (JSON), everything (NPZ).
+
+    The NPZ is written first and the TSV last, so an interrupted run never looks done.
+    """
+    paths = connectivity_paths(output_dir, run, network_label)
+    names = list(series.names)
+    with atomic_path(paths["npz"]) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(
+                handle, A=post.A, A_hz=post.A_hz, cov=post.cov, h=post.h,
+                observed_csd=post.observed_csd, predicted_csd=post.predicted_csd,
+                freqs=post.freqs, F_history=np.asarray(post.F_history[0], float),
+                **{f"param_{k}": v for k, v in post.params.items()},
+            )
+    sidecar = {
+        "Network": network_label,
+        "ROIs": names,
+        "RepetitionTime": series.tr,
+        "Units": "Hz",
+        "Rows": "targets",
+        "Columns": "sources",
+        "SPMRelease": SPM_RELEASE,
+        "Converged": bool(post.converged),
+        "Iterations": int(post.iterations),
+        "FreeEnergy": float(post.F),
+        "FreeEnergyHistory": [None if np.isnan(v) else float(v) for v in post.F_history[0]],
+        "VarianceExplained": float(post.variance_explained),
+        "PosteriorVarianceA": post.A_var.tolist(),
+        "PosteriorMeans": {k: np.asarray(v).tolist() for k, v in post.params.items()},
+        "LogPrecisionCSD": post.h.tolist(),
+        "DataScale": None if post.scale is None else float(post.scale),
+        "Frequencies": post.freqs.tolist(),
+        "Seconds": float(post.seconds),
+        "Device": post.device,
+        "Jacobian": post.extra.get("jacobian", "autograd"),
+        "SoftwareVersions": {"bids-ketdcm": __version__, "torch": torch.__version__,
+                             "numpy": np.__version__},
+        **settings,
+    }
+    write_json(paths["json"], sidecar)
+    write_tsv(paths["tsv"], connectivity_frame(post.A_hz, names))
+    return paths

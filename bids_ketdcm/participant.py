@@ -1,0 +1,205 @@
+"""Participant level: fMRIPrep BOLD -> ROI time series -> spectral DCM -> derivatives."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .dcm import fit
+from .derivatives import (
+    RunEntities,
+    connectivity_paths,
+    is_finished,
+    timeseries_paths,
+    write_connectivity,
+    write_dataset_description,
+    write_timeseries,
+)
+from .errors import InputError
+from .io import write_text
+from .networks import load_network, network_label
+from .report import RunReport, citations_bibtex, write_participant_report
+from .timeseries import RoiTimeseries, RunSkipped, extract_timeseries
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParticipantOptions:
+    """Settings of the participant level (one field per CLI option)."""
+
+    bids_dir: Path
+    output_dir: Path
+    fmriprep_dir: Path | None = None
+    work_dir: Path | None = None
+    participant_labels: list[str] = field(default_factory=list)
+    session: str | None = "b0"
+    task: str = "rest"
+    space: str = "MNI152NLin2009cAsym"
+    networks: list[str] = field(default_factory=lambda: ["dmn4"])
+    denoise: str = "simple"
+    roi_summary: str = "eigenvariate"
+    bids_filter: dict | None = None
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    jacobian: str = "autograd"
+    max_iterations: int = 128
+    batch_size: int = 32
+
+
+@dataclass
+class _RunWork:
+    bold: object  # layout.BoldRun
+    entities: RunEntities
+    series: RoiTimeseries | None = None
+    skipped: str | None = None
+
+
+def run_participant(opts: ParticipantOptions, runs: list) -> dict:
+    """Process every BOLD run for every network; return a summary.
+
+    Parameters
+    ----------
+    opts
+        Settings.
+    runs
+        BOLD runs found by :func:`bids_ketdcm.layout.find_bold_runs`.
+
+    Returns
+    -------
+    dict
+        Counts of inverted, skipped and already finished runs per network.
+    """
+    torch.manual_seed(opts.seed)
+    device = _device(opts.device)
+    networks = {network_label(n): (n, load_network(n)) for n in opts.networks}
+    write_dataset_description(opts.output_dir)
+    write_text(opts.output_dir / "logs" / "CITATION.bib", citations_bibtex())
+    summary: dict[str, dict[str, int]] = {}
+    reports: dict[str, list[RunReport]] = defaultdict(list)
+    for label, (spec, network) in networks.items():
+        works = [_RunWork(r, _entities(r, opts.space)) for r in runs]
+        todo = [w for w in works if opts.overwrite or not is_finished(opts.output_dir, w.entities, label)]
+        done_before = len(works) - len(todo)
+        if done_before:
+            log.info("%s: %d run(s) already finished, skipped (use --overwrite to redo)", label, done_before)
+        for work in tqdm(todo, desc=f"{label}: extracting ROI time series", unit="run", disable=None):
+            work.series, work.skipped = _extract(work, network, opts)
+            if work.series is not None:
+                write_timeseries(opts.output_dir, work.entities, label, network, work.series)
+        ready = [w for w in todo if w.series is not None]
+        _invert_all(ready, label, network, opts, device, reports)
+        for w in todo:
+            if w.skipped:
+                reports[w.entities.subject].append(_skipped_report(w, label))
+        summary[label] = {"inverted": len(ready), "skipped": len(todo) - len(ready), "finished_before": done_before}
+    for subject, run_reports in reports.items():
+        settings = {"roi_summary": opts.roi_summary, "radius_mm": _radius(networks), "space": opts.space,
+                    "denoise_strategy": opts.denoise, "device": str(device)}
+        path = opts.output_dir / f"sub-{subject}.html"
+        write_participant_report(path, subject, run_reports, settings)
+        log.info("report: %s", path)
+    return summary
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available (torch sees none); use --device cpu")
+    return torch.device(choice)
+
+
+def _entities(bold, space: str) -> RunEntities:
+    return RunEntities(subject=bold.subject, session=bold.session, task=bold.task, run=bold.run, space=space)
+
+
+def _radius(networks: dict) -> float | None:
+    radii = {float(r) for _, table in networks.values() for r in table.get("radius_mm", [])}
+    return radii.pop() if len(radii) == 1 else None
+
+
+def _extract(work: _RunWork, network: pd.DataFrame, opts: ParticipantOptions) -> tuple[RoiTimeseries | None, str | None]:
+    bold = work.bold
+    try:
+        series = extract_timeseries(bold.bold, bold.mask, bold.confounds, network, bold.tr,
+                                    denoise=opts.denoise, summary=opts.roi_summary)
+    except RunSkipped as skip:
+        log.warning("skipping %s of sub-%s: %s", work.entities.label, work.entities.subject, skip)
+        return None, str(skip)
+    try:
+        from .dcm.csd import validate_timeseries
+
+        validate_timeseries(series.data)
+    except ValueError as err:
+        raise InputError(f"{bold.bold}: ROI time series cannot be modelled: {err}") from None
+    return series, None
+
+
+def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: ParticipantOptions,
+                device: torch.device, reports: dict) -> None:
+    """Invert runs in batches of equal length and TR; write each run's outputs."""
+    groups: dict[tuple, list[_RunWork]] = defaultdict(list)
+    for w in ready:
+        groups[(w.series.data.shape[0], round(w.series.tr, 6))].append(w)
+    bar = tqdm(total=len(ready), desc=f"{label}: spectral DCM", unit="run", disable=None)
+    for (_, tr), members in groups.items():
+        for start in range(0, len(members), opts.batch_size):
+            chunk = members[start : start + opts.batch_size]
+            post = fit(np.stack([w.series.data for w in chunk]), tr, device=device,
+                       jacobian=opts.jacobian, max_iterations=opts.max_iterations)
+            for b, w in enumerate(chunk):
+                sub = post.subject(b)
+                sub.seconds = post.seconds / len(chunk)
+                settings = {"DenoiseStrategy": opts.denoise, "ROISummary": opts.roi_summary,
+                            "Source": str(w.bold.bold), "Software": f"bids-ketdcm {__version__}"}
+                write_connectivity(opts.output_dir, w.entities, label, w.series, sub, settings)
+                reports[w.entities.subject].append(_run_report(w, label, sub))
+                if not sub.converged:
+                    log.warning("sub-%s %s %s: DCM did not converge in %d iterations",
+                                w.entities.subject, w.entities.label, label, sub.iterations)
+            bar.update(len(chunk))
+    bar.close()
+
+
+def _run_report(w: _RunWork, label: str, post) -> RunReport:
+    s = w.series
+    history = [v for v in post.F_history[0] if np.isfinite(v)]
+    return RunReport(
+        run_label=w.entities.label, network=label, roi_names=list(s.names), roi_coords=np.asarray(s.coords),
+        timeseries=s.data, tr=s.tr, freqs=post.freqs, csd_observed=post.observed_csd,
+        csd_predicted=post.predicted_csd, A_hz=post.A_hz, A_var=post.A_var, F_history=history,
+        free_energy=float(post.F), iterations=int(post.iterations), converged=bool(post.converged),
+        variance_explained=float(post.variance_explained), seconds=float(post.seconds), device=post.device,
+        qc=_report_qc(s.qc, s.names), denoise_strategy=str(s.denoise.get("strategy", "")),
+    )
+
+
+def _report_qc(qc: dict, names: list[str]) -> dict:
+    out = {k: v for k, v in qc.items() if k != "rois"}
+    rois = qc.get("rois", {})
+    if rois:
+        out["roi_voxels"] = [rois[n].get("n_voxels") for n in names]
+        out["roi_tsnr"] = [rois[n].get("tsnr") for n in names]
+    return out
+
+
+def _skipped_report(w: _RunWork, label: str) -> RunReport:
+    return RunReport(
+        run_label=w.entities.label, network=label, roi_names=[], roi_coords=None, timeseries=None,
+        tr=w.bold.tr, freqs=None, csd_observed=None, csd_predicted=None, A_hz=None, A_var=None,
+        F_history=[], free_energy=float("nan"), iterations=0, converged=False, variance_explained=float("nan"),
+        seconds=0.0, device="", qc={}, denoise_strategy="", skipped_reason=w.skipped,
+    )
+
+
+__all__ = ["ParticipantOptions", "run_participant", "connectivity_paths", "timeseries_paths"]
