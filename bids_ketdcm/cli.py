@@ -50,7 +50,9 @@ def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path | None, proble
         probe = resolved
         while not probe.exists():
             probe = probe.parent
-        if not os.access(probe, os.W_OK):
+        if not probe.is_dir():
+            problems.append(f"{name} {path} cannot be created: {probe} is a file, not a folder")
+        elif not os.access(probe, os.W_OK):
             problems.append(f"{name} {path} is not writable (no write permission on {probe})")
 
 
