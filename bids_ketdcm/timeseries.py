@@ -1,0 +1,589 @@
+"""Denoising and ROI time-series extraction from fMRIPrep outputs (nilearn).
+
+What this step does, and why (it mirrors what SPM's VOI extraction hands to spectral DCM):
+
+1. ROI voxels: the brain-mask voxels whose centres lie within each sphere (plus the voxel
+   holding the centre, as nilearn's sphere masker does), or the voxels of each label of a
+   labelled image resampled to the BOLD grid.
+2. Confounds: fMRIPrep's confounds table through
+   :func:`nilearn.interfaces.fmriprep.load_confounds_strategy` /
+   :func:`~nilearn.interfaces.fmriprep.load_confounds` (see :data:`DENOISE_STRATEGIES`).
+   Non-steady-state volumes are always dropped; scrubbing strategies also drop
+   high-motion volumes.
+3. Cleaning: :func:`nilearn.signal.clean` regresses the confounds out of every ROI voxel
+   (the cosine regressors are fMRIPrep's 128 s DCT high-pass, the same filter as SPM's
+   ``K``), no standardisation (DCM rescales the data itself), then each voxel is
+   mean-centred, as SPM's VOI adjustment removes the session constant.
+4. Summary per ROI: ``eigenvariate`` (default) is SPM12 ``spm_regions``: the first
+   eigenvector ``u`` of the voxel-by-voxel data ``y`` (T x n voxels), sign chosen so the
+   eigenimage ``v`` sums positive, scaled ``u * sqrt(s1 / n)`` where ``s1`` is the
+   largest eigenvalue of ``y' y``; for a region whose voxels share one signal this is
+   that signal (the same scale as the mean). ``mean`` is the plain voxel average.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from bids_ketdcm.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SUMMARIES = ("eigenvariate", "mean")
+DEFAULT_DENOISE = "simple"
+#: Minimum seconds of data left after scrubbing (XCP-D's ``--min-time`` default).
+DEFAULT_MIN_KEPT_SECONDS = 240.0
+
+#: Our ``--denoise`` names -> nilearn call. ``preset`` names a
+#: ``load_confounds_strategy`` denoise_strategy (``kwargs`` override its settings);
+#: otherwise ``kwargs`` go to ``load_confounds``.
+DENOISE_STRATEGIES: dict[str, dict[str, Any]] = {
+    "simple": {
+        "preset": "simple",
+        "kwargs": {},
+        "description": "nilearn 'simple': 24 motion parameters (6 + derivatives + "
+        "squares), mean WM and CSF signals, cosine high-pass (fMRIPrep, 128 s)",
+    },
+    "simple+gsr": {
+        "preset": "simple",
+        "kwargs": {"global_signal": "basic"},
+        "description": "nilearn 'simple' with global signal regression",
+    },
+    "scrubbing": {
+        "preset": "scrubbing",
+        "kwargs": {},
+        "description": "nilearn 'scrubbing': 24 motion parameters, WM and CSF signals "
+        "with derivatives and squares, cosine high-pass; volumes with FD > fd_threshold "
+        "mm or standardised DVARS > std_dvars_threshold removed, with segments shorter "
+        "than 5 volumes",
+    },
+    "compcor": {
+        "preset": "compcor",
+        "kwargs": {},
+        "description": "nilearn 'compcor': 24 motion parameters, every retained "
+        "anatomical CompCor component (combined WM+CSF mask), cosine high-pass",
+    },
+    "spm": {
+        "preset": None,
+        "kwargs": {
+            "strategy": ("high_pass", "motion", "wm_csf"),
+            "motion": "basic",
+            "wm_csf": "basic",
+        },
+        "description": "SPM resting-state DCM practice (Razi et al. 2015): 6 motion "
+        "parameters, mean WM and CSF signals, cosine high-pass",
+    },
+    "9p": {
+        "preset": None,
+        "kwargs": {
+            "strategy": ("high_pass", "motion", "wm_csf", "global_signal"),
+            "motion": "basic",
+            "wm_csf": "basic",
+            "global_signal": "basic",
+        },
+        "description": "9 parameters (Satterthwaite et al. 2013): 6 motion, WM, CSF, "
+        "global signal, plus cosine high-pass",
+    },
+    "36p": {
+        "preset": None,
+        "kwargs": {
+            "strategy": ("high_pass", "motion", "wm_csf", "global_signal"),
+            "motion": "full",
+            "wm_csf": "full",
+            "global_signal": "full",
+        },
+        "description": "36 parameters (Ciric et al. 2017): the 9 with derivatives and "
+        "squares, plus cosine high-pass",
+    },
+    "none": {
+        "preset": None,
+        "kwargs": {"strategy": ()},
+        "description": "no confound regression (non-steady-state volumes still removed)",
+    },
+}
+
+
+class RunSkipped(InputError):
+    """A run to skip with a logged reason (e.g. too few volumes left after scrubbing).
+
+    The caller goes on with the other runs instead of stopping.
+    """
+
+
+@dataclass
+class RoiTimeseries:
+    """Denoised ROI time series of one run.
+
+    Attributes
+    ----------
+    data
+        (T, n) array: one column per ROI, one row per kept volume.
+    names
+        ROI names, in column order.
+    coords
+        (n, 3) ROI centres (MNI mm; label centroids for a labelled image).
+    tr
+        Repetition time (s).
+    kept_volumes
+        Indices (0-based) of the BOLD volumes kept, in order.
+    qc
+        Run-level quality figures (``n_volumes``, ``n_non_steady_state``,
+        ``n_scrubbed``, ``n_kept``, ``mean_fd``, ``max_fd``) and ``rois``: per ROI
+        ``n_voxels``, ``n_voxels_zero_variance``, ``tsnr`` and, for eigenvariates,
+        ``variance_explained``.
+    denoise
+        Description of the denoising: strategy name, nilearn call, confound columns
+        used, summary method.
+    """
+
+    data: np.ndarray
+    names: list[str]
+    coords: np.ndarray
+    tr: float
+    kept_volumes: np.ndarray
+    qc: dict[str, Any] = field(default_factory=dict)
+    denoise: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Return the series as a DataFrame (columns = ROI names)."""
+        return pd.DataFrame(self.data, columns=self.names)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def voxel_coordinates(affine: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """World (mm) coordinates of voxel indices (V, 3) under ``affine``."""
+    return nib.affines.apply_affine(affine, indices)
+
+
+def sphere_voxels(
+    centre: np.ndarray, radius: float, affine: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
+    """Boolean image of the mask voxels belonging to a sphere.
+
+    A voxel belongs when its centre lies within ``radius`` mm of ``centre``; the voxel
+    holding ``centre`` belongs too (as in nilearn's ``NiftiSpheresMasker``), so a small
+    radius still gives one voxel.
+
+    Parameters
+    ----------
+    centre
+        (3,) sphere centre in mm.
+    radius
+        Radius in mm.
+    affine
+        (4, 4) voxel-to-mm affine of the grid.
+    mask
+        3D boolean brain mask on the grid.
+
+    Returns
+    -------
+    numpy.ndarray
+        3D boolean array, ``mask`` restricted to the sphere.
+    """
+    indices = np.argwhere(mask)
+    distance = np.linalg.norm(voxel_coordinates(affine, indices) - np.asarray(centre), axis=1)
+    inside = np.zeros(mask.shape, dtype=bool)
+    hits = indices[distance <= radius]
+    inside[tuple(hits.T)] = True
+    nearest = np.rint(nib.affines.apply_affine(np.linalg.inv(affine), centre)).astype(int)
+    if np.all(nearest >= 0) and np.all(nearest < mask.shape) and mask[tuple(nearest)]:
+        inside[tuple(nearest)] = True
+    return inside
+
+
+def roi_masks(
+    network: pd.DataFrame, affine: np.ndarray, mask: np.ndarray
+) -> list[np.ndarray]:
+    """Boolean voxel masks of every ROI of a network on a BOLD grid.
+
+    Parameters
+    ----------
+    network
+        Table from :func:`bids_ketdcm.networks.load_network`.
+    affine, mask
+        Grid affine and 3D boolean brain mask.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One 3D boolean array per ROI (possibly empty; the caller checks).
+    """
+    labels_img = network.attrs.get("labels_img")
+    if labels_img:
+        from nilearn.image import resample_img
+
+        labels = resample_img(
+            nib.load(labels_img),
+            target_affine=affine,
+            target_shape=mask.shape,
+            interpolation="nearest",
+            force_resample=True,
+            copy_header=True,
+        )
+        data = np.asarray(labels.dataobj).astype(int)
+        return [(data == int(i)) & mask for i in network["index"]]
+    centres = network[["x", "y", "z"]].to_numpy(float)
+    radii = network["radius_mm"].to_numpy(float)
+    return [sphere_voxels(c, r, affine, mask) for c, r in zip(centres, radii)]
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def eigenvariate(y: np.ndarray) -> tuple[np.ndarray, float]:
+    """First eigenvariate of voxel data as SPM12's ``spm_regions``.
+
+    Parameters
+    ----------
+    y
+        (T, n) voxel time series, already adjusted (confounds and mean removed).
+
+    Returns
+    -------
+    Y : numpy.ndarray
+        (T,) eigenvariate ``u * sqrt(s1 / n)``, sign such that the eigenimage sums
+        positive.
+    explained : float
+        Fraction of the variance explained by the first component, ``s1 / sum(s)``.
+    """
+    n = y.shape[1]
+    u, singular, vt = np.linalg.svd(y, full_matrices=False)
+    s = singular**2  # eigenvalues of y'y
+    u1, v1 = u[:, 0], vt[0]
+    sign = np.sign(v1.sum()) or 1.0
+    total = s.sum()
+    return u1 * sign * np.sqrt(s[0] / n), float(s[0] / total) if total > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- confounds
+
+
+def load_run_confounds(
+    bold: str | os.PathLike,
+    denoise: str,
+    *,
+    confounds_file: str | os.PathLike | None = None,
+    fd_threshold: float = 0.5,
+    std_dvars_threshold: float = 1.5,
+) -> tuple[pd.DataFrame | None, np.ndarray | None]:
+    """Select the confounds of one run with nilearn.
+
+    Parameters
+    ----------
+    bold
+        Path of the fMRIPrep ``desc-preproc_bold`` image (nilearn finds the confounds
+        TSV and JSON beside it).
+    denoise
+        A key of :data:`DENOISE_STRATEGIES`.
+    confounds_file
+        The confounds TSV (only used to name it in error messages).
+    fd_threshold, std_dvars_threshold
+        Scrubbing thresholds (strategy ``scrubbing`` only).
+
+    Returns
+    -------
+    confounds : pandas.DataFrame or None
+        Selected confounds (one row per volume), None when the strategy has none.
+    sample_mask : numpy.ndarray or None
+        Indices of the volumes to keep; None keeps all.
+    """
+    from nilearn.interfaces.fmriprep import load_confounds, load_confounds_strategy
+
+    if denoise not in DENOISE_STRATEGIES:
+        raise InputError(
+            f"--denoise {denoise!r} is not a known strategy; choose one of "
+            f"{', '.join(DENOISE_STRATEGIES)}"
+        )
+    spec = DENOISE_STRATEGIES[denoise]
+    kwargs = dict(spec["kwargs"])
+    if denoise == "scrubbing":
+        kwargs.update(fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold)
+    where = confounds_file or f"the confounds file of {bold}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            if spec["preset"]:
+                confounds, sample_mask = load_confounds_strategy(
+                    str(bold), denoise_strategy=spec["preset"], **kwargs
+                )
+            else:
+                confounds, sample_mask = load_confounds(str(bold), **kwargs)
+    except (ValueError, KeyError, OSError) as err:
+        message = str(err).replace("\n", " ").replace("\t", "")
+        raise InputError(
+            f"{where}: cannot load confounds for --denoise {denoise}: {message}"
+        ) from None
+    if confounds is not None and confounds.shape[1] == 0:
+        confounds = None
+    return confounds, sample_mask
+
+
+def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> dict:
+    try:
+        table = pd.read_csv(confounds_file, sep="\t", na_values=["n/a"])
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"confounds file {confounds_file} cannot be read: {err}") from None
+    if "framewise_displacement" not in table.columns:
+        return {"mean_fd": None, "max_fd": None}
+    fd = table["framewise_displacement"].to_numpy(float)
+    fd = fd[np.isfinite(fd)]
+    if len(table) != n_volumes:
+        raise InputError(
+            f"confounds file {confounds_file} has {len(table)} rows but the BOLD run "
+            f"has {n_volumes} volumes"
+        )
+    return {
+        "mean_fd": float(fd.mean()) if fd.size else None,
+        "max_fd": float(fd.max()) if fd.size else None,
+    }
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _load_image(path: str | os.PathLike, what: str) -> nib.spatialimages.SpatialImage:
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise InputError(f"{what} {path} cannot be read: {err}") from None
+
+
+def _load_mask(path: str | os.PathLike, bold_img) -> np.ndarray:
+    from nilearn.image import resample_to_img
+
+    img = _load_image(path, "brain mask")
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as err:
+        raise InputError(f"brain mask {path} cannot be read: {err}") from None
+    if np.squeeze(data).ndim != 3:
+        raise InputError(f"brain mask {path} must be a 3D image (shape {data.shape})")
+    same_grid = img.shape[:3] == bold_img.shape[:3] and np.allclose(
+        img.affine, bold_img.affine, atol=1e-3
+    )
+    if not same_grid:
+        log.info("resampling brain mask %s to the BOLD grid", path)
+        img = resample_to_img(
+            img, bold_img.slicer[..., 0], interpolation="nearest",
+            force_resample=True, copy_header=True,
+        )
+        data = np.asarray(img.dataobj)
+    mask = np.squeeze(data) > 0
+    if not mask.any():
+        raise InputError(f"brain mask {path} is empty")
+    return mask
+
+
+def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> np.ndarray:
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as err:  # truncated gzip, wrong size ...
+        raise InputError(f"BOLD image {path} cannot be read: {err}") from None
+    if data.ndim != 4:
+        raise InputError(f"BOLD image {path} must be 4D (shape {data.shape})")
+    series = data[union].T.astype(float)  # (T, V)
+    if not np.all(np.isfinite(series)):
+        raise InputError(f"BOLD image {path} holds NaN or infinite values inside the ROIs")
+    return series
+
+
+def extract_timeseries(
+    bold: str | os.PathLike,
+    mask: str | os.PathLike,
+    confounds: str | os.PathLike,
+    network: pd.DataFrame,
+    tr: float,
+    *,
+    denoise: str = DEFAULT_DENOISE,
+    summary: str = "eigenvariate",
+    detrend: bool = False,
+    fd_threshold: float = 0.5,
+    std_dvars_threshold: float = 1.5,
+    min_kept_seconds: float = DEFAULT_MIN_KEPT_SECONDS,
+) -> RoiTimeseries:
+    """Denoise one fMRIPrep BOLD run and summarise every ROI.
+
+    Parameters
+    ----------
+    bold
+        fMRIPrep ``desc-preproc_bold`` image (4D).
+    mask
+        Brain mask of the run (``desc-brain_mask``).
+    confounds
+        The run's ``desc-confounds_timeseries.tsv``. nilearn reads the confounds TSV
+        and JSON it finds beside ``bold`` (fMRIPrep's layout), which must be this file;
+        this path feeds the QC (framewise displacement, non-steady-state volumes) and
+        error messages.
+    network
+        ROI table from :func:`bids_ketdcm.networks.load_network`.
+    tr
+        Repetition time (s).
+    denoise
+        A key of :data:`DENOISE_STRATEGIES`.
+    summary
+        ``"eigenvariate"`` (SPM's VOI) or ``"mean"``.
+    detrend
+        Also remove a linear trend (the cosine regressors already hold SPM's drift
+        model; off by default).
+    fd_threshold, std_dvars_threshold
+        Scrubbing thresholds for ``denoise="scrubbing"``.
+    min_kept_seconds
+        Fewer seconds of data left after removing volumes raises :class:`RunSkipped`.
+
+    Returns
+    -------
+    RoiTimeseries
+        Denoised series, names, coordinates, QC and denoising description.
+
+    Raises
+    ------
+    InputError
+        Unreadable images, an ROI without voxels in the mask or with zero variance,
+        confounds missing for the strategy. :class:`RunSkipped` (a subclass) when too
+        few volumes are left.
+    """
+    from nilearn.signal import clean
+
+    if summary not in SUMMARIES:
+        raise InputError(f"--summary {summary!r} is not one of {', '.join(SUMMARIES)}")
+    bold_img = _load_image(bold, "BOLD image")
+    if len(bold_img.shape) != 4:
+        raise InputError(f"BOLD image {bold} must be 4D (shape {bold_img.shape})")
+    n_volumes = bold_img.shape[3]
+    brain = _load_mask(mask, bold_img)
+    names = [str(n) for n in network["name"]]
+    masks = roi_masks(network, bold_img.affine, brain)
+    for name, roi in zip(names, masks):
+        if not roi.any():
+            raise InputError(
+                f"ROI {name} has no voxel inside the brain mask {mask} "
+                f"(centre {tuple(network.loc[network['name'] == name, ['x', 'y', 'z']].iloc[0])})"
+            )
+    union = np.logical_or.reduce(masks)
+    position = np.full(brain.shape, -1)
+    position[union] = np.arange(union.sum())
+    raw = _bold_voxels(bold, bold_img, union)
+
+    selected, sample_mask = load_run_confounds(
+        bold, denoise, confounds_file=confounds,
+        fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold,
+    )
+    if selected is not None and len(selected) != n_volumes:
+        raise InputError(
+            f"confounds file {confounds}: {len(selected)} rows but the BOLD run "
+            f"has {n_volumes} volumes"
+        )
+    kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask, int)
+    qc: dict[str, Any] = {"n_volumes": int(n_volumes)}
+    qc.update(_run_motion_qc(confounds, n_volumes))
+    n_non_steady = _count_non_steady(confounds)
+    qc.update(
+        n_non_steady_state=n_non_steady,
+        n_scrubbed=int(n_volumes - len(kept) - n_non_steady),
+        n_kept=int(len(kept)),
+    )
+    if len(kept) * tr < min_kept_seconds:
+        raise RunSkipped(
+            f"BOLD run {bold}: only {len(kept)} of {n_volumes} volumes "
+            f"({len(kept) * tr:.0f} s) are left after removing non-steady-state and "
+            f"high-motion volumes; at least {min_kept_seconds:g} s are required"
+        )
+
+    cleaned = clean(
+        raw,
+        confounds=None if selected is None else selected.to_numpy(float),
+        sample_mask=kept if sample_mask is not None else None,
+        detrend=detrend,
+        standardize=None,
+        standardize_confounds=True,
+        filter=False,
+        t_r=tr,
+    )
+    cleaned = cleaned - cleaned.mean(axis=0, keepdims=True)
+    raw_kept = raw[kept]
+
+    columns, roi_qc = [], {}
+    for name, roi in zip(names, masks):
+        index = position[roi]
+        spread = raw_kept[:, index].std(axis=0)
+        alive = index[spread > 0]
+        if alive.size == 0:
+            raise InputError(
+                f"ROI {name} has zero variance in every one of its {index.size} voxels "
+                f"of BOLD image {bold}"
+            )
+        y = cleaned[:, alive]
+        if not np.any(y.std(axis=0) > 1e-10 * np.abs(raw_kept[:, alive]).mean()):
+            raise InputError(
+                f"ROI {name} has zero variance after denoising in BOLD image {bold}"
+            )
+        entry = {
+            "n_voxels": int(alive.size),
+            "n_voxels_zero_variance": int(index.size - alive.size),
+            "tsnr": _tsnr(raw_kept[:, alive]),
+        }
+        if summary == "eigenvariate":
+            series, explained = eigenvariate(y)
+            entry["variance_explained"] = explained
+        else:
+            series = y.mean(axis=1)
+        columns.append(series)
+        roi_qc[name] = entry
+    qc["rois"] = roi_qc
+
+    spec = DENOISE_STRATEGIES[denoise]
+    description = {
+        "Name": denoise,
+        "Description": spec["description"],
+        "Nilearn": (
+            f"load_confounds_strategy(denoise_strategy={spec['preset']!r})"
+            if spec["preset"] else "load_confounds"
+        ) + (f" with {spec['kwargs']}" if spec["kwargs"] else ""),
+        "Confounds": [] if selected is None else [str(c) for c in selected.columns],
+        "Detrend": detrend,
+        "Standardize": False,
+        "MeanCentred": True,
+        "Summary": summary,
+    }
+    if denoise == "scrubbing":
+        description.update(FDThreshold=fd_threshold, StdDVARSThreshold=std_dvars_threshold)
+    return RoiTimeseries(
+        data=np.column_stack(columns),
+        names=names,
+        coords=network[["x", "y", "z"]].to_numpy(float),
+        tr=float(tr),
+        kept_volumes=kept,
+        qc=qc,
+        denoise=description,
+    )
+
+
+def _count_non_steady(confounds_file: str | os.PathLike) -> int:
+    header = pd.read_csv(confounds_file, sep="\t", nrows=0).columns
+    columns = [c for c in header if c.startswith("non_steady_state")]
+    if not columns:
+        return 0
+    table = pd.read_csv(confounds_file, sep="\t", usecols=columns, na_values=["n/a"])
+    return int((table.fillna(0).to_numpy() != 0).any(axis=1).sum())
+
+
+def _tsnr(raw: np.ndarray) -> float:
+    """Median over voxels of temporal mean / standard deviation after linear detrending."""
+    from scipy.signal import detrend
+
+    sd = detrend(raw, axis=0).std(axis=0)
+    ratio = np.where(sd > 0, raw.mean(axis=0) / np.where(sd > 0, sd, 1.0), np.nan)
+    return float(np.nanmedian(ratio))
