@@ -100,7 +100,6 @@ def _read_filter(path: Path | None, problems: list[str]) -> dict | None:
 @click.option("--n-permutations", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Group level: label permutations per headline model.")
 @click.option("--allow-missing", is_flag=True, help="Group level: go on with participants that have derivatives.")
-@click.option("--treatment-selection", is_flag=True, help="Group level: also run ketamine-vs-placebo selection.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
 @click.version_option(__version__, "--version", prog_name="bids-ketdcm")
 def bids_app(**kw) -> None:
@@ -166,12 +165,8 @@ def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
     from .group.run import GroupOptions, run_group
 
     opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=kw["nprocs"], seed=kw["seed"],
-                        allow_missing=kw["allow_missing"], session=kw["session_label"])
-    result = run_group(bids_dir, output_dir, opts)
-    if kw["treatment_selection"]:
-        from .group.treatment import run_group_treatment_selection
-
-        run_group_treatment_selection(bids_dir, output_dir, opts, result)
+                        allow_missing=kw["allow_missing"], feature_session=kw["session_label"])
+    run_group(bids_dir, output_dir, opts)
     log.info("group results: %s", output_dir / "group")
 
 

@@ -96,8 +96,9 @@ def test_missing_bids_dir(tmp_path, capsys):
 
 def test_no_fmriprep_derivatives(tmp_path, capsys):
     (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0"}')
     _fails_cleanly([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--skip-bids-validation"],
-                   tmp_path, capsys, "no fMRIPrep derivatives")
+                   tmp_path, capsys, "fMRIPrep")
 
 
 def test_unknown_participant_lists_existing(dataset, tmp_path, capsys):

@@ -1,0 +1,248 @@
+"""Group HTML report: summary table, label counts, and figures per target and network.
+
+Figures (embedded PNG): confusion matrix and ROC curves (label schemes) or predicted vs
+observed (continuous targets), per-fold bars of the headline metric for every model,
+permutation null histograms (ketamine and placebo), and the A-matrix weights of the best
+model. One self-contained file; figures are drawn in parallel over ``nprocs`` processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bids_ketdcm.group.metrics import confusion
+from bids_ketdcm.group.suite import HEADLINE_METRIC, HEADLINE_MODEL, SuiteResult, Task
+from bids_ketdcm.io import write_text
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
+table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+.note{color:#555;font-size:0.9em}img{max-width:100%}h2{border-bottom:2px solid #ddd}
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _target_figure(ctx: dict) -> str:
+    """One row of panels for one analysis target and network (runs in a worker)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    kind, classes = ctx["kind"], ctx["classes"]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    pred = ctx["pred"]
+    head = pred[pred.model == ctx["model"]]
+    if kind == "classification":
+        y = head.observed.map(classes.index).to_numpy()
+        yhat = head.predicted.map(classes.index).to_numpy()
+        cm = confusion(y, yhat, len(classes))
+        ax = axes[0]
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center")
+        ax.set_xticks(range(len(classes)), classes, rotation=30, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("observed")
+        ax.set_title(f"confusion: {ctx['model']} ({ctx['protocol']})", fontsize=9)
+        ax = axes[1]
+        if len(classes) == 2:
+            for model, grp in pred.groupby("model", sort=False):
+                obs = (grp.observed == classes[1]).to_numpy()
+                score = grp[f"score_{classes[1]}"].to_numpy(float)
+                if obs.all() or not obs.any() or not np.isfinite(score).all():
+                    continue
+                fpr, tpr, _ = roc_curve(obs, score)
+                ax.plot(fpr, tpr, label=model)
+            ax.set_title("ROC (pooled out-of-fold)", fontsize=9)
+        else:
+            for c in classes:
+                obs = (head.observed == c).to_numpy()
+                if obs.all() or not obs.any():
+                    continue
+                fpr, tpr, _ = roc_curve(obs, head[f"score_{c}"].to_numpy(float))
+                ax.plot(fpr, tpr, label=c)
+            ax.set_title(f"ROC one-vs-rest: {ctx['model']}", fontsize=9)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.legend(fontsize=6)
+    else:
+        ax = axes[0]
+        ax.scatter(head.observed, head.predicted, s=14)
+        lo = float(min(head.observed.min(), head.predicted.min()))
+        hi = float(max(head.observed.max(), head.predicted.max()))
+        ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
+        ax.set_xlabel("observed")
+        ax.set_ylabel("predicted (out-of-fold)")
+        ax.set_title(f"{ctx['model']} ({ctx['protocol']})", fontsize=9)
+        axes[1].axis("off")
+        axes[1].text(0, 0.5, ctx["text"], fontsize=8, va="center", family="monospace")
+    ax = axes[2]
+    folds = ctx["folds"]
+    models = list(dict.fromkeys(folds.model))
+    width = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        vals = folds[folds.model == model][ctx["metric"]].to_numpy(float)
+        ax.bar(np.arange(len(vals)) + i * width, vals, width, label=model)
+    ax.set_xlabel(f"fold ({ctx['protocol']})")
+    ax.set_ylabel(ctx["metric"])
+    ax.set_title("per-fold headline metric", fontsize=9)
+    ax.legend(fontsize=6)
+    ax = axes[3]
+    for label, (null, obs) in ctx["nulls"].items():
+        color = "C0" if label == "ketamine" else "C1"
+        ax.hist(null, bins=30, alpha=0.5, color=color, label=f"{label} null")
+        ax.axvline(obs, color=color, lw=2, label=f"{label} observed")
+    ax.set_xlabel(ctx["metric"])
+    ax.set_title(f"permutation null: {ctx['model']}", fontsize=9)
+    if ctx["nulls"]:
+        ax.legend(fontsize=6)
+    else:
+        ax.text(0.5, 0.5, "no permutation test", ha="center", transform=ax.transAxes)
+    fig.suptitle(f"{ctx['target']} / seg-{ctx['network']}", fontsize=11)
+    return _png(fig)
+
+
+def _weights_figure(best: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = np.asarray(best["weights"], dtype=float)
+    n = len(best["regions"])
+    fig, ax = plt.subplots(figsize=(3 + 0.35 * n, 2.5 + 0.3 * n))
+    lim = np.nanmax(np.abs(w)) if np.isfinite(w).any() else 1.0
+    cmap = "viridis" if best["kind"] == "importance" else "RdBu_r"
+    im = ax.imshow(w, cmap=cmap, vmin=0 if best["kind"] == "importance" else -lim, vmax=lim)
+    ax.set_xticks(range(n), best["regions"], rotation=90, fontsize=7)
+    ax.set_yticks(range(n), best["regions"], fontsize=7)
+    ax.set_xlabel("source")
+    ax.set_ylabel("target")
+    fig.colorbar(im, ax=ax, label=best["kind"])
+    ax.set_title(f"{best['model']} on {best['target']} (seg-{best['network']})", fontsize=9)
+    return _png(fig)
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, na_rep="n/a", float_format=lambda v: f"{v:.3f}", border=0)
+
+
+def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[Task],
+                 best: dict | None, summary: pd.DataFrame, nprocs: int = 1) -> None:
+    """Write the group report.
+
+    Parameters
+    ----------
+    path
+        Output HTML file.
+    info
+        The results.json content (options, definitions, counts, exclusions).
+    suite
+        Suite tables.
+    tasks
+        The tasks run (ketamine ones get figures).
+    best
+        Best model's weights (see ``run._best_weights``) or None.
+    summary
+        Plain-language summary table.
+    nprocs
+        Processes drawing figures.
+    """
+    from joblib import Parallel, delayed
+
+    protocol = info["headline"]["permutation_protocol"]
+    res, pred, folds = suite.results, suite.predictions, suite.folds
+    contexts = []
+    for task in tasks:
+        if task.treatment != "ketamine":
+            continue
+        model = HEADLINE_MODEL[task.kind]
+        sel = (pred.treatment == "ketamine") & (pred.network == task.network) & (pred.target == task.target)
+        fsel = (folds.treatment == "ketamine") & (folds.network == task.network) & (folds.target == task.target)
+        nulls = {}
+        for treatment in ("ketamine", "placebo"):
+            key = f"{treatment}|{task.network}|{task.target}|{model}|{protocol}"
+            row = res[(res.treatment == treatment) & (res.network == task.network) & (res.target == task.target)
+                      & (res.model == model) & (res.protocol == protocol)]
+            if key in suite.nulls and len(row):
+                nulls[treatment] = (suite.nulls[key], float(row.headline.iloc[0]))
+        r = res[(res.treatment == "ketamine") & (res.network == task.network) & (res.target == task.target)
+                & (res.protocol == protocol)]
+        text = "\n".join(f"{m:15s} R2 {h:+.3f}  r {pr:+.3f}" for m, h, pr in zip(r.model, r.headline, r.pearson_r)) \
+            if task.kind == "regression" else ""
+        contexts.append({
+            "kind": task.kind, "classes": list(task.classes), "target": task.target, "network": task.network,
+            "model": model, "protocol": protocol, "metric": HEADLINE_METRIC[task.kind], "text": text,
+            "pred": pred[sel & (pred.protocol == protocol)].dropna(axis=1, how="all"),
+            "folds": folds[fsel & (folds.protocol == protocol)], "nulls": nulls,
+        })
+    # starting workers (importing matplotlib) costs about as much as ten figures
+    jobs = max(1, nprocs) if len(contexts) > 12 else 1
+    images = Parallel(n_jobs=jobs)(delayed(_target_figure)(c) for c in contexts)
+    parts = [
+        f"<html><head><meta charset='utf-8'><title>bids-ketdcm group report</title><style>{_CSS}</style></head><body>",
+        "<h1>bids-ketdcm group report</h1>",
+        "<h2>Summary</h2>",
+        "<p class='note'>Headline model per target (logistic regression for label schemes, elastic net "
+        f"for continuous targets) under {html.escape(protocol)}; p from {_n_perm(res)} label permutations. "
+        f"Headline metric: {html.escape(info['headline']['definition']['classification'])} (schemes); "
+        f"{html.escape(info['headline']['definition']['regression'])} (continuous). "
+        "'chance_model' is the majority-class / mean comparator, 'baseline_score_only' the model "
+        "using the baseline score alone; 'placebo' is the same model on placebo response labels.</p>",
+        _table(summary) if len(summary) else "<p>No analysis ran.</p>",
+        "<h2>Participants and labels</h2>",
+        _table(pd.DataFrame([{"analysis": a, "participants": n} for a, n in info["participants"].items()])),
+        _table(pd.DataFrame([{"analysis": a, "scheme": s, **{k: v for k, v in c.items()}}
+                             for a, by in info["label_counts"].items() for s, c in by.items()]).fillna(0)),
+    ]
+    if info["skipped"]:
+        parts += ["<h3>Skipped analyses</h3>", _table(pd.DataFrame(info["skipped"]))]
+    parts += ["<details><summary>Excluded participants</summary>", _table(pd.DataFrame(info["excluded"])), "</details>"]
+    if best is not None:
+        parts += [
+            "<h2>Weights of the best model</h2>",
+            f"<p class='note'>{html.escape(best['model'])} on ketamine {html.escape(best['target'])}, "
+            f"seg-{html.escape(best['network'])}: {best['headline_metric']} {best['headline']:.3f} "
+            f"({best['protocol']}), refitted on all participants with {best['params']}. "
+            + ("Coefficients on standardised A entries" + (f" for class {best['class']}" if best["class"] else "")
+               if best["kind"] == "coefficient" else "Impurity importances")
+            + f"; rows = targets, columns = sources. Other features: {best['extra_weights'] or 'none'}.</p>",
+            f"<img src='data:image/png;base64,{_weights_figure(best)}'>",
+        ]
+    parts.append("<h2>Figures per target and network (ketamine)</h2>")
+    for ctx, img in zip(contexts, images):
+        parts.append(f"<h3>{html.escape(ctx['target'])} / seg-{html.escape(ctx['network'])}</h3>")
+        parts.append(f"<img src='data:image/png;base64,{img}'>")
+    parts.append("<h2>All results (headline metric)</h2>")
+    if len(res):
+        wide = res.pivot_table(index=["treatment", "network", "target", "model"], columns="protocol",
+                               values="headline", sort=False).reset_index()
+        parts.append(_table(wide))
+    parts.append("<h2>Definitions</h2><ul>")
+    parts += [f"<li><b>{html.escape(m)}</b>: {html.escape(d)}</li>" for m, d in info["models"].items()]
+    parts.append("</ul></body></html>")
+    write_text(path, "\n".join(parts))
+
+
+def _n_perm(res: pd.DataFrame) -> int:
+    return int(res.n_permutations.max()) if len(res) else 0

@@ -1,0 +1,400 @@
+"""Group level entry point: labels + features -> prediction suite -> tables and report.
+
+:func:`run_group` does everything and writes, under ``OUTPUT_DIR/group/``:
+
+* ``labels.tsv`` (+ ``labels.json``): every scheme and continuous target per participant;
+  ``labels_excluded.tsv``: each participant left out of an analysis and why;
+* ``results.tsv``: one row per analysis x network x target x model x protocol with every
+  metric, the headline metric and the permutation p-value;
+* ``folds.tsv``: the metrics of every fold; ``predictions.tsv``: out-of-fold
+  predictions per participant;
+* ``results.json``: definitions, options, label counts, skipped analyses, permutation
+  nulls and the summary; ``report.html``: the group report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bids_ketdcm import __version__
+from bids_ketdcm.errors import InputError
+from bids_ketdcm.group.features import FeatureSet, collect_features
+from bids_ketdcm.group.labels import SCHEME_NAMES, TARGETS, LabelSet, build_labels, labels_sidecar, normalise_session
+from bids_ketdcm.group.suite import (
+    ALL_MODELS,
+    COMPARATORS,
+    HEADLINE_DEFINITION,
+    HEADLINE_METRIC,
+    HEADLINE_MODEL,
+    MODEL_DESCRIPTIONS,
+    PERMUTABLE,
+    SuiteConfig,
+    SuiteResult,
+    Task,
+    fit_full,
+    run_suite,
+)
+from bids_ketdcm.io import write_json, write_text, write_tsv
+
+log = logging.getLogger(__name__)
+
+#: Fewest participants an analysis needs (each fold must train on at least 3).
+MIN_PARTICIPANTS = 4
+
+
+@dataclass
+class GroupOptions:
+    """Every option of the group level (the CLI maps its flags onto these fields)."""
+
+    score_column: str = "MADRS_Total"
+    baseline_session: str = "b0"
+    post_session: str = "d2"
+    #: None: no placebo specificity analysis.
+    placebo_session: str | None = "p2"
+    #: Keep only these participants.tsv groups (e.g. ("MDD",)); None keeps everyone.
+    include_group: tuple[str, ...] | None = None
+    remission_threshold: float = 10.0
+    #: Networks (seg entity) to use; None: every network found.
+    networks: tuple[str, ...] | None = None
+    #: Session of the A matrices; None: the baseline session.
+    feature_session: str | None = None
+    #: Run of the A matrices; None: the first valid run.
+    run: int | None = None
+    require_converged: bool = True
+    space: str | None = None
+    task: str = "rest"
+    drop_diagonal: bool = False
+    add_baseline_madrs: bool = False
+    allow_missing: bool = False
+    schemes: tuple[str, ...] = SCHEME_NAMES
+    targets: tuple[str, ...] = TARGETS
+    models: tuple[str, ...] = ALL_MODELS
+    k_values: tuple[int, ...] = (3, 4, 5)
+    nested_repeats: int = 10
+    nested_outer_k: int = 5
+    inner_k: int = 3
+    n_permutations: int = 1000
+    #: Models given permutation p-values; None: the headline model of each target.
+    permutation_models: tuple[str, ...] | None = None
+    rf_trees: int = 50
+    nprocs: int = 1
+    seed: int = 0
+    engine: str = "batched"
+    report: bool = True
+    #: Progress bar on stderr; None: only when stderr is a terminal.
+    progress: bool | None = None
+
+    def validate(self) -> None:
+        """Check every option; raise one InputError listing all problems."""
+        problems = []
+        bad = [s for s in self.schemes if s not in SCHEME_NAMES]
+        if bad:
+            problems.append(f"--schemes: unknown {', '.join(bad)} (choose from {', '.join(SCHEME_NAMES)})")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad:
+            problems.append(f"--targets: unknown {', '.join(bad)} (choose from {', '.join(TARGETS)})")
+        bad = [m for m in self.models if m not in ALL_MODELS]
+        if bad:
+            problems.append(f"--models: unknown {', '.join(bad)} (choose from {', '.join(ALL_MODELS)})")
+        bad = [m for m in self.permutation_models or () if m not in PERMUTABLE]
+        if bad:
+            problems.append(
+                f"--permutation-models: {', '.join(bad)} cannot be permuted (choose from {', '.join(PERMUTABLE)})"
+            )
+        if not self.k_values or any(k < 2 for k in self.k_values):
+            problems.append(f"--k-values: every k must be >= 2 (got {list(self.k_values)})")
+        if self.nested_repeats < 0:
+            problems.append(f"--nested-repeats: must be >= 0 (got {self.nested_repeats})")
+        if self.nested_outer_k < 2 or self.inner_k < 2:
+            problems.append("--nested-outer-k and --inner-k must be >= 2")
+        if self.n_permutations < 0:
+            problems.append(f"--n-permutations: must be >= 0 (got {self.n_permutations})")
+        if self.rf_trees < 1:
+            problems.append(f"--rf-trees: must be >= 1 (got {self.rf_trees})")
+        if self.nprocs < 1:
+            problems.append(f"--nprocs: must be >= 1 (got {self.nprocs})")
+        if self.engine not in ("batched", "sklearn"):
+            problems.append(f"--engine: 'batched' or 'sklearn' (got {self.engine!r})")
+        if normalise_session(self.baseline_session) == normalise_session(self.post_session):
+            problems.append("--baseline-session and --post-session must differ")
+        if not self.schemes and not self.targets:
+            problems.append("--schemes and --targets: nothing to predict")
+        if problems:
+            raise InputError("; ".join(problems))
+
+    def suite_config(self) -> SuiteConfig:
+        """The prediction-suite settings of these options."""
+        return SuiteConfig(
+            models=tuple(self.models),
+            k_values=tuple(sorted(set(self.k_values))),
+            nested_outer_k=self.nested_outer_k,
+            nested_repeats=self.nested_repeats,
+            inner_k=self.inner_k,
+            n_permutations=self.n_permutations,
+            permutation_models=tuple(self.permutation_models) if self.permutation_models else None,
+            rf_trees=self.rf_trees,
+            seed=self.seed,
+            engine=self.engine,
+        )
+
+
+def _tasks(labels: LabelSet, features: dict[str, FeatureSet], options: GroupOptions,
+           analyses: list[str]) -> tuple[list[Task], list[dict]]:
+    """One task per analysis x network x target; skipped ones with their reason."""
+    tasks, skipped = [], []
+    baseline = labels.table["baseline"]
+    score = labels.score_column
+    for treatment in analyses:
+        for network, fs in features.items():
+            for target in [*options.schemes, *options.targets]:
+                values = labels.target(treatment, target)
+                keep = [p for p in fs.participants if p in values.index]
+                where = f"{treatment} {target} seg-{network}"
+                reason = None
+                if len(keep) < MIN_PARTICIPANTS:
+                    reason = f"{len(keep)} participants with labels and features (need {MIN_PARTICIPANTS})"
+                elif target in labels.schemes:
+                    counts = pd.Series(values[keep]).value_counts()
+                    if len(counts) < 2:
+                        reason = f"every participant is in class {counts.index[0]!r}"
+                if reason:
+                    if treatment == "ketamine":
+                        raise InputError(
+                            f"{where}: {reason}; cannot cross-validate (check --include-group, "
+                            f"--score-column and the sessions, or leave {target!r} out with --schemes/--targets)"
+                        )
+                    log.warning("skipping %s: %s", where, reason)
+                    skipped.append({"treatment": treatment, "network": network, "target": target, "reason": reason})
+                    continue
+                sub = fs.subset(keep)
+                if options.add_baseline_madrs:
+                    sub = sub.with_column(f"baseline_{score}", baseline[keep].to_numpy(float))
+                if target in labels.schemes:
+                    classes = labels.schemes[target].classes
+                    y = np.array([classes.index(v) for v in values[keep]])
+                    kind = "classification"
+                else:
+                    classes, y, kind = (), values[keep].to_numpy(float), "regression"
+                tasks.append(Task(
+                    treatment=treatment, network=network, target=target, kind=kind,
+                    participants=keep, X=sub.X, y=y, baseline=baseline[keep].to_numpy(float),
+                    classes=classes, feature_names=sub.feature_names,
+                ))
+    return tasks, skipped
+
+
+def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, FeatureSet],
+                  config: SuiteConfig) -> dict | None:
+    """Weights of the best ketamine imaging model (highest nested-CV, else k-fold, headline)."""
+    res = suite.results
+    rows = res[(res.treatment == "ketamine") & ~res.model.isin(COMPARATORS)]
+    if rows.empty:
+        return None
+    protocol = "nested" if (rows.protocol == "nested").any() else config.permutation_protocol
+    rows = rows[rows.protocol == protocol]
+    best = rows.loc[rows.headline.idxmax()]
+    task = next(t for t in tasks if (t.treatment, t.network, t.target) == ("ketamine", best.network, best.target))
+    chosen = suite.params[f"ketamine|{best.network}|{best.target}|{best.model}|{protocol}"]
+    counts = pd.Series([tuple(sorted(p.items())) for p in chosen]).value_counts()
+    params = dict(counts.index[0])
+    weights = fit_full(task, best.model, params, config)
+    fs = features[best.network]
+    matrix = np.full((len(fs.regions), len(fs.regions)), np.nan)
+    extra = {}
+    for w, name in zip(weights, task.feature_names):
+        idx = fs.feature_names.index(name) if name in fs.feature_names else None
+        if idx is None:
+            extra[name] = float(w)
+        else:
+            t, s = fs.pairs[idx]
+            matrix[t, s] = w
+    return {
+        "network": best.network, "target": best.target, "model": best.model, "protocol": protocol,
+        "headline_metric": best.headline_metric, "headline": float(best.headline), "params": params,
+        "regions": fs.regions, "weights": matrix, "extra_weights": extra,
+        "kind": "importance" if best.model == "random_forest" else "coefficient",
+        "class": task.classes[-1] if task.classes else None,
+    }
+
+
+def summary_table(results: pd.DataFrame, config: SuiteConfig) -> pd.DataFrame:
+    """Plain-language summary: one row per network x target (headline model, ketamine).
+
+    Columns: network, target, headline model and metric, k-fold (headline protocol)
+    value and p, nested mean +- sd, the comparators' values, the placebo value and p,
+    and a verdict.
+    """
+    if results.empty:
+        return pd.DataFrame()
+    proto = config.permutation_protocol
+    rows = []
+    ket = results[results.treatment == "ketamine"]
+    for (network, target), grp in ket.groupby(["network", "target"], sort=False):
+        kind = grp.task.iloc[0]
+        model = HEADLINE_MODEL[kind]
+
+        def pick(frame, m, p):
+            sel = frame[(frame.model == m) & (frame.protocol == p)]
+            return sel.iloc[0] if len(sel) else None
+
+        head = pick(grp, model, proto)
+        nested = pick(grp, model, "nested")
+        dummy = pick(grp, "majority" if kind == "classification" else "mean", proto)
+        base = pick(grp, "baseline_score", proto)
+        plc = results[(results.treatment == "placebo") & (results.network == network) & (results.target == target)]
+        plc_row = pick(plc, model, proto)
+        p = head.p_value if head is not None else np.nan
+        if head is None:
+            verdict = "not run"
+        elif np.isnan(p):
+            verdict = "no permutation test"
+        elif p < 0.05:
+            beats = all(c is None or head.headline > c.headline for c in (dummy, base))
+            verdict = "above chance" + ("" if beats else ", but not above a comparator")
+            if plc_row is not None and plc_row.p_value < 0.05:
+                verdict += "; placebo also above chance (not drug-specific)"
+        else:
+            verdict = "not distinguishable from chance"
+        rows.append({
+            "network": network, "target": target, "model": model, "metric": HEADLINE_METRIC[kind],
+            f"{proto}": None if head is None else round(float(head.headline), 3),
+            "p_value": None if head is None or np.isnan(p) else round(float(p), 4),
+            "nested_mean": None if nested is None else round(float(nested.headline), 3),
+            "nested_fold_sd": None if nested is None else round(float(nested[f"{HEADLINE_METRIC[kind]}_fold_sd"]), 3),
+            "chance_model": None if dummy is None else round(float(dummy.headline), 3),
+            "baseline_score_only": None if base is None else round(float(base.headline), 3),
+            "placebo": None if plc_row is None else round(float(plc_row.headline), 3),
+            "placebo_p": None if plc_row is None or np.isnan(plc_row.p_value) else round(float(plc_row.p_value), 4),
+            "verdict": verdict,
+        })
+    return pd.DataFrame(rows)
+
+
+def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOptions) -> dict:
+    """Run the whole group level and write its outputs under ``output_dir/group``.
+
+    Parameters
+    ----------
+    bids_dir
+        Raw BIDS dataset (``phenotype/``, ``participants.tsv``).
+    output_dir
+        Derivatives root holding the participant-level connectivity files.
+    options
+        Group options.
+
+    Returns
+    -------
+    dict
+        Output paths, participant counts, label counts, skipped analyses, the summary
+        table (records) and the run time.
+
+    Raises
+    ------
+    InputError
+        Bad options, phenotype, labels or derivatives (see :func:`build_labels`,
+        :func:`collect_features`), or a ketamine analysis that cannot be
+        cross-validated.
+    """
+    start = time.perf_counter()
+    options.validate()
+    bids_dir, output_dir = Path(bids_dir), Path(output_dir)
+    labels = build_labels(
+        bids_dir, score_column=options.score_column, baseline_session=options.baseline_session,
+        post_session=options.post_session, placebo_session=options.placebo_session,
+        include_group=tuple(options.include_group) if options.include_group else None,
+        remission_threshold=options.remission_threshold,
+    )
+    analyses = ["ketamine"] + (["placebo"] if "placebo_improvement" in labels.table.columns else [])
+    labelled_mask = labels.table[[labels.column(a, "improvement") for a in analyses]].notna().any(axis=1)
+    labelled = list(labels.table.index[labelled_mask])
+    features, missing = collect_features(
+        output_dir, labelled, session=options.feature_session or options.baseline_session,
+        networks=tuple(options.networks) if options.networks else None, run=options.run,
+        require_converged=options.require_converged, space=options.space, task=options.task,
+        drop_diagonal=options.drop_diagonal, allow_missing=options.allow_missing,
+    )
+    tasks, skipped = _tasks(labels, features, options, analyses)
+    config = options.suite_config()
+    log.info("group suite: %d tasks (%s), %d networks", len(tasks), ", ".join(analyses), len(features))
+    suite = run_suite(tasks, config, nprocs=options.nprocs, progress=options.progress)
+    log.info("suite done in %.1f s", time.perf_counter() - start)
+    summary = summary_table(suite.results, config)
+    best = _best_weights(tasks, suite, features, config)
+
+    group = output_dir / "group"
+    sessions = {"ketamine": normalise_session(options.post_session)}
+    if "placebo" in analyses:
+        sessions["placebo"] = normalise_session(options.placebo_session)
+    write_tsv(group / "labels.tsv", labels.table.reset_index())
+    write_json(group / "labels.json", labels_sidecar(labels, normalise_session(options.baseline_session), sessions))
+    write_tsv(group / "labels_excluded.tsv", labels.excluded)
+    write_tsv(group / "results.tsv", suite.results)
+    write_tsv(group / "folds.tsv", suite.folds)
+    write_tsv(group / "predictions.tsv", suite.predictions)
+    counts = {
+        a: {s: labels.counts(a, s) for s in labels.schemes}
+        for a in analyses
+    }
+    n_part = {a: int(labels.table[labels.column(a, "improvement")].notna().sum()) for a in analyses}
+    info = {
+        "GeneratedBy": {"Name": "bids-ketdcm", "Version": __version__},
+        "headline": {
+            "metric": HEADLINE_METRIC, "definition": HEADLINE_DEFINITION, "model": HEADLINE_MODEL,
+            "permutation_protocol": config.permutation_protocol,
+            "p_value": "(1 + #{null >= observed}) / (1 + n_permutations); feature rows shuffled "
+                       "against fixed labels and folds",
+        },
+        "models": {m: MODEL_DESCRIPTIONS[m] for m in config.models},
+        "options": {f.name: getattr(options, f.name) for f in fields(options)},
+        "suite": asdict(config),
+        "sessions": {"baseline": normalise_session(options.baseline_session), **sessions},
+        "participants": n_part,
+        "label_counts": counts,
+        "excluded": labels.excluded.to_dict(orient="records"),
+        "missing_features": missing.to_dict(orient="records"),
+        "networks": {n: {"regions": fs.regions, "participants": len(fs.participants)} for n, fs in features.items()},
+        "skipped": skipped,
+        "summary": summary.to_dict(orient="records"),
+        "best_model": None if best is None else {**best, "weights": best["weights"]},
+        "nulls": suite.nulls,
+        "results": suite.results.to_dict(orient="records"),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    outputs = {name: str(group / name) for name in (
+        "labels.tsv", "labels.json", "labels_excluded.tsv", "results.tsv", "folds.tsv",
+        "predictions.tsv", "results.json")}
+    if options.report:
+        from bids_ketdcm.group.report import write_report
+
+        write_report(group / "report.html", info, suite, tasks, best, summary, nprocs=options.nprocs)
+        log.info("report written at %.1f s", time.perf_counter() - start)
+        outputs["report.html"] = str(group / "report.html")
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    write_json(group / "results.json", _finite_json(info))
+    log.info("group level done in %.1f s: %s", info["seconds"], group)
+    return {
+        "outputs": outputs, "participants": n_part, "label_counts": counts, "skipped": skipped,
+        "summary": summary.to_dict(orient="records"), "seconds": info["seconds"],
+        "n_tasks": len(tasks),
+    }
+
+
+def _finite_json(value):
+    """Replace NaN (not valid JSON) by None, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _finite_json(value.tolist())
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
