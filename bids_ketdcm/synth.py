@@ -16,8 +16,8 @@ Generative model of a run. ROI signals come from the spectral DCM generative mod
 is ``baseline * (1 + signal + nuisance) + noise``: ROI voxels carry their ROI's signal
 (percent signal change, voxel gain 0.7-1.3); motion parameters (slow drifts plus a few
 spikes) enter linearly through a spatial gradient (removable by motion regression) and,
-at spikes, through an FD-proportional artefact (removable only by scrubbing); a
-physiological noise source loads mostly on CSF and white matter (removable by WM/CSF or
+at spikes, through an FD-proportional artefact (removable only by scrubbing); two
+physiological noise sources load mostly on CSF and white matter (removable by WM/CSF or
 CompCor regression); a linear scanner drift (removable by the cosine high-pass); white
 noise; brighter non-steady-state volumes at the start. The confounds are computed from
 the simulated data as fMRIPrep does (mean WM/CSF/global signals, DVARS, FD, aCompCor on
@@ -39,6 +39,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -180,10 +181,12 @@ def _make_grid(voxel_size: float) -> _Grid:
 
     def on_grid(img) -> np.ndarray:
         img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-        out = resample_img(
-            img, target_affine=affine, target_shape=shape, interpolation="linear",
-            force_resample=True, copy_header=True,
-        )
+        with warnings.catch_warnings():  # linear on a binary mask is meant: thresholded
+            warnings.simplefilter("ignore", UserWarning)
+            out = resample_img(
+                img, target_affine=affine, target_shape=shape, interpolation="linear",
+                force_resample=True, copy_header=True,
+            )
         return np.asarray(out.dataobj, dtype=float)
 
     brain = on_grid(load_mni152_brain_mask(resolution=2)) > 0.5
@@ -382,15 +385,14 @@ def _confounds_table(
 def _motion(rng: np.random.Generator, n: int, n_spikes: int) -> np.ndarray:
     """Six rigid-body parameters (mm, rad): slow drift, volume-to-volume jitter, spikes.
 
-    The drift lives below the 128 s high-pass cut-off (a linear trend and the two
-    slowest cosines), the jitter is white (FD about 0.15 mm) and each spike displaces
-    one volume. Motion that wanders through the signal band would share variance with
+    The drift lives below the 128 s high-pass cut-off (the two slowest cosines of
+    fMRIPrep's basis, so that its squares stay there too), the jitter is white (FD
+    about 0.15 mm) and each spike displaces one volume. Motion that wanders through the signal band would share variance with
     the ROI signals by chance and make the regression remove signal; real motion does
     that too, but it would blur what the synthetic data are for.
     """
-    t = np.linspace(-1.0, 1.0, n)
-    slow = np.column_stack([t, _cosine_basis(n, TR)[:, :2] * np.sqrt(n / 2.0)])
-    drift = slow @ rng.normal(0.0, 1.0, size=(3, 6))
+    slow = _cosine_basis(n, TR)[:, :2] * np.sqrt(n / 2.0)  # unit amplitude
+    drift = slow @ rng.normal(0.0, 1.0, size=(slow.shape[1], 6))
     scale = np.array([0.1, 0.15, 0.2, 0.002, 0.001, 0.001])
     jitter = rng.normal(0.0, 1.0, size=(n, 6)) * np.array(
         [0.02, 0.02, 0.03, 0.0003, 0.0002, 0.0002]
@@ -413,12 +415,11 @@ def _run_volumes(
     Every term is a fraction of the baseline (uniform, :data:`_BASELINE`): ROI signal
     (percent signal change from the DCM simulator, voxel gain 0.7-1.3), motion through a
     spatial gradient (0.5 % per mm at 8 cm from the centre), an FD-proportional artefact
-    (2 % per mm of FD), two physiological noise sources (one in CSF, 1 %, one in WM,
-    0.4 %, both 0.2 % in grey matter), a
+    (2 % per mm of FD), two physiological noise sources (white: cardiac and respiratory
+    cycles aliased at this TR; one in CSF, 1 %, one in WM, 0.4 %, both 0.2 % in grey
+    matter), a
     0.3 % linear drift and 0.15 % white noise; non-steady-state volumes are 30 % brighter.
     """
-    from scipy.ndimage import gaussian_filter1d
-
     n_scans = signals.shape[0]
     voxels = np.argwhere(grid.brain)
     n_voxels = voxels.shape[0]
@@ -430,9 +431,7 @@ def _run_volumes(
     fd = np.nan_to_num(_framewise_displacement(motion))
     gradient = rng.normal(0.0, 1.0, size=(6, 3)) @ position.T  # (6, V)
     gradient *= np.array([0.005, 0.005, 0.005, 0.25, 0.25, 0.25])[:, None]  # per mm, rad
-    physio = rng.standard_normal((n_scans, 2))
-    physio[:, 0] = gaussian_filter1d(physio[:, 0], 2.0)
-    physio /= physio.std(axis=0)
+    physio = rng.standard_normal((n_scans, 2))  # cardiac/respiratory, aliased: broadband
     other = ~(csf | wm)
     physio_load = np.vstack(
         [np.where(csf, 0.01, np.where(other, 0.002, 0.0)),
@@ -524,9 +523,9 @@ def make_synthetic_dataset(
     *,
     sessions: Sequence[str] = ("b0",),
     planted: Sequence[tuple[str, str]] = DEFAULT_PLANTED,
-    link_rho: float = 0.8,
+    link_rho: float = 0.9,
     link_mean: float = 0.1,
-    link_sd: float = 0.15,
+    link_sd: float = 0.3,
     voxel_size: float = 7.0,
     n_dummy: int = 1,
     signal_percent: float = 0.5,
@@ -560,7 +559,11 @@ def make_synthetic_dataset(
         Sample correlation, over the 27 participants, between each planted connection
         and the response r.
     link_mean, link_sd
-        Mean and standard deviation (Hz) of a planted connection over the 27.
+        Mean and standard deviation (Hz) of a planted connection over the 27. The
+        defaults (rho 0.9, sd 0.3 Hz) were strengthened from 0.8 and 0.15 Hz, with
+        which the estimated connection no longer related to r after spectral DCM on
+        192 scans; ``benchmarks/synth_link_strength.py`` measures it (with the
+        defaults: r(true, estimated) about 0.57, r(estimated, MADRS r) about 0.49).
     voxel_size
         Voxel size (mm) of the derivative images: coarse, so that the 28 runs of the
         27 participants take about 20 MB (at 6 mm they would take about 33 MB).

@@ -118,7 +118,6 @@ def test_user_tsv_defaults(tmp_path):
         ("name\tx\ty\tz\nA\t1\tn/a\t3\nB\t4\t5\t6\n", "line 2 (A: 'n/a')"),
         ("name\tx\ty\tz\nA\t1\t2\t3\n\t4\t5\t6\n", "empty ROI name on line(s) 3"),
         ("name\tx\ty\tz\nA\t1\t2\t3\n", "at least 2"),
-        ("name\tx\ty\tz\ttarget\nA\t1\t2\t3\tx\n", "at least 2"),
         ("name\tx\ty\tz\ntarget\t1\t2\t3\nB\t4\t5\t6\n", "reserved ROI name(s) target"),
         ("name\tx\ty\tz\tradius_mm\nA\t1\t2\t3\t0\nB\t4\t5\t6\t5\n", "radius_mm must be positive"),
         ("name\tx\ty\tz\tradius_mm\nA\t1\t2\t3\tinf\nB\t4\t5\t6\t5\n", "finite numbers"),

@@ -204,7 +204,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         "<h1>bids-ketdcm group report</h1>",
         "<h2>Summary</h2>",
         "<p class='note'>Headline model per target (logistic regression for label schemes, elastic net "
-        f"for continuous targets) under {html.escape(protocol)}; p from {_n_perm(res)} label permutations. "
+        f"for continuous targets) under {html.escape(protocol)}; p from {_n_perm(res)} permutations "
+        "(feature rows shuffled against the labels, folds fixed). "
         f"Headline metric: {html.escape(info['headline']['definition']['classification'])} (schemes); "
         f"{html.escape(info['headline']['definition']['regression'])} (continuous). "
         "'chance_model' is the majority-class / mean comparator, 'baseline_score_only' the model "
@@ -223,7 +224,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
             "<h2>Weights of the best model</h2>",
             f"<p class='note'>{html.escape(best['model'])} on ketamine {html.escape(best['target'])}, "
             f"seg-{html.escape(best['network'])}: {best['headline_metric']} {best['headline']:.3f} "
-            f"({best['protocol']}), refitted on all participants with {best['params']}. "
+            f"({best['protocol']}; chosen as the {html.escape(best['selection'])}), refitted on all "
+            f"participants with {best['params']}. "
             + ("Coefficients on standardised A entries" + (f" for class {best['class']}" if best["class"] else "")
                if best["kind"] == "coefficient" else "Impurity importances")
             + f"; rows = targets, columns = sources. Other features: {best['extra_weights'] or 'none'}.</p>",

@@ -40,7 +40,7 @@ from bids_ketdcm.group.suite import (
     fit_full,
     run_suite,
 )
-from bids_ketdcm.io import write_json, write_text, write_tsv
+from bids_ketdcm.io import write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,22 @@ class GroupOptions:
     n_permutations: int = 1000
     #: Models given permutation p-values; None: the headline model of each target.
     permutation_models: tuple[str, ...] | None = None
-    rf_trees: int = 50
+    rf_trees: int = 25
     nprocs: int = 1
     seed: int = 0
     engine: str = "batched"
     report: bool = True
     #: Progress bar on stderr; None: only when stderr is a terminal.
     progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        # a single name given as a string means a one-element list, not its characters
+        for name in ("include_group", "networks", "schemes", "targets", "models", "permutation_models"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, (value,))
+            elif value is not None:
+                setattr(self, name, tuple(value))
 
     def validate(self) -> None:
         """Check every option; raise one InputError listing all problems."""
@@ -191,14 +200,20 @@ def _tasks(labels: LabelSet, features: dict[str, FeatureSet], options: GroupOpti
 
 def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, FeatureSet],
                   config: SuiteConfig) -> dict | None:
-    """Weights of the best ketamine imaging model (highest nested-CV, else k-fold, headline)."""
+    """Weights of the best ketamine imaging model.
+
+    Best = the largest gain of the headline metric over chance (balanced accuracy - 1/K
+    for K classes, R^2 - 0) under nested CV (else the headline k-fold protocol).
+    """
     res = suite.results
     rows = res[(res.treatment == "ketamine") & ~res.model.isin(COMPARATORS)]
     if rows.empty:
         return None
     protocol = "nested" if (rows.protocol == "nested").any() else config.permutation_protocol
     rows = rows[rows.protocol == protocol]
-    best = rows.loc[rows.headline.idxmax()]
+    n_classes = rows.classes.fillna("").map(lambda c: len(c.split(";")) if c else 0)
+    gain = rows.headline - np.where(n_classes > 0, 1.0 / np.maximum(n_classes, 1), 0.0)
+    best = rows.loc[gain.idxmax()]
     task = next(t for t in tasks if (t.treatment, t.network, t.target) == ("ketamine", best.network, best.target))
     chosen = suite.params[f"ketamine|{best.network}|{best.target}|{best.model}|{protocol}"]
     counts = pd.Series([tuple(sorted(p.items())) for p in chosen]).value_counts()
@@ -217,6 +232,7 @@ def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, Fea
     return {
         "network": best.network, "target": best.target, "model": best.model, "protocol": protocol,
         "headline_metric": best.headline_metric, "headline": float(best.headline), "params": params,
+        "selection": "largest nested-CV gain of the headline metric over chance (1/K or R^2 = 0)",
         "regions": fs.regions, "weights": matrix, "extra_weights": extra,
         "kind": "importance" if best.model == "random_forest" else "coefficient",
         "class": task.classes[-1] if task.classes else None,
