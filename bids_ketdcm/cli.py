@@ -70,6 +70,43 @@ def _read_filter(path: Path | None, problems: list[str]) -> dict | None:
     return data.get("bold", {})
 
 
+def _check_model_options(kw: dict, problems: list[str]) -> None:
+    """--features, --gmv-atlas, --save-model and --apply-model, before any heavy work."""
+    from .networks import network_label
+    from .structural import load_regions, region_label
+
+    level, features = kw["analysis_level"], set(kw["features"])
+    if kw["save_model"] is not None and level != "group":
+        problems.append("--save-model is a group-level option")
+    if kw["save_model"] is not None and kw["apply_model"] is not None:
+        problems.append("--save-model and --apply-model: give one (train here, or apply models trained elsewhere)")
+    gmv = level == "participant" and bool({"gmv", "dcm+gmv"} & features)
+    if gmv:
+        for spec in kw["gmv_atlases"]:
+            try:
+                load_regions(spec)
+            except InputError as err:
+                problems.append(str(err))
+    if kw["apply_model"] is None:
+        return
+    from .group.model_io import load_models
+
+    try:
+        models = load_models(kw["apply_model"])
+    except InputError as err:
+        problems.append(str(err))
+        return
+    if level != "participant":
+        return
+    dcm_nets = {network_label(n) for n in kw["networks"]} if {"dcm", "dcm+gmv"} & features else set()
+    gmv_nets = {region_label(n) for n in [*kw["networks"], *kw["gmv_atlases"]]} if gmv else set()
+    for m in models:
+        needs_dcm, needs_gmv = m.feature_set in ("dcm", "dcm+gmv"), m.feature_set in ("gmv", "dcm+gmv")
+        if (needs_dcm and m.network not in dcm_nets) or (needs_gmv and m.network not in gmv_nets):
+            problems.append(f"--apply-model: {m.path.name} needs {m.feature_set} features of seg-{m.network}; "
+                            f"add --features {m.feature_set} and --network {m.network}")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("bids_dir", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
@@ -100,6 +137,17 @@ def _read_filter(path: Path | None, problems: list[str]) -> dict | None:
 @click.option("--n-permutations", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Group level: label permutations per headline model.")
 @click.option("--allow-missing", is_flag=True, help="Group level: go on with participants that have derivatives.")
+@click.option("--features", multiple=True, type=click.Choice(["dcm", "gmv", "dcm+gmv"]), default=("dcm",),
+              show_default=True, help="Participant: dcm (spectral DCM) and/or gmv (gray-matter volume). Group: the "
+              "feature sets compared by the suite (repeatable).")
+@click.option("--gmv-atlas", "gmv_atlases", multiple=True, default=("power264",), show_default=True,
+              help="Participant, gmv: whole-brain atlas besides the --network regions: power264, or a TSV of "
+              "spheres / labelled NIfTI (repeatable).")
+@click.option("--save-model", type=click.Path(path_type=Path),
+              help="Group: save the final model of every label scheme and feature set to this folder.")
+@click.option("--apply-model", type=click.Path(path_type=Path),
+              help="Participant: predict each participant with the saved models of this folder (research tool, "
+              "not a clinical device). Group: validate them on this dataset (no refitting).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
 @click.version_option(__version__, "--version", prog_name="bids-ketdcm")
 def bids_app(**kw) -> None:
@@ -129,6 +177,7 @@ def bids_app(**kw) -> None:
             problems.append(str(err))
     if kw["denoise"] not in DENOISE_STRATEGIES:
         problems.append(f"--denoise {kw['denoise']}: unknown strategy; choose from {', '.join(DENOISE_STRATEGIES)}")
+    _check_model_options(kw, problems)
     if problems:
         raise InputError("\n".join(problems))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -145,27 +194,35 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
     if not kw["skip_bids_validation"]:
         validate_bids(bids_dir)
     labels = [_strip_sub(x) for x in kw["participant_labels"]]
-    runs = find_bold_runs(bids_dir, fmriprep_dir=kw["fmriprep_dir"], work_dir=work_dir, participant_labels=labels,
-                          session=kw["session_label"], task=kw["task_label"], space=kw["space"],
-                          bids_filter=bids_filter)
+    runs = []
+    if {"dcm", "dcm+gmv"} & set(kw["features"]):
+        runs = find_bold_runs(bids_dir, fmriprep_dir=kw["fmriprep_dir"], work_dir=work_dir, participant_labels=labels,
+                              session=kw["session_label"], task=kw["task_label"], space=kw["space"],
+                              bids_filter=bids_filter)
     opts = ParticipantOptions(
         bids_dir=bids_dir, output_dir=output_dir, fmriprep_dir=kw["fmriprep_dir"], work_dir=work_dir,
         participant_labels=labels, session=kw["session_label"], task=kw["task_label"], space=kw["space"],
         networks=list(kw["networks"]), denoise=kw["denoise"], roi_summary=kw["roi_summary"],
         bids_filter=bids_filter, device=kw["device"], seed=kw["seed"], overwrite=kw["overwrite"],
-        jacobian=kw["dcm_jacobian"],
+        jacobian=kw["dcm_jacobian"], features=list(kw["features"]), gmv_atlases=list(kw["gmv_atlases"]),
+        apply_model=kw["apply_model"],
     )
     summary = run_participant(opts, runs)
     for label, counts in summary.items():
-        log.info("%s: %d inverted, %d skipped, %d finished before", label, counts["inverted"],
-                 counts["skipped"], counts["finished_before"])
+        if "inverted" in counts:
+            log.info("%s: %d inverted, %d skipped, %d finished before", label, counts["inverted"],
+                     counts["skipped"], counts["finished_before"])
+        else:
+            log.info("%s: %s", label, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
 
 
 def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
     from .group.run import GroupOptions, run_group
 
     opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=kw["nprocs"], seed=kw["seed"],
-                        allow_missing=kw["allow_missing"], feature_session=kw["session_label"])
+                        allow_missing=kw["allow_missing"], feature_session=kw["session_label"],
+                        feature_sets=tuple(kw["features"]), save_model=kw["save_model"],
+                        apply_model=kw["apply_model"])
     run_group(bids_dir, output_dir, opts)
     log.info("group results: %s", output_dir / "group")
 

@@ -7,8 +7,6 @@ atomically; a run is finished when its connectivity TSV, JSON and posterior NPZ 
 
 from __future__ import annotations
 
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from . import __version__
 from .dcm import SPM_RELEASE, Posterior
 from .io import atomic_path, write_json, write_text, write_tsv
+from .provenance import command_line, container, software_versions
 from .timeseries import RoiTimeseries
 
 BIDS_VERSION = "1.9.0"
@@ -94,20 +93,28 @@ def is_finished(output_dir: Path, run: RunEntities, network_label: str) -> bool:
 
 
 def write_dataset_description(output_dir: Path, argv: list[str] | None = None) -> None:
-    """Write ``dataset_description.json`` (with ``GeneratedBy``) and ``.bidsignore``."""
-    argv = sys.argv if argv is None else argv
+    """Write ``dataset_description.json`` (with ``GeneratedBy``) and ``.bidsignore``.
+
+    ``GeneratedBy`` holds the version, the exact command line (``argv``, default the
+    words this process was started with), the library versions and, inside the
+    published image, the container.
+    """
     output_dir = Path(output_dir)
+    versions = ", ".join(f"{name} {number}" for name, number in software_versions().items())
+    generated_by = {
+        "Name": "bids-ketdcm",
+        "Version": __version__,
+        "CodeURL": "https://github.com/bids-ketdcm/bids-ketdcm",
+        "CommandLine": command_line(argv),
+        "Description": f"spectral DCM emulating {SPM_RELEASE} spm_dcm_fmri_csd; {versions}",
+    }
+    if (image := container()) is not None:
+        generated_by["Container"] = image
     write_json(output_dir / "dataset_description.json", {
         "Name": "bids-ketdcm spectral DCM derivatives",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
-        "GeneratedBy": [{
-            "Name": "bids-ketdcm",
-            "Version": __version__,
-            "CodeURL": "https://github.com/bids-ketdcm/bids-ketdcm",
-            "CommandLine": " ".join(shlex.quote(a) for a in argv),
-            "Description": f"spectral DCM emulating {SPM_RELEASE} spm_dcm_fmri_csd, PyTorch {torch.__version__}",
-        }],
+        "GeneratedBy": [generated_by],
         "SourceDatasets": [],
     })
     write_text(output_dir / ".bidsignore", BIDSIGNORE)

@@ -1,4 +1,9 @@
-"""Participant level: fMRIPrep BOLD -> ROI time series -> spectral DCM -> derivatives."""
+"""Participant level: fMRIPrep BOLD -> ROI time series -> spectral DCM -> derivatives.
+
+With ``features`` holding ``gmv`` the regional gray-matter volumes are written too
+(:mod:`bids_ketdcm.structural`); with ``apply_model`` every participant is predicted by
+the saved models (:mod:`bids_ketdcm.prediction`) and the report gets a prediction section.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +59,22 @@ class ParticipantOptions:
     jacobian: str = "autograd"
     max_iterations: int = 128
     batch_size: int = 32
+    #: ``dcm`` and/or ``gmv`` (``dcm+gmv``: both).
+    features: list[str] = field(default_factory=lambda: ["dcm"])
+    #: Whole-brain atlases of the GMV features, besides the networks.
+    gmv_atlases: list[str] = field(default_factory=lambda: ["power264"])
+    #: Folder of saved models to predict every participant with.
+    apply_model: Path | None = None
+
+    @property
+    def wants_dcm(self) -> bool:
+        """Whether spectral DCM is requested."""
+        return bool({"dcm", "dcm+gmv"} & set(self.features))
+
+    @property
+    def wants_gmv(self) -> bool:
+        """Whether gray-matter volumes are requested."""
+        return bool({"gmv", "dcm+gmv"} & set(self.features))
 
 
 @dataclass
@@ -77,11 +98,13 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
     Returns
     -------
     dict
-        Counts of inverted, skipped and already finished runs per network.
+        Counts of inverted, skipped and already finished runs per network; with
+        ``gmv``, under ``"gmv"`` the counts of :func:`bids_ketdcm.structural.run_structural`;
+        with ``apply_model``, under ``"predicted"`` the number of participants predicted.
     """
     torch.manual_seed(opts.seed)
     device = _device(opts.device)
-    networks = {network_label(n): (n, load_network(n)) for n in opts.networks}
+    networks = {network_label(n): (n, load_network(n)) for n in opts.networks} if opts.wants_dcm else {}
     write_dataset_description(opts.output_dir)
     write_text(opts.output_dir / "logs" / "CITATION.bib", citations_bibtex())
     summary: dict[str, dict[str, int]] = {}
@@ -102,13 +125,40 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
             if w.skipped:
                 reports[w.entities.subject].append(_skipped_report(w, label))
         summary[label] = {"inverted": len(ready), "skipped": len(todo) - len(ready), "finished_before": done_before}
+    subjects = sorted(set(opts.participant_labels) | {r.subject for r in runs})
+    if opts.wants_gmv:
+        summary["gmv"] = _structural(opts, subjects)
+        subjects = sorted(set(subjects) | set(summary["gmv"].pop("subjects")))
+    sections: dict[str, list] = {}
+    if opts.apply_model is not None:
+        sections = _predict(opts, subjects)
+        summary["predicted"] = {"participants": sum(1 for v in sections.values() if v)}
     for subject, run_reports in reports.items():
         settings = {"roi_summary": opts.roi_summary, "radius_mm": _radius(networks), "space": opts.space,
                     "denoise_strategy": opts.denoise, "device": str(device)}
         path = opts.output_dir / f"sub-{subject}.html"
-        write_participant_report(path, subject, run_reports, settings)
+        write_participant_report(path, subject, run_reports, settings, extra_sections=sections.get(subject))
         log.info("report: %s", path)
     return summary
+
+
+def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
+    from .layout import resolve_fmriprep_dir
+    from .structural import run_structural
+
+    return run_structural(resolve_fmriprep_dir(opts.bids_dir, opts.fmriprep_dir), opts.output_dir,
+                          opts.work_dir or opts.output_dir / "work", subjects or None, opts.session, opts.space,
+                          [*opts.networks, *opts.gmv_atlases], overwrite=opts.overwrite)
+
+
+def _predict(opts: ParticipantOptions, subjects: list[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """Predict every participant with the saved models; report sections by subject."""
+    from .group.model_io import load_models
+    from .prediction import report_section, run_predictions
+
+    models = load_models(opts.apply_model)
+    predictions = run_predictions(models, opts.output_dir, subjects, opts.session, space=opts.space, task=opts.task)
+    return {s: [("prediction", "Prediction", report_section(p))] for s, p in predictions.items() if p}
 
 
 def _device(choice: str) -> torch.device:

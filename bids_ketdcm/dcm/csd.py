@@ -8,6 +8,8 @@ variational Bayes (``spm_mar``), on 32 frequencies from 1/min(128, T TR) to
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -19,6 +21,9 @@ _GAMMA_SCALE = 1000.0  # Gamma hyperprior of the weight precision: scale 1000, s
 _GAMMA_SHAPE = 0.001
 _MAX_VB_ITERATIONS = 32
 _VB_TOLERANCE = 1e-4
+
+
+log = logging.getLogger(__name__)
 
 
 def frequency_grid(tr: float, n_scans: int, n_freqs: int = N_FREQS) -> np.ndarray:
@@ -64,6 +69,10 @@ def validate_timeseries(y: np.ndarray, order: int = DATA_AR_ORDER) -> np.ndarray
             f"too few scans for an order-{order} MAR model of {n} regions: "
             f"{T} scans, need at least {order * n + order + 1}"
         )
+    if T - order < order * n + n:
+        log.warning("%d scans for %d regions: the order-%d MAR residuals have rank below %d (full rank needs "
+                    "%d scans); the data's cross-spectra are partly determined by the MAR prior",
+                    T, n, order, n, order * (n + 1) + n)
     return y
 
 
@@ -112,7 +121,8 @@ def vb_mar(y: np.ndarray, order: int = DATA_AR_ORDER) -> tuple[np.ndarray, np.nd
         # residual precision Lambda = T inv(e^T e + Omega)
         e = Y - X @ w
         omega = u_l @ np.diag(np.sum(d_x[:, None] * cov_eig, axis=0)) @ u_l.T
-        lam = T * np.linalg.inv(e.T @ e + omega)
+        # pinv: with fewer than p (n + 1) + n scans the ML residuals have rank < n at first
+        lam = T * np.linalg.pinv(e.T @ e + omega, hermitian=True)
         if iteration > 2 and np.linalg.norm(w - w_prev) / k < _VB_TOLERANCE:
             break
         w_prev = w

@@ -17,7 +17,7 @@ def fit(
     *,
     max_iterations: int = MAX_ITERATIONS,
     device: str | torch.device | None = None,
-    jacobian: str = "autograd",
+    jacobian: str = "analytic",
     progress: bool = False,
 ) -> Posterior:
     """Invert spectral DCM on raw ROI time series: scaling, CSD, priors, inversion.
@@ -34,7 +34,8 @@ def fit(
     device
         Torch device (default: CUDA when available, else CPU).
     jacobian
-        ``"autograd"`` (exact) or ``"finite-difference"`` (SPM12's path exactly).
+        ``"analytic"`` (exact, fast; default), ``"autograd"`` (exact, ``torch.func``) or
+        ``"finite-difference"`` (SPM12's path exactly).
     progress
         Log one line per iteration.
 

@@ -50,8 +50,9 @@ def effective_connectivity(A: torch.Tensor) -> torch.Tensor:
 
 
 def hemodynamic_transfer(
-    sigma: torch.Tensor, transit: torch.Tensor, decay: torch.Tensor, epsilon: torch.Tensor
-) -> torch.Tensor:
+    sigma: torch.Tensor, transit: torch.Tensor, decay: torch.Tensor, epsilon: torch.Tensor,
+    partials: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Transfer function from neuronal activity to BOLD of each region's balloon model.
 
     The balloon model linearised at rest is a chain (signal -> flow -> volume ->
@@ -67,10 +68,15 @@ def hemodynamic_transfer(
     decay, epsilon
         (B, 1) log signal-decay scaling and log intra/extravascular ratio.
 
+    partials
+        Also return the exact partial derivatives of the response of region i with
+        respect to ``transit[i]``, ``decay``, ``epsilon`` and ``sigma`` (each (B, K, n)).
+
     Returns
     -------
-    torch.Tensor
-        (B, K, n) complex: BOLD response of region i to its own neuronal state.
+    torch.Tensor or tuple
+        (B, K, n) complex: BOLD response of region i to its own neuronal state; with
+        ``partials``, the tuple ``(h, dh/dtransit_i, dh/ddecay, dh/depsilon, dh/dsigma)``.
     """
     s = sigma.reshape((-1,) + sigma.shape[-1:] + (1,)) if sigma.dim() == 2 else sigma[None, :, None]
     kappa = (KAPPA * torch.exp(decay))[:, :, None]
@@ -84,7 +90,26 @@ def hemodynamic_transfer(
     ln_f = 1.0 / (s * s + kappa * s + GAMMA)
     ln_v = ln_f / (tau * s + 1.0 / GRUBB)
     ln_q = (c_flow * ln_f - (1.0 / GRUBB - 1.0) * ln_v) / (tau * s + 1.0)
-    return V0 * (-(k1 + k2) * ln_q + (k2 - k3) * ln_v)
+    h = V0 * (-(k1 + k2) * ln_q + (k2 - k3) * ln_v)
+    if not partials:
+        return h
+    # d/d decay: kappa scales with exp(decay); only ln_f depends on it directly
+    d_ln_f = -ln_f * ln_f * s * kappa
+    d_ln_v = d_ln_f / (tau * s + 1.0 / GRUBB)
+    d_decay = V0 * (-(k1 + k2) * (c_flow * d_ln_f - (1.0 / GRUBB - 1.0) * d_ln_v) / (tau * s + 1.0)
+                    + (k2 - k3) * d_ln_v)
+    # d/d transit_i: tau_i scales with exp(transit_i); ln_v and ln_q of region i move
+    d_ln_v = -ln_v * tau * s / (tau * s + 1.0 / GRUBB)
+    d_ln_q = (-(1.0 / GRUBB - 1.0) * d_ln_v - ln_q * tau * s) / (tau * s + 1.0)
+    d_transit = V0 * (-(k1 + k2) * d_ln_q + (k2 - k3) * d_ln_v)
+    # d/d epsilon: k2 scales with eps, k3 = 1 - eps
+    d_epsilon = V0 * (-k2 * ln_q + (k2 + eps) * ln_v)
+    # d/d s: the slope in the Laplace variable (moves with eigenvalues when clamping)
+    ds_ln_f = -ln_f * ln_f * (2.0 * s + kappa)
+    ds_ln_v = (ds_ln_f - ln_v * tau) / (tau * s + 1.0 / GRUBB)
+    ds_ln_q = (c_flow * ds_ln_f - (1.0 / GRUBB - 1.0) * ds_ln_v - ln_q * tau) / (tau * s + 1.0)
+    d_sigma = V0 * (-(k1 + k2) * ds_ln_q + (k2 - k3) * ds_ln_v)
+    return h, d_transit, d_decay, d_epsilon, d_sigma
 
 
 def transfer_function(
@@ -211,14 +236,19 @@ def csd_to_autocovariance(csd: torch.Tensor, grid: CcfGrid, max_lag: int) -> tor
         (B, max_lag + 1, n, n) real; ``c[:, m, i, j]`` is the covariance of region i with
         region j at lag m (``c_ji(m) = c_ij(-m)``).
     """
-    F = csd.shape[1]
-    length = 2 * grid.n_lags + 1
-    real = torch.float64 if csd.dtype == torch.complex128 else torch.float32
-    lag = torch.arange(max_lag + 1, dtype=real, device=csd.device)
-    position = torch.arange(F, dtype=real, device=csd.device) + grid.start + 1
-    kernel = torch.exp((2j * math.pi / length) * (lag[:, None] * position[None, :]).to(csd.dtype))
-    kernel = kernel * (2.0 * grid.n_lags * grid.df / length)
+    kernel = autocovariance_kernel(csd.shape[1], grid, max_lag, csd.dtype, csd.device)
     return torch.einsum("mf,bfij->bmij", kernel, csd).real
+
+
+def autocovariance_kernel(n_freqs: int, grid: CcfGrid, max_lag: int, ctype: torch.dtype,
+                          device: torch.device | None = None) -> torch.Tensor:
+    """(max_lag + 1, F) complex kernel of :func:`csd_to_autocovariance` (real part taken after)."""
+    length = 2 * grid.n_lags + 1
+    real = torch.float64 if ctype == torch.complex128 else torch.float32
+    lag = torch.arange(max_lag + 1, dtype=real, device=device)
+    position = torch.arange(n_freqs, dtype=real, device=device) + grid.start + 1
+    kernel = torch.exp((2j * math.pi / length) * (lag[:, None] * position[None, :]).to(ctype))
+    return kernel * (2.0 * grid.n_lags * grid.df / length)
 
 
 def ccf_to_mar(cov: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +271,32 @@ def ccf_to_mar(cov: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tenso
     """
     B, _, n, _ = cov.shape
     p = order
+    system, rhs = yule_walker_system(cov, order)
+    coef = torch.linalg.solve(system, rhs)
+    noise_cov = cov[:, 0] - rhs.transpose(-1, -2) @ coef
+    lags = -coef.reshape(B, n, p, n).permute(0, 2, 1, 3)
+    return lags, noise_cov
+
+
+def yule_walker_system(cov: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-Toeplitz Yule-Walker system ``system @ coef = rhs`` (both linear in ``cov``).
+
+    Parameters
+    ----------
+    cov
+        (B, L, n, n) cross-covariances at lags 0..L-1, L > order.
+    order
+        AR order p.
+
+    Returns
+    -------
+    system : torch.Tensor
+        (B, n p, n p).
+    rhs : torch.Tensor
+        (B, n p, n); row ``(i, k)`` holds ``c_ij(k + 1)``.
+    """
+    B, _, n, _ = cov.shape
+    p = order
     r = torch.arange(p, device=cov.device)
     diff = r[:, None] - r[None, :]
     lag = diff.abs()
@@ -248,10 +304,7 @@ def ccf_to_mar(cov: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tenso
     blocks = torch.where((diff >= 0)[None, :, :, None, None], cov[:, lag], cov[:, lag].transpose(-1, -2))
     system = blocks.permute(0, 3, 1, 4, 2).reshape(B, n * p, n * p)
     rhs = cov[:, 1 : p + 1].permute(0, 2, 1, 3).reshape(B, n * p, n)  # [(i, k), j] = c_ij(k)
-    coef = torch.linalg.solve(system, rhs)
-    noise_cov = cov[:, 0] - rhs.transpose(-1, -2) @ coef
-    lags = -coef.reshape(B, n, p, n).permute(0, 2, 1, 3)
-    return lags, noise_cov
+    return system, rhs
 
 
 def mar_to_csd(lags: torch.Tensor, noise_cov: torch.Tensor, freqs: torch.Tensor, ns: float) -> torch.Tensor:

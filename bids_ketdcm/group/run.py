@@ -24,7 +24,8 @@ import pandas as pd
 
 from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.features import FeatureSet, collect_features
+from bids_ketdcm.group.feature_sets import gather_features
+from bids_ketdcm.group.features import FeatureSet
 from bids_ketdcm.group.labels import SCHEME_NAMES, TARGETS, LabelSet, build_labels, labels_sidecar, normalise_session
 from bids_ketdcm.group.suite import (
     ALL_MODELS,
@@ -89,10 +90,17 @@ class GroupOptions:
     report: bool = True
     #: Progress bar on stderr; None: only when stderr is a terminal.
     progress: bool | None = None
+    #: Feature sets run through the suite: dcm (A matrices), gmv (gray-matter volume), dcm+gmv.
+    feature_sets: tuple[str, ...] = ("dcm",)
+    #: Save the final model of every ketamine label scheme here (bids_ketdcm.group.model_io).
+    save_model: Path | None = None
+    #: Apply the saved models of this folder (external validation, no refitting) instead of the suite.
+    apply_model: Path | None = None
 
     def __post_init__(self) -> None:
         # a single name given as a string means a one-element list, not its characters
-        for name in ("include_group", "networks", "schemes", "targets", "models", "permutation_models"):
+        for name in ("include_group", "networks", "schemes", "targets", "models", "permutation_models",
+                     "feature_sets"):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, (value,))
@@ -134,6 +142,12 @@ class GroupOptions:
             problems.append("--baseline-session and --post-session must differ")
         if not self.schemes and not self.targets:
             problems.append("--schemes and --targets: nothing to predict")
+        from bids_ketdcm.group.model_io import FEATURE_SETS
+
+        bad = [f for f in self.feature_sets if f not in FEATURE_SETS]
+        if bad or not self.feature_sets:
+            problems.append(f"--features: unknown {', '.join(bad) or '(none given)'} "
+                            f"(choose from {', '.join(FEATURE_SETS)})")
         if problems:
             raise InputError("; ".join(problems))
 
@@ -224,7 +238,7 @@ def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, Fea
     extra = {}
     for w, name in zip(weights, task.feature_names):
         idx = fs.feature_names.index(name) if name in fs.feature_names else None
-        if idx is None:
+        if idx is None or fs.pairs[idx] is None:
             extra[name] = float(w)
         else:
             t, s = fs.pairs[idx]
@@ -329,8 +343,15 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     analyses = ["ketamine"] + (["placebo"] if "placebo_improvement" in labels.table.columns else [])
     labelled_mask = labels.table[[labels.column(a, "improvement") for a in analyses]].notna().any(axis=1)
     labelled = list(labels.table.index[labelled_mask])
-    features, missing = collect_features(
-        output_dir, labelled, session=options.feature_session or options.baseline_session,
+    if options.apply_model is not None:  # external validation of saved models: no suite
+        from bids_ketdcm.group.external import apply_models
+
+        return apply_models(options.apply_model, labels, output_dir,
+                            session=options.feature_session or options.baseline_session, space=options.space,
+                            task=options.task, run=options.run, n_permutations=options.n_permutations,
+                            seed=options.seed)
+    features, missing = gather_features(
+        output_dir, labelled, tuple(options.feature_sets), session=options.feature_session or options.baseline_session,
         networks=tuple(options.networks) if options.networks else None, run=options.run,
         require_converged=options.require_converged, space=options.space, task=options.task,
         drop_diagonal=options.drop_diagonal, allow_missing=options.allow_missing,
@@ -342,6 +363,10 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     log.info("suite done in %.1f s", time.perf_counter() - start)
     summary = summary_table(suite.results, config)
     best = _best_weights(tasks, suite, features, config)
+    if options.save_model is not None:
+        from bids_ketdcm.group.model_io import save_group_models
+
+        save_group_models(options.save_model, tasks, suite, labels, options)
 
     group = output_dir / "group"
     sessions = {"ketamine": normalise_session(options.post_session)}

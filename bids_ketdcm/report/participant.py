@@ -123,7 +123,8 @@ class RunReport:
 
 
 def write_participant_report(
-    path: str | Path, subject: str, runs: list[RunReport], settings: Mapping[str, Any]
+    path: str | Path, subject: str, runs: list[RunReport], settings: Mapping[str, Any],
+    extra_sections: list[tuple[str, str, str]] | None = None,
 ) -> Path:
     """Write the participant's self-contained HTML report atomically.
 
@@ -142,6 +143,9 @@ def write_participant_report(
         skipped to what the skipped runs hold); ``qc_thresholds``
         (dict) overrides entries of :data:`DEFAULT_QC_THRESHOLDS`. All settings are listed
         in the report.
+    extra_sections
+        ``(anchor, navigation title, HTML)`` of further sections (e.g. the per-patient
+        prediction of :mod:`bids_ketdcm.prediction`), placed after the summary.
 
     Returns
     -------
@@ -169,7 +173,8 @@ def write_participant_report(
     ]
     inverted = [k for k, run in enumerate(runs) if run.skipped_reason is None]
 
-    nav = [("summary", "Summary")]
+    extra_sections = list(extra_sections or [])
+    nav = [("summary", "Summary")] + [(anchor, title) for anchor, title, _ in extra_sections]
     nav += [(anchors[k], f"{runs[k].run_label} ({runs[k].network})") for k in inverted]
     nav += [("skipped", "Skipped runs"), ("methods", "Methods"), ("about", "About")]
     body = [
@@ -177,6 +182,7 @@ def write_participant_report(
         "<main>",
         f"<h1>Participant report: sub-{_e(label)}</h1>",
         _summary_section(label, runs, anchors, warnings_per_run),
+        *(section for _, _, section in extra_sections),
     ]
     body += [_run_section(runs[k], anchors[k], warnings_per_run[k]) for k in inverted]
     body += [

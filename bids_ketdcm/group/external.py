@@ -1,0 +1,282 @@
+"""External validation: apply saved models to another dataset, without refitting.
+
+``group --apply-model DIR`` loads every model of ``DIR`` (:mod:`bids_ketdcm.group.model_io`),
+builds the features each needs from this dataset's derivatives, builds this dataset's
+labels with the model's own label definition (refusing a different one), and computes:
+
+* the suite's metrics (:func:`bids_ketdcm.group.metrics.classification_metrics`) of the
+  frozen model's predictions (class of highest probability);
+* permutation p-values of balanced accuracy and ROC AUC: the labels are permuted against
+  the fixed predictions, ``p = (1 + #{null >= observed}) / (1 + n_permutations)``;
+* calibration: observed frequency of the positive class against the mean predicted
+  probability in quantile bins (:func:`sklearn.calibration.calibration_curve`), and the
+  Brier score;
+* the same on the placebo labels of the same participants (specificity check: a
+  drug-specific signal must fall to chance there).
+
+Outputs under ``OUTPUT_DIR/group/external/``: ``results.tsv`` (one row per model x
+treatment), ``predictions.tsv``, ``calibration.tsv``, ``results.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import brier_score_loss
+
+from bids_ketdcm import __version__
+from bids_ketdcm.errors import InputError
+from bids_ketdcm.group.feature_sets import model_features
+from bids_ketdcm.group.labels import LabelSet
+from bids_ketdcm.group.metrics import balanced_accuracy_batch, classification_metrics
+from bids_ketdcm.group.model_io import SavedModel, load_models
+from bids_ketdcm.io import write_json, write_text, write_tsv
+
+log = logging.getLogger(__name__)
+
+#: Fewest labelled participants an external evaluation needs.
+MIN_PARTICIPANTS = 4
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one frozen model on one set of labels."""
+
+    metrics: dict[str, float]
+    undefined: set[str]
+    p_balanced_accuracy: float
+    p_roc_auc: float
+    n_permutations: int
+    calibration: pd.DataFrame
+    brier: float
+    null_balanced_accuracy: np.ndarray
+
+
+def permutation_p(observed: float, null: np.ndarray) -> float:
+    """``(1 + #{null >= observed}) / (1 + len(null))`` (NaN without permutations)."""
+    if len(null) == 0:
+        return float("nan")
+    return float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null)))
+
+
+def evaluate_frozen(y: np.ndarray, proba: np.ndarray, n_permutations: int = 1000, seed: int = 0,
+                    n_bins: int = 5) -> Evaluation:
+    """Metrics, permutation p-values and calibration of fixed predictions.
+
+    Parameters
+    ----------
+    y
+        True class indices (0..K-1).
+    proba
+        (n, K) predicted probabilities of the frozen model.
+    n_permutations
+        Label permutations (0: no p-values).
+    seed
+        Seed of the permutations.
+    n_bins
+        Calibration bins (quantiles of the predicted positive-class probability).
+
+    Returns
+    -------
+    Evaluation
+    """
+    y = np.asarray(y, dtype=int)
+    proba = np.asarray(proba, dtype=float)
+    k = proba.shape[1]
+    pred = proba.argmax(axis=1)
+    metrics, undefined = classification_metrics(y, pred, proba, k)
+    rng = np.random.default_rng(seed)
+    perms = np.array([rng.permutation(len(y)) for _ in range(n_permutations)], dtype=int).reshape(-1, len(y))
+    # permuting the labels against fixed predictions = permuting the predictions against fixed labels
+    null_bacc = balanced_accuracy_batch(y, pred[perms], k) if n_permutations else np.zeros(0)
+    null_auc = np.array([classification_metrics(y[p], pred, proba, k)[0]["roc_auc"] for p in perms])
+    positive = (y == k - 1).astype(int)
+    if 0 < positive.sum() < len(y):
+        bins = max(1, min(n_bins, len(y) // 3))
+        frac, mean_pred = calibration_curve(positive, proba[:, -1], n_bins=bins, strategy="quantile")
+        calibration = pd.DataFrame({"mean_predicted": mean_pred, "observed_fraction": frac})
+    else:
+        calibration = pd.DataFrame(columns=["mean_predicted", "observed_fraction"])
+    return Evaluation(
+        metrics=metrics, undefined=undefined,
+        p_balanced_accuracy=permutation_p(metrics["balanced_accuracy"], null_bacc),
+        p_roc_auc=float("nan") if "roc_auc" in undefined else permutation_p(metrics["roc_auc"], null_auc),
+        n_permutations=n_permutations, calibration=calibration,
+        brier=float(brier_score_loss(positive, proba[:, -1])), null_balanced_accuracy=null_bacc,
+    )
+
+
+def check_label_definition(model: SavedModel, labels: LabelSet) -> None:
+    """Refuse labels defined differently from the model's (scheme, thresholds, classes)."""
+    want = model.manifest["label"]
+    scheme = labels.schemes.get(want["scheme"])
+    if scheme is None:
+        raise InputError(f"saved model {model.path}: label scheme {want['scheme']!r} is not built for this dataset "
+                         f"(schemes: {', '.join(labels.schemes)}); add it with --schemes")
+    mine = {"variable": scheme.variable, "edges": list(scheme.edges), "classes": list(scheme.classes)}
+    theirs = {k: want.get(k) for k in mine}
+    if mine != theirs:
+        raise InputError(f"saved model {model.path}: its label definition {theirs} differs from this dataset's "
+                         f"{want['scheme']} ({mine}); use the same thresholds (e.g. --remission-threshold)")
+    if want.get("score_column") and want["score_column"] != labels.score_column:
+        log.warning("saved model %s was trained on %s labels; this dataset uses %s", model.path,
+                    want["score_column"], labels.score_column)
+
+
+def _calibration_figure(curves: dict[str, pd.DataFrame], title: str):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2, 4.0))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfect calibration")
+    for name, curve in curves.items():
+        if len(curve):
+            ax.plot(curve["mean_predicted"], curve["observed_fraction"], marker="o", label=name)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="observed fraction", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path, *, session: str,
+                 space: str | None = None, task: str = "rest", run: int | None = None,
+                 n_permutations: int = 1000, seed: int = 0) -> dict:
+    """Evaluate every saved model of ``model_dir`` on this dataset; write the outputs.
+
+    Parameters
+    ----------
+    model_dir
+        ``--apply-model`` folder (several models, or one model folder).
+    labels
+        This dataset's labels (:func:`bids_ketdcm.group.labels.build_labels`).
+    output_dir
+        Derivatives root; outputs go to ``output_dir/group/external``.
+    session, space, task, run
+        Which derivatives give the features (the model's own settings otherwise).
+    n_permutations, seed
+        Permutation test.
+
+    Returns
+    -------
+    dict
+        ``results`` (records, one per model x treatment), ``outputs`` (paths), ``skipped``.
+
+    Raises
+    ------
+    InputError
+        A model that fails to load or whose label definition or features do not match
+        this dataset, or no model that could be evaluated.
+    """
+    models = load_models(model_dir)
+    for model in models:
+        check_label_definition(model, labels)
+    output_dir = Path(output_dir)
+    folder = output_dir / "group" / "external"
+    participants = list(labels.table.index)
+    rows, predictions, calib, figures, skipped = [], [], [], [], []
+    for model in models:
+        spec = {**model.manifest.get("feature_spec", {}), "session": session, "task": task}
+        spec["space"] = space or spec.get("space")
+        spec["run"] = run
+        fs = model_features(output_dir, participants, model.feature_set, model.network, spec)
+        if fs is None:
+            skipped.append({"model_id": model.model_id, "reason": "no participant has its features"})
+            continue
+        X, names = fs.X, list(fs.feature_names)
+        baseline_name = spec.get("baseline_feature")
+        if baseline_name:
+            X = np.column_stack([X, labels.table.loc[fs.participants, "baseline"].to_numpy(float)])
+            names.append(baseline_name)
+        X = model.align(X, names, model.network, where=f"the features of {output_dir}")
+        proba = model.predict_proba(X)
+        curves = {}
+        for treatment in ("ketamine", "placebo"):
+            values = labels.target(treatment, model.target)
+            keep = [i for i, p in enumerate(fs.participants) if p in values.index]
+            if len(keep) < MIN_PARTICIPANTS:
+                if treatment == "ketamine" or labels.column(treatment, model.target) in labels.table:
+                    skipped.append({"model_id": model.model_id, "treatment": treatment,
+                                    "reason": f"{len(keep)} participants with labels and features"})
+                continue
+            ids = [fs.participants[i] for i in keep]
+            y = np.array([model.classes.index(v) for v in values[ids]])
+            ev = evaluate_frozen(y, proba[keep], n_permutations, seed)
+            curves[treatment] = ev.calibration
+            rows.append({
+                "model_id": model.model_id, "feature_set": model.feature_set, "network": model.network,
+                "target": model.target, "treatment": treatment, "n_participants": len(ids),
+                "classes": ";".join(f"{c}:{int((y == i).sum())}" for i, c in enumerate(model.classes)),
+                **ev.metrics, "p_balanced_accuracy": ev.p_balanced_accuracy, "p_roc_auc": ev.p_roc_auc,
+                "n_permutations": ev.n_permutations, "brier": ev.brier,
+                "train_cv_balanced_accuracy": _train_bacc(model),
+                "undefined": ";".join(sorted(ev.undefined)),
+            })
+            calib += [{"model_id": model.model_id, "treatment": treatment, **r}
+                      for r in ev.calibration.to_dict("records")]
+            for i, pid in enumerate(ids):
+                row = {"model_id": model.model_id, "treatment": treatment, "participant_id": pid,
+                       "observed": model.classes[y[i]], "predicted": model.classes[int(proba[keep[i]].argmax())]}
+                row.update({f"proba_{c}": float(v) for c, v in zip(model.classes, proba[keep[i]])})
+                predictions.append(row)
+        if curves:
+            figures.append((model.model_id, _calibration_figure(curves, model.model_id)))
+    if not rows:
+        raise InputError(f"--apply-model {model_dir}: no model could be evaluated on {output_dir} "
+                         f"({'; '.join(s['model_id'] + ': ' + s['reason'] for s in skipped)})")
+    results = pd.DataFrame(rows)
+    outputs = {name: str(folder / name) for name in
+               ("results.tsv", "predictions.tsv", "calibration.tsv", "results.json", "report.html")}
+    write_tsv(folder / "results.tsv", results)
+    write_tsv(folder / "predictions.tsv", pd.DataFrame(predictions))
+    write_tsv(folder / "calibration.tsv", pd.DataFrame(calib, columns=["model_id", "treatment", "mean_predicted",
+                                                                        "observed_fraction"]))
+    info = {
+        "GeneratedBy": {"Name": "bids-ketdcm", "Version": __version__},
+        "model_dir": str(model_dir), "models": [m.manifest for m in models],
+        "p_value": "(1 + #{null >= observed}) / (1 + n_permutations); labels permuted against the frozen "
+                   "model's fixed predictions",
+        "calibration": "sklearn.calibration.calibration_curve, quantile bins of the positive-class probability",
+        "results": _finite(results.to_dict("records")), "skipped": skipped,
+    }
+    write_json(folder / "results.json", info)
+    write_text(folder / "report.html", _report(results, figures))
+    log.info("external validation: %d model(s) evaluated, results in %s", results.model_id.nunique(), folder)
+    return {"results": results.to_dict("records"), "outputs": outputs, "skipped": skipped}
+
+
+def _train_bacc(model: SavedModel) -> float:
+    cv = (model.manifest.get("training") or {}).get("cv_metrics") or {}
+    best = cv.get("nested") or (cv[max(cv)] if cv else {})
+    return float(best.get("balanced_accuracy", float("nan")))
+
+
+def _finite(records: list[dict]) -> list[dict]:
+    return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in records]
+
+
+def _report(results: pd.DataFrame, figures: list) -> str:
+    from bids_ketdcm.report.figures import figure_to_base64_png
+
+    cols = ["model_id", "treatment", "n_participants", "classes", "balanced_accuracy", "p_balanced_accuracy",
+            "roc_auc", "p_roc_auc", "brier", "train_cv_balanced_accuracy"]
+    table = results[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a", border=0)
+    imgs = "".join(
+        f'<figure><img alt="calibration {html.escape(name)}" src="data:image/png;base64,'
+        f'{figure_to_base64_png(fig)}"></figure>' for name, fig in figures)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>bids-ketdcm external "
+        "validation</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd}"
+        ".warning{background:#fff3cd;border-left:5px solid #e0a800;padding:.6em 1em}</style></head><body>"
+        "<h1>External validation of saved models</h1>"
+        '<p class="warning">Research tool, not a clinical device. Frozen models (no refitting) applied to this '
+        "dataset; p-values permute the labels against the fixed predictions. The placebo rows are the "
+        "specificity check: a drug-specific signal should be at chance there.</p>"
+        f"<h2>Metrics</h2>{table}<h2>Calibration</h2>{imgs}</body></html>\n"
+    )
