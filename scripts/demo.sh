@@ -8,5 +8,6 @@ rm -rf "$OUT"
 "$PY" -m bids_ketdcm.cli synth "$OUT/bids" --network dmn4 --link planted --seed 0
 "$PY" run.py "$OUT/bids" "$OUT/derivatives" participant --network dmn4 --skip-bids-validation
 "$PY" run.py "$OUT/bids" "$OUT/derivatives" group --n-permutations 200 --allow-missing
-echo "participant reports: $(ls "$OUT"/derivatives/sub-*.html | head -3) ..."
+reports=("$OUT"/derivatives/sub-*.html)
+echo "participant reports: ${reports[*]:0:3} ..."
 echo "group report:        $OUT/derivatives/group/report.html"

@@ -133,10 +133,10 @@ def test_structured_jacobian_equals_torch_func(n, monkeypatch):
     basis, var = principal_subspace(cov)
     assert clamped_subjects(unpack(theta, n)).tolist() == [1]
     jacobians = []
+    p = torch.tensor(rng.normal(0, 0.02, (2, basis.shape[1])))
     for mode in ("analytic", "autograd"):
         problem = _Problem(torch.zeros(2, 32, n, n, dtype=torch.complex128), FREQS, theta,
                            torch.tensor(basis)[None].repeat(2, 1, 1), torch.tensor(var)[None].repeat(2, 1), mode)
-        p = torch.tensor(rng.normal(0, 0.02, (2, basis.shape[1]))) if not jacobians else p
         jacobians.append(problem.predict_and_jacobian(p, torch.arange(2)))
     (pred_a, jac_a), (pred_t, jac_t) = jacobians
     assert torch.allclose(pred_a, pred_t, rtol=0, atol=1e-12 * pred_t.abs().max())
