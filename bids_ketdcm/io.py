@@ -64,6 +64,26 @@ def write_tsv(path: str | os.PathLike, table: pd.DataFrame, index: bool = False)
         table.to_csv(tmp, sep="\t", index=index, na_rep="n/a", lineterminator="\n")
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity (not valid JSON) replaced by None, recursively.
+
+    Dict keys become strings, tuples and arrays lists, paths strings.
+    """
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return finite_json(value.tolist())
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def _json_default(value: Any) -> Any:
     import numpy as np
 

@@ -31,7 +31,12 @@ from .derivatives import (
 from .errors import InputError
 from .io import write_text
 from .networks import load_network, network_label
-from .report import RunReport, citations_bibtex, write_participant_report
+from .report import (
+    RunReport,
+    citations_bibtex,
+    update_participant_report,
+    write_participant_report,
+)
 from .timeseries import RoiTimeseries, RunSkipped, extract_timeseries
 
 log = logging.getLogger(__name__)
@@ -56,7 +61,7 @@ class ParticipantOptions:
     device: str = "auto"
     seed: int = 0
     overwrite: bool = False
-    jacobian: str = "autograd"
+    jacobian: str = "analytic"
     max_iterations: int = 128
     batch_size: int = 32
     #: ``dcm`` and/or ``gmv`` (``dcm+gmv``: both).
@@ -123,8 +128,11 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
         _invert_all(ready, label, network, opts, device, reports)
         for w in todo:
             if w.skipped:
-                reports[w.entities.subject].append(_skipped_report(w, label))
+                reports[w.entities.subject].append(_skipped_report(w, label, network))
         summary[label] = {"inverted": len(ready), "skipped": len(todo) - len(ready), "finished_before": done_before}
+    if networks and not opts.wants_gmv and not any(c["inverted"] + c["finished_before"] for c in summary.values()):
+        reasons = sorted({r.skipped_reason for rs in reports.values() for r in rs if r.skipped_reason})
+        raise InputError("no run could be inverted:\n" + "\n".join(reasons))
     subjects = sorted(set(opts.participant_labels) | {r.subject for r in runs})
     if opts.wants_gmv:
         summary["gmv"] = _structural(opts, subjects)
@@ -139,6 +147,8 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
         path = opts.output_dir / f"sub-{subject}.html"
         write_participant_report(path, subject, run_reports, settings, extra_sections=sections.get(subject))
         log.info("report: %s", path)
+    for subject in sorted(set(sections) - set(reports)):  # no run processed now: add to the report
+        update_participant_report(opts.output_dir / f"sub-{subject}.html", subject, sections[subject])
     return summary
 
 
@@ -243,9 +253,9 @@ def _report_qc(qc: dict, names: list[str]) -> dict:
     return out
 
 
-def _skipped_report(w: _RunWork, label: str) -> RunReport:
+def _skipped_report(w: _RunWork, label: str, network) -> RunReport:
     return RunReport(
-        run_label=w.entities.label, network=label, roi_names=[], roi_coords=None, timeseries=None,
+        run_label=w.entities.label, network=label, roi_names=list(network["name"]), roi_coords=None, timeseries=None,
         tr=w.bold.tr, freqs=None, csd_observed=None, csd_predicted=None, A_hz=None, A_var=None,
         F_history=[], free_energy=float("nan"), iterations=0, converged=False, variance_explained=float("nan"),
         seconds=0.0, device="", qc={}, denoise_strategy="", skipped_reason=w.skipped,

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm import __version__
+from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.model_io import SavedModel, positive_coefficients
 from bids_ketdcm.io import write_json, write_tsv
 
@@ -143,8 +144,6 @@ def predict_patients(model: SavedModel, X: np.ndarray, names: list[str], partici
     low, high = np.nanquantile(boots, tail, axis=0), np.nanquantile(boots, 1.0 - tail, axis=0)
     z, contrib, intercept = model.contributions(X)
     coef, _ = positive_coefficients(model.estimator)
-    cv = (model.manifest.get("training") or {}).get("cv_metrics") or {}
-    best = cv.get("nested") or (cv[max(cv)] if cv else {})
     out = []
     for i, pid in enumerate(participants):
         table = pd.DataFrame({"feature": model.feature_names, "value": X[i], "z": z[i], "coefficient": coef,
@@ -155,7 +154,7 @@ def predict_patients(model: SavedModel, X: np.ndarray, names: list[str], partici
             target=model.target, classes=model.classes, probabilities=proba[i],
             interval=(float(low[i]), float(high[i])),
             level=level, contributions=table.reset_index(drop=True), intercept=intercept,
-            train_cv_balanced_accuracy=float(best.get("balanced_accuracy", float("nan"))),
+            train_cv_balanced_accuracy=model.train_cv_balanced_accuracy,
             out_of_range=[f for f, v in zip(model.feature_names, z[i]) if abs(v) > OUT_OF_RANGE_Z],
         ))
     return out
@@ -164,6 +163,7 @@ def predict_patients(model: SavedModel, X: np.ndarray, names: list[str], partici
 def prediction_paths(output_dir: str | os.PathLike, subject: str, session: str | None) -> dict[str, Path]:
     """``tsv`` and ``json`` paths of a participant's predictions."""
     sub = subject.removeprefix("sub-")
+    session = session.removeprefix("ses-") if session else session
     folder, stem = Path(output_dir) / f"sub-{sub}", f"sub-{sub}"
     if session:
         folder, stem = folder / f"ses-{session}", f"{stem}_ses-{session}"
@@ -268,7 +268,12 @@ def run_predictions(models: list[SavedModel], output_dir: str | os.PathLike, sub
             continue
         spec = {**model.manifest.get("feature_spec", {}), "session": session, "task": task, "run": None}
         spec["space"] = space or spec.get("space")
-        fs = model_features(output_dir, ids, model.feature_set, model.network, spec)
+        try:
+            fs = model_features(output_dir, ids, model.feature_set, model.network, spec,
+                                where=f"saved model {model.path}")
+        except InputError as err:  # e.g. every run of these participants was skipped
+            log.warning("%s; not predicted", err)
+            continue
         if fs is None:
             continue
         lacking = sorted(set(ids) - set(fs.participants))

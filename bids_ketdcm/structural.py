@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 GMV_SUFFIX = "_desc-gmv_morph.tsv"
 #: Whole-brain atlases built in (from data shipped with nilearn; no download).
 WHOLE_BRAIN_ATLASES = ("power264",)
-DEFAULT_ATLASES = ("power264",)
 POWER_RADIUS_MM = 5.0
 TISSUES = ("GM", "WM", "CSF")
 COLUMN_DESCRIPTIONS = {
@@ -202,9 +201,18 @@ def regional_volumes(gm: str | os.PathLike, regions: pd.DataFrame, jacobian: str
     pandas.DataFrame
         Columns ``name, gmv_mm3, n_voxels, x, y, z, radius_mm``, one row per region.
     """
+    return _region_table(*_modulated_gm(gm, jacobian), regions)
+
+
+def _modulated_gm(gm: str | os.PathLike, jacobian: str | os.PathLike | None) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """The GM probability image and its values times the Jacobian (when given)."""
     img, p = _probabilities(gm, "GM probability")
     J = _jacobian(jacobian, img)
-    values = p if J is None else p * J
+    return img, (p if J is None else p * J)
+
+
+def _region_table(img: nib.Nifti1Image, values: np.ndarray, regions: pd.DataFrame) -> pd.DataFrame:
+    """:func:`regional_volumes` of already loaded (modulated) GM values on the grid of ``img``."""
     vox = voxel_volume(img.affine)
     labels_img = regions.attrs.get("labels_img")
     if labels_img:
@@ -387,8 +395,9 @@ def extract_structural(anat: AnatFiles, region_sets: dict[str, pd.DataFrame]) ->
         meta["TIVNative_mm3"] = native["TIV_mm3"]
         meta["Sources"] += [str(anat.native[t]) for t in TISSUES]
     tables = {}
+    img, values = _modulated_gm(p["GM"], anat.jacobian)  # once for every region set
     for seg, regions in region_sets.items():
-        table = regional_volumes(p["GM"], regions, anat.jacobian)
+        table = _region_table(img, values, regions)
         empty = table["name"][table["n_voxels"] == 0].tolist()
         if empty:
             raise InputError(f"seg-{seg}: region(s) {', '.join(empty[:5])} fall outside the image {p['GM']}")

@@ -129,6 +129,29 @@ def test_unwritable_output(dataset, tmp_path, capsys):
         locked.chmod(0o700)
 
 
+def test_output_that_cannot_be_created(dataset, tmp_path, capsys):
+    """Permissions alone do not tell (root writes anywhere): /proc refuses new folders to everyone."""
+    _fails_cleanly([str(dataset), "/proc/bids-ketdcm-test/out", "participant", "--skip-bids-validation"], tmp_path,
+                   capsys, "OUTPUT_DIR /proc/bids-ketdcm-test/out cannot be written")
+
+
+def test_too_few_volumes(dataset, tmp_path, capsys):
+    """30 volumes (75 s) are far below the 240 s the participant level requires of a run."""
+    import nibabel as nib
+    import pandas as pd
+
+    root = _copy(dataset, tmp_path)
+    for bold in root.glob(f"derivatives/fmriprep/sub-*/ses-b0/func/*space-{SPACE}_desc-preproc_bold.nii.gz"):
+        img = nib.load(bold)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., :30], img.affine, img.header), bold)
+        confounds = Path(str(bold).split("_space-")[0] + "_desc-confounds_timeseries.tsv")
+        table = pd.read_csv(confounds, sep="\t")
+        table.iloc[:30].to_csv(confounds, sep="\t", index=False, na_rep="n/a")
+    _fails_cleanly([str(root), str(tmp_path / "out"), "participant", "--skip-bids-validation",
+                    "--participant-label", "MOA101"], tmp_path, capsys,
+                   "no run could be inverted:\nBOLD run ")
+
+
 def test_output_under_a_file(dataset, tmp_path, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("x")

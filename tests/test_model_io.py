@@ -181,3 +181,63 @@ def test_cli_exit_code_2(saved, tmp_path, capsys, damage):
     assert code == 2
     assert ("checksum" if damage == "tamper" else "newer incompatible format") in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("mismatch", ["network", "features"])
+def test_cli_exit_code_2_on_other_data(saved, tmp_path, capsys, mismatch):
+    """group --apply-model on derivatives of another network, or of features the model was not trained on."""
+    from bids_ketdcm.group.features import write_connectivity
+    from bids_ketdcm.group.labels import build_labels
+
+    bids, out = _bids(tmp_path), tmp_path / "out"
+    regions = ["PCC", "mPFC", "lIPL", "rIPL"]
+    rng = np.random.default_rng(0)
+    for pid in build_labels(bids).table.index:
+        write_connectivity(out, pid, "b0", "dmn11" if mismatch == "network" else "dmn4",
+                           rng.normal(size=(4, 4)), regions)
+    capsys.readouterr()  # drop what was logged before the command
+    code = main([str(bids), str(out), "group", "--apply-model", str(saved.parent), "--n-permutations", "9"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    if mismatch == "network":
+        assert "trained on dcm features of network seg-dmn4" in err and "holds dcm features of seg-dmn11" in err
+    else:
+        assert "do not match the features it was trained on" in err
+        assert "missing 6 trained feature(s) (f0, f1, f2, f3, f4, ...)" in err
+        assert "16 feature(s) it was not trained on (PCC->PCC" in err
+    assert not (out / "group" / "external" / "results.tsv").exists()
+
+
+def test_format_is_documented_in_the_readme(saved):
+    """The README's saved-model section names the current format version and every manifest key."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("**Saved models**")
+    section = readme[start:readme.index("**External validation**", start)]
+    assert f"version `{FORMAT_VERSION}`" in section and "bids-ketdcm-model" in section
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    assert [k for k in manifest if k not in section] == []
+    assert [k for k in manifest["label"] if k not in section.replace("positive class", "positive_class")] == []
+
+
+def test_leftovers_of_an_interrupted_save_are_ignored(saved):
+    """A hidden temporary folder (a save killed before its rename) is not a model."""
+    leftover = saved.parent / f".{saved.name}.abc123"
+    shutil.copytree(saved, leftover)
+    assert [m.path for m in load_models(saved.parent)] == [saved]
+    index = pd.read_csv(write_index(saved.parent), sep="\t")
+    assert index.model_id.tolist() == [saved.name]
+
+
+def test_manifest_is_strict_json_and_nan_metrics_read_as_unknown(tmp_path):
+    X, y = _data()
+    est, boots = fit_final(X, y, 2, {"C": 1.0}, n_bootstrap=0, seed=3)
+    folder = save_model(tmp_path / "m", estimator=est, bootstrap=boots, feature_names=NAMES, feature_set="dcm",
+                        network="dmn4", label=LABEL, model={}, feature_spec={}, bootstrap_seed=3,
+                        training={"cv_metrics": {"kfold5": {"balanced_accuracy": float("nan"), "roc_auc": 0.6}}})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    manifest = json.loads((folder / MANIFEST_FILE).read_text(), parse_constant=refuse)
+    assert manifest["training"]["cv_metrics"]["kfold5"] == {"balanced_accuracy": None, "roc_auc": 0.6}
+    assert np.isnan(load_model(folder).train_cv_balanced_accuracy)

@@ -14,7 +14,7 @@ from bids_ketdcm.cli import main
 from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.model_io import fit_final, load_model, save_model
 from bids_ketdcm.prediction import DISCLAIMER, predict_patients, report_section, run_predictions
-from bids_ketdcm.report import RunReport, write_participant_report
+from bids_ketdcm.report import RunReport, update_participant_report, write_participant_report
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_structural import labelled_atlas, spheres, write_anat  # noqa: E402
@@ -128,8 +128,41 @@ def test_participant_cli_gmv_and_apply_model(tmp_path, capsys):
     for sub in ("01", "02"):
         table = pd.read_csv(out / f"sub-{sub}/ses-b0/sub-{sub}_ses-b0_desc-response_predictions.tsv", sep="\t")
         assert table.model_id.tolist() == [model.model_id]
+        # no DCM run here, yet the prediction reaches the participant's report, labelled
+        page = (out / f"sub-{sub}.html").read_text()
+        assert '<section id="prediction">' in page and DISCLAIMER in page
+        assert f"{table.probability.iloc[0]:.2f}" in page
     # a model of another network, or of features not requested: exit code 2 before any work
     other = _model(tmp_path / "other", network="dmn4")
     bad = [*args[:-4], "--apply-model", str(other.path.parent), "--session-label", "b0"]
     assert main(bad) == 2
     assert "needs dcm features of seg-dmn4" in capsys.readouterr().err
+
+
+def test_prediction_section_added_to_an_existing_report(tmp_path):
+    """A later --apply-model run puts its section into the report of runs finished before, once."""
+    model = _model(tmp_path / "m")
+    skipped = RunReport(
+        run_label="ses-b0_task-rest", network="dmn4", roi_names=REGIONS, roi_coords=None, timeseries=None, tr=2.5,
+        freqs=None, csd_observed=None, csd_predicted=None, A_hz=None, A_var=None, F_history=[],
+        free_energy=float("nan"), iterations=0, converged=False, variance_explained=float("nan"), seconds=0.0,
+        device="cpu", qc={}, denoise_strategy="simple", skipped_reason="no mask")
+    path = write_participant_report(tmp_path / "sub-01.html", "01", [skipped], {})
+    before = path.read_text()
+    for x in (2.5, -2.5):  # a second prediction replaces the first
+        preds = predict_patients(model, np.array([[x, 0.0, 0.0, 0.0]]), A_NAMES, ["sub-01"], "dmn2")
+        update_participant_report(path, "01", [("prediction", "Prediction", report_section(preds))])
+    page = path.read_text()
+    assert page.count('<section id="prediction">') == 1 and page.count('<a href="#prediction">') == 1
+    assert f"<td>{preds[0].probability:.2f}</td>" in page and preds[0].probability < 0.2
+    assert page.index('id="summary"') < page.index('id="prediction"') < page.index('id="skipped"')
+    # everything else of the report is kept
+    stripped = page.replace(report_section(preds) + "\n", "").replace('<a href="#prediction">Prediction</a>', "")
+    assert stripped == before
+
+
+def test_prediction_paths_accept_a_ses_prefix(tmp_path):
+    from bids_ketdcm.prediction import prediction_paths
+
+    assert prediction_paths(tmp_path, "sub-01", "ses-b0") == prediction_paths(tmp_path, "01", "b0")
+    assert prediction_paths(tmp_path, "01", "b0")["tsv"] == tmp_path / "sub-01/ses-b0/sub-01_ses-b0_desc-response_predictions.tsv"

@@ -18,7 +18,11 @@ import pandas as pd
 import pytest
 
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.feature_sets import collect_gmv, gather_features
+from bids_ketdcm.group.feature_sets import (
+    collect_gmv,
+    compare_feature_sets,
+    gather_features,
+)
 from bids_ketdcm.structural import (
     _sphere_sums,
     find_anat,
@@ -210,21 +214,70 @@ def test_group_feature_sets_side_by_side(tmp_path):
         return bids, out
 
     bids, out = cohort(tmp_path / "a", 0)
-    options = dict(include_group=("MDD",), schemes=("binary50",), targets=(), models=("logistic", "majority"),
+    options = dict(include_group=("MDD",), schemes=("binary50",), targets=(),
+                   models=("logistic", "majority", "baseline_score"),
                    nested_repeats=2, n_permutations=99, report=False, progress=False, allow_missing=True,
                    feature_sets=("dcm", "gmv", "dcm+gmv"))
-    run_group(bids, out, GroupOptions(**options, save_model=tmp_path / "models"))
+    run_group(bids, out, GroupOptions(**{**options, "report": True}, save_model=tmp_path / "models"))
     res = pd.read_csv(out / "group" / "results.tsv", sep="\t")
     head = res[(res.treatment == "ketamine") & (res.model == "logistic") & (res.protocol == "kfold5")]
     head = head.set_index("network")
     assert set(head.index) == {"dmn4", "gmv_dmn4", "dcm+gmv_dmn4"}
     assert head.n_features.to_dict() == {"dmn4": 16, "gmv_dmn4": 4, "dcm+gmv_dmn4": 20}
     assert head.loc["gmv_dmn4", "p_value"] < 0.05 and head.loc["dmn4", "p_value"] > 0.05
+    # the report compares the feature sets side by side with the baseline-MADRS-only model
+    table = compare_feature_sets(res, "kfold5").set_index("target")
+    assert list(table.index) == ["binary50"] and table.loc["binary50", "network"] == "dmn4"
+    for fs, key in (("dcm", "dmn4"), ("gmv", "gmv_dmn4"), ("dcm+gmv", "dcm+gmv_dmn4")):
+        assert table.loc["binary50", fs] == pytest.approx(head.loc[key, "headline"])
+        assert table.loc["binary50", f"{fs}_p"] == pytest.approx(head.loc[key, "p_value"])
+    baseline = res[(res.treatment == "ketamine") & (res.model == "baseline_score") & (res.protocol == "kfold5")
+                   & (res.network == "dmn4")].headline.iloc[0]
+    assert table.loc["binary50", "baseline_score_only"] == pytest.approx(baseline)
+    assert table.loc["binary50", "best"] in ("gmv", "dcm+gmv")
+    page = (out / "group" / "report.html").read_text()
+    section = page[page.index("<h2>Feature sets compared</h2>"):page.index("<h2>Participants and labels</h2>")]
+    assert all(f"<th>{c}</th>" in section for c in ("dcm", "gmv", "dcm+gmv", "baseline_score_only", "best"))
     models = sorted(p.name for p in (tmp_path / "models").iterdir() if p.is_dir())
     assert models == ["features-dcm_seg-dmn4_target-binary50", "features-dcmgmv_seg-dmn4_target-binary50",
                       "features-gmv_seg-dmn4_target-binary50"]
+    # the saved model records its training-set metrics: recomputed here from its own features
+    from bids_ketdcm.group.feature_sets import model_features
+    from bids_ketdcm.group.labels import build_labels
+    from bids_ketdcm.group.metrics import classification_metrics
+    from bids_ketdcm.group.model_io import load_model
+
+    model = load_model(tmp_path / "models" / "features-gmv_seg-dmn4_target-binary50")
+    training = model.manifest["training"]
+    labels = build_labels(bids, include_group=("MDD",)).table
+    fs = model_features(out, training["participants"], "gmv", "dmn4", model.manifest["feature_spec"])
+    assert fs.participants == training["participants"]
+    y = labels.loc[fs.participants, "binary50"].map(model.classes.index).to_numpy()
+    proba = model.predict_proba(model.align(fs.X, fs.feature_names, "dmn4"))
+    expected, _ = classification_metrics(y, proba.argmax(axis=1), proba, 2)
+    assert training["apparent_metrics"] == pytest.approx(expected)
+    assert training["cv_metrics"]["kfold5"]["balanced_accuracy"] == pytest.approx(head.loc["gmv_dmn4", "headline"])
     bids2, out2 = cohort(tmp_path / "b", 1)
     result = run_group(bids2, out2, GroupOptions(**options, apply_model=tmp_path / "models"))
     ext = pd.DataFrame(result["results"]).set_index(["feature_set", "treatment"])
     assert ext.loc[("gmv", "ketamine"), "balanced_accuracy"] > 0.7
     assert ext.loc[("gmv", "ketamine"), "p_balanced_accuracy"] < 0.05
+
+
+def test_compare_feature_sets_table():
+    """Rows per network x target; a set missing for a network is n/a; comparators from the first set present."""
+    rows = []
+    for key, value in (("dmn4", 0.55), ("gmv_dmn4", 0.70), ("gmv_power264", 0.62)):
+        for model, headline in (("logistic", value), ("majority", 0.5), ("baseline_score", 0.6 if key == "dmn4"
+                                                                          else 0.58)):
+            rows.append({"treatment": "ketamine", "network": key, "target": "binary50", "task": "classification",
+                         "model": model, "protocol": "kfold5", "headline": headline,
+                         "p_value": 0.01 if model == "logistic" else float("nan")})
+    rows.append({**rows[0], "treatment": "placebo", "headline": 0.9})  # placebo rows are not compared
+    table = compare_feature_sets(pd.DataFrame(rows), "kfold5").set_index("network")
+    assert list(table.index) == ["dmn4", "power264"]
+    assert table.loc["dmn4", ["dcm", "gmv", "baseline_score_only", "chance_model"]].tolist() == [0.55, 0.7, 0.6, 0.5]
+    assert table.loc["dmn4", "best"] == "gmv" and "dcm+gmv" not in table
+    assert np.isnan(table.loc["power264", "dcm"]) and table.loc["power264", "gmv"] == 0.62
+    assert table.loc["power264", "baseline_score_only"] == 0.58 and table.loc["power264", "best"] == "gmv"
+    assert compare_feature_sets(pd.DataFrame(), "kfold5").empty

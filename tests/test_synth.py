@@ -147,12 +147,14 @@ def test_ground_truth_and_planted_link(dataset):
     truth_root = dataset / "derivatives" / "synthetic_truth"
     truth = json.loads((truth_root / "truth.json").read_text())
     assert truth["Seed"] == 7 and truth["Link"] == "planted"
-    assert truth["PlantedConnections"] == [{"source": "DMN_mPFC", "target": "DMN_PCC"}]
+    targets = ["DMN_PCC", "DMN_L_IPC", "DMN_R_IPC"]
+    assert truth["PlantedConnections"] == [{"source": "DMN_mPFC", "target": t} for t in targets]
     planted = pd.read_csv(truth_root / "planted.tsv", sep="\t").set_index("participant_id")
     for subject in planted.index:
         for path in (truth_root / subject / "ses-b0" / "func").glob("*_seg-dmn4_desc-true_connectivity.tsv"):
             A = pd.read_csv(path, sep="\t").set_index("target")
-            assert A.loc["DMN_PCC", "DMN_mPFC"] == pytest.approx(planted.loc[subject, "DMN_mPFC->DMN_PCC"])
+            for target in targets:
+                assert A.loc[target, "DMN_mPFC"] == pytest.approx(planted.loc[subject, f"DMN_mPFC->{target}"])
             values = A.to_numpy()
             assert np.all(np.diag(values) < 0)
             assert np.linalg.eigvals(values).real.max() < 0

@@ -36,7 +36,7 @@ from bids_ketdcm.group.feature_sets import model_features
 from bids_ketdcm.group.labels import LabelSet
 from bids_ketdcm.group.metrics import balanced_accuracy_batch, classification_metrics
 from bids_ketdcm.group.model_io import SavedModel, load_models
-from bids_ketdcm.io import write_json, write_text, write_tsv
+from bids_ketdcm.io import finite_json, write_json, write_text, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
         spec = {**model.manifest.get("feature_spec", {}), "session": session, "task": task}
         spec["space"] = space or spec.get("space")
         spec["run"] = run
-        fs = model_features(output_dir, participants, model.feature_set, model.network, spec)
+        fs = model_features(output_dir, participants, model.feature_set, model.network, spec,
+                            where=f"saved model {model.path}")
         if fs is None:
             skipped.append({"model_id": model.model_id, "reason": "no participant has its features"})
             continue
@@ -214,8 +215,9 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
                 "classes": ";".join(f"{c}:{int((y == i).sum())}" for i, c in enumerate(model.classes)),
                 **ev.metrics, "p_balanced_accuracy": ev.p_balanced_accuracy, "p_roc_auc": ev.p_roc_auc,
                 "n_permutations": ev.n_permutations, "brier": ev.brier,
-                "train_cv_balanced_accuracy": _train_bacc(model),
+                "train_cv_balanced_accuracy": model.train_cv_balanced_accuracy,
                 "undefined": ";".join(sorted(ev.undefined)),
+                "note": _power_note(y, len(model.classes)),
             })
             calib += [{"model_id": model.model_id, "treatment": treatment, **r}
                       for r in ev.calibration.to_dict("records")]
@@ -242,29 +244,32 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
         "p_value": "(1 + #{null >= observed}) / (1 + n_permutations); labels permuted against the frozen "
                    "model's fixed predictions",
         "calibration": "sklearn.calibration.calibration_curve, quantile bins of the positive-class probability",
-        "results": _finite(results.to_dict("records")), "skipped": skipped,
+        "results": results.to_dict("records"), "skipped": skipped,
     }
-    write_json(folder / "results.json", info)
+    write_json(folder / "results.json", finite_json(info))
     write_text(folder / "report.html", _report(results, figures))
     log.info("external validation: %d model(s) evaluated, results in %s", results.model_id.nunique(), folder)
     return {"results": results.to_dict("records"), "outputs": outputs, "skipped": skipped}
 
 
-def _train_bacc(model: SavedModel) -> float:
-    cv = (model.manifest.get("training") or {}).get("cv_metrics") or {}
-    best = cv.get("nested") or (cv[max(cv)] if cv else {})
-    return float(best.get("balanced_accuracy", float("nan")))
+#: A class with fewer participants than this makes balanced accuracy and AUC jump by large steps.
+FEW_IN_CLASS = 3
 
 
-def _finite(records: list[dict]) -> list[dict]:
-    return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in records]
+def _power_note(y: np.ndarray, n_classes: int) -> str:
+    """A warning when the smallest class is too small for the metrics to mean much."""
+    smallest = int(np.bincount(y, minlength=n_classes).min())
+    if smallest >= FEW_IN_CLASS:
+        return ""
+    return (f"smallest class has {smallest} participant(s): balanced accuracy and AUC move in large steps "
+            "and the permutation test has little power")
 
 
 def _report(results: pd.DataFrame, figures: list) -> str:
     from bids_ketdcm.report.figures import figure_to_base64_png
 
     cols = ["model_id", "treatment", "n_participants", "classes", "balanced_accuracy", "p_balanced_accuracy",
-            "roc_auc", "p_roc_auc", "brier", "train_cv_balanced_accuracy"]
+            "roc_auc", "p_roc_auc", "brier", "train_cv_balanced_accuracy", "note"]
     table = results[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a", border=0)
     imgs = "".join(
         f'<figure><img alt="calibration {html.escape(name)}" src="data:image/png;base64,'

@@ -20,7 +20,12 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.features import FeatureSet, collect_features, parse_entities
+from bids_ketdcm.group.features import (
+    FeatureSet,
+    collect_features,
+    find_connectivity,
+    parse_entities,
+)
 from bids_ketdcm.group.labels import normalise_participant, normalise_session
 from bids_ketdcm.group.model_io import FEATURE_SETS
 from bids_ketdcm.structural import GMV_SUFFIX, read_gmv
@@ -120,6 +125,69 @@ def combine(dcm: FeatureSet, gmv: FeatureSet) -> FeatureSet:
                       pairs=[*a.pairs, *([None] * len(g.feature_names))], files=a.files)
 
 
+def compare_feature_sets(results: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """The feature sets side by side, with the baseline-score-only and chance comparators.
+
+    One row per network x target of the ketamine analysis: the headline metric of the
+    headline model (logistic regression for label schemes, elastic net for continuous
+    targets) under ``protocol`` and its permutation p-value for each feature set
+    (``dcm``, ``gmv``, ``dcm+gmv``: columns ``<set>`` and ``<set>_p``), the nested-CV mean
+    (``<set>_nested``) when nested CV ran, the baseline-score-only model
+    (``baseline_score_only``) and the majority / mean model (``chance_model``), both under
+    ``protocol`` on the participants of the first feature set present, and ``best``: the
+    feature set (or ``baseline_score_only``) with the highest headline value.
+
+    Parameters
+    ----------
+    results
+        The suite's results table (``network`` holds :func:`feature_key` keys).
+    protocol
+        The headline protocol (e.g. ``kfold5``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Empty when there is no ketamine result.
+    """
+    from bids_ketdcm.group.suite import HEADLINE_METRIC, HEADLINE_MODEL
+
+    if results.empty:
+        return pd.DataFrame()
+    ket = results[results.treatment == "ketamine"]
+    if ket.empty:
+        return pd.DataFrame()
+    split = ket.network.map(split_key)
+    ket = ket.assign(feature_set=split.str[0], base_network=split.str[1])
+    present = [f for f in FEATURE_SETS if f in set(ket.feature_set)]
+
+    def value(frame: pd.DataFrame, model: str, proto: str, column: str = "headline") -> float:
+        sel = frame[(frame.model == model) & (frame.protocol == proto)]
+        return float(sel[column].iloc[0]) if len(sel) and pd.notna(sel[column].iloc[0]) else float("nan")
+
+    rows = []
+    for (network, target), grp in ket.groupby(["base_network", "target"], sort=False):
+        kind = grp.task.iloc[0]
+        model = HEADLINE_MODEL[kind]
+        row = {"network": network, "target": target, "model": model, "metric": HEADLINE_METRIC[kind]}
+        candidates = {}
+        for fs in present:
+            sub = grp[grp.feature_set == fs]
+            row[fs] = value(sub, model, protocol)
+            row[f"{fs}_p"] = value(sub, model, protocol, "p_value")
+            if (grp.protocol == "nested").any():
+                row[f"{fs}_nested"] = value(sub, model, "nested")
+            if np.isfinite(row[fs]):
+                candidates[fs] = row[fs]
+        first = grp[grp.feature_set == next(f for f in present if (grp.feature_set == f).any())]
+        row["baseline_score_only"] = value(first, "baseline_score", protocol)
+        row["chance_model"] = value(first, "majority" if kind == "classification" else "mean", protocol)
+        if np.isfinite(row["baseline_score_only"]):
+            candidates["baseline_score_only"] = row["baseline_score_only"]
+        row["best"] = max(candidates, key=candidates.get) if candidates else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def gather_features(deriv_dir: str | Path, participants: list[str], feature_sets: tuple[str, ...] = ("dcm",),
                     **kw) -> tuple[dict[str, FeatureSet], pd.DataFrame]:
     """Every requested feature set, keyed by :func:`feature_key`.
@@ -175,25 +243,66 @@ def gather_features(deriv_dir: str | Path, participants: list[str], feature_sets
     return out, table
 
 
+def available_networks(deriv_dir: str | Path, feature_set: str, session: str | None, space: str | None = None,
+                       task: str = "rest") -> list[str]:
+    """Networks (``seg``) for which ``deriv_dir`` holds features of ``feature_set``.
+
+    ``dcm``: connectivity files; ``gmv``: gray-matter volume tables; ``dcm+gmv``: both.
+    """
+    dcm = set(find_connectivity(deriv_dir, session or "b0", task=task, space=space)["network"])
+    gmv = set(find_gmv(deriv_dir, session, space)["network"])
+    return sorted({"dcm": dcm, "gmv": gmv, "dcm+gmv": dcm & gmv}[feature_set])
+
+
 def model_features(deriv_dir: str | Path, participants: list[str], feature_set: str, network: str,
-                   spec: dict, allow_missing: bool = True) -> FeatureSet | None:
-    """The features a saved model needs, for ``participants`` (None when nobody has them).
+                   spec: dict, where: str = "saved model") -> FeatureSet | None:
+    """The features a saved model needs, for ``participants`` (those without them left out).
 
     Parameters
     ----------
+    deriv_dir
+        Derivatives root.
+    participants
+        Participant ids (with ``sub-``).
+    feature_set, network
+        The model's (see :class:`~bids_ketdcm.group.model_io.SavedModel`).
     spec
         The model's ``feature_spec`` (session, space, task, run, drop_diagonal,
         require_converged); a ``session`` given there may be overridden by the caller.
+    where
+        The model, for messages.
+
+    Returns
+    -------
+    FeatureSet or None
+        None when none of ``participants`` has usable features of this network.
+
+    Raises
+    ------
+    InputError
+        ``deriv_dir`` holds no ``feature_set`` features of ``network`` at all (data of
+        another network: the model refuses them), or the files are malformed.
     """
-    kw = {k: spec.get(k) for k in ("session", "space", "run")}
-    kw.update(task=spec.get("task", "rest"), drop_diagonal=bool(spec.get("drop_diagonal", False)),
-              require_converged=bool(spec.get("require_converged", True)), networks=(network,),
-              allow_missing=allow_missing)
+    session, space, task = spec.get("session"), spec.get("space"), spec.get("task", "rest")
+    found = available_networks(deriv_dir, feature_set, session, space, task)
+    if network not in found:
+        held = ", ".join(f"seg-{n}" for n in found) or "none"
+        raise InputError(
+            f"{where}: trained on {feature_set} features of network seg-{network}, but {deriv_dir} holds "
+            f"{feature_set} features of {held} (ses-{normalise_session(session or '')}"
+            f"{', space-' + space if space else ''}). A model refuses data of another network: apply a model "
+            f"trained on the same network, or run the participant level with --network {network}"
+            + (" --features gmv" if feature_set != "dcm" else "") + "."
+        )
+    kw = {"session": session, "space": space, "run": spec.get("run"), "task": task,
+          "drop_diagonal": bool(spec.get("drop_diagonal", False)),
+          "require_converged": bool(spec.get("require_converged", True)), "networks": (network,),
+          "allow_missing": True}
     try:
         features, _ = gather_features(deriv_dir, participants, (feature_set,), **kw)
     except InputError as err:
-        if allow_missing:
-            log.warning("%s", err)
-            return None
-        raise
+        if "no labelled participant has a usable A matrix" not in str(err):
+            raise
+        log.warning("%s: %s", where, err)
+        return None
     return features.get(feature_key(feature_set, network))

@@ -24,7 +24,8 @@ accepts its own major version and refuses a newer one), ``model_id``, ``feature_
 ``feature_spec`` (session, space, task, run, drop_diagonal, ...), ``label`` (scheme,
 classes, positive class, thresholds, score column, sessions, definition), ``model``
 (name, description, hyper-parameters and how they were chosen), ``training``
-(participants, class counts, cross-validated metrics of the suite), ``bootstrap`` (number
+(participants, class counts, cross-validated metrics of the suite and the apparent
+metrics of the final model on its training participants), ``bootstrap`` (number
 of resamples, seed), ``software`` (versions) and ``files`` (``model.joblib``: size and
 SHA-256 checksum).
 
@@ -60,7 +61,7 @@ from threadpoolctl import threadpool_limits
 
 from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
+from bids_ketdcm.io import atomic_path, finite_json, write_json, write_text, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ network x label scheme, named `features-<set>_seg-<network>_target-<scheme>`, ho
   per-patient uncertainty interval), `feature_names`, `classes`, `network`, `feature_set`.
 - `manifest.json`: `format`, `format_version`, `model_id`, `feature_set`, `network`,
   `feature_names`, `feature_spec`, `label` (the label definition), `model`
-  (hyper-parameters), `training` (participants, class counts, cross-validated metrics),
+  (hyper-parameters), `training` (participants, class counts, cross-validated and apparent
+  training-set metrics),
   `bootstrap`, `software` (versions), `files` (SHA-256 checksum of `model.joblib`).
 
 `models.tsv` lists the models. bids-ketdcm refuses to load a model whose checksum does
@@ -138,6 +140,13 @@ def positive_coefficients(estimator) -> tuple[np.ndarray, float]:
     return coef[-1], float(np.atleast_1d(inner.intercept_)[-1])
 
 
+def training_cv(manifest: dict) -> dict:
+    """The training cross-validated metrics of a manifest: nested CV when it ran, else the
+    last k-fold protocol (``{}`` when none is recorded)."""
+    cv = (manifest.get("training") or {}).get("cv_metrics") or {}
+    return cv.get("nested") or (cv[max(cv)] if cv else {})
+
+
 @dataclass
 class SavedModel:
     """A loaded model and its manifest.
@@ -183,6 +192,12 @@ class SavedModel:
     def target(self) -> str:
         """Label scheme name."""
         return str(self.manifest["label"]["scheme"])
+
+    @property
+    def train_cv_balanced_accuracy(self) -> float:
+        """Cross-validated balanced accuracy in training (:func:`training_cv`; NaN if unknown)."""
+        value = training_cv(self.manifest).get("balanced_accuracy")
+        return float("nan") if value is None else float(value)
 
     @property
     def classes(self) -> list[str]:
@@ -369,7 +384,7 @@ def save_model(directory: str | os.PathLike, *, estimator, bootstrap: list, feat
                                    "bytes": (work / MODEL_FILE).stat().st_size}},
             "intended_use": "research tool, not a clinical device",
         }
-        write_json(work / MANIFEST_FILE, manifest)
+        write_json(work / MANIFEST_FILE, finite_json(manifest))
         old = None
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{ident}.old.", dir=directory))
@@ -387,10 +402,9 @@ def write_index(directory: str | os.PathLike) -> Path:
     """(Re)write ``models.tsv`` and ``README.md`` of a ``--save-model`` folder."""
     directory = Path(directory)
     rows = []
-    for manifest_path in sorted(directory.glob(f"*/{MANIFEST_FILE}")):
-        m = _read_manifest(manifest_path.parent)
-        cv = (m.get("training") or {}).get("cv_metrics") or {}
-        best = cv.get("nested") or cv.get(max(cv, default=""), {}) if cv else {}
+    for folder in model_folders(directory):
+        m = _read_manifest(folder)
+        best = training_cv(m)
         rows.append({
             "model_id": m["model_id"], "feature_set": m["feature_set"], "network": m["network"],
             "target": m["label"]["scheme"], "classes": ";".join(m["label"]["classes"]),
@@ -490,6 +504,14 @@ def load_model(folder: str | os.PathLike) -> SavedModel:
                       bootstrap=list(payload.get("bootstrap", [])))
 
 
+def model_folders(directory: str | os.PathLike) -> list[Path]:
+    """The model folders of a ``--save-model`` folder, sorted.
+
+    Hidden folders (the temporary ones of a save that was interrupted) are left out.
+    """
+    return sorted(p.parent for p in Path(directory).glob(f"*/{MANIFEST_FILE}") if not p.parent.name.startswith("."))
+
+
 def load_models(directory: str | os.PathLike) -> list[SavedModel]:
     """Load every model of a ``--save-model`` folder, or the one model folder given.
 
@@ -503,7 +525,7 @@ def load_models(directory: str | os.PathLike) -> list[SavedModel]:
         raise InputError(f"--apply-model {directory} does not exist or is not a folder")
     if (directory / MANIFEST_FILE).is_file():
         return [load_model(directory)]
-    folders = sorted(p.parent for p in directory.glob(f"*/{MANIFEST_FILE}"))
+    folders = model_folders(directory)
     if not folders:
         raise InputError(f"--apply-model {directory}: no saved model (no */{MANIFEST_FILE}); "
                          "write one with group --save-model")
@@ -543,7 +565,7 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
 
     from bids_ketdcm.group.feature_sets import split_key
     from bids_ketdcm.group.labels import normalise_session
-    from bids_ketdcm.group.metrics import CLASSIFICATION_METRICS
+    from bids_ketdcm.group.metrics import CLASSIFICATION_METRICS, classification_metrics
     from bids_ketdcm.group.suite import MODEL_DESCRIPTIONS
 
     config = options.suite_config()
@@ -561,6 +583,8 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
         estimator, boots = fit_final(task.X, task.y, task.n_classes, {"C": C}, n_bootstrap, seed)
         rows = res[(res.treatment == "ketamine") & (res.network == task.network) & (res.target == task.target)
                    & (res.model == "logistic")] if len(res) else res
+        apparent, _ = classification_metrics(task.y, estimator.predict(task.X), estimator.predict_proba(task.X),
+                                             task.n_classes)
         cv = {r["protocol"]: {**{m: float(r[m]) for m in CLASSIFICATION_METRICS},
                               "p_value": None if pd.isna(r["p_value"]) else float(r["p_value"])}
               for r in rows.to_dict("records")}
@@ -582,7 +606,10 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
                    else "default C (no nested CV)"},
             training={"n_participants": len(task.participants), "participants": list(task.participants),
                       "class_counts": {c: int((task.y == i).sum()) for i, c in enumerate(task.classes)},
-                      "cv_metrics": cv},
+                      "cv_metrics": cv,
+                      "apparent_metrics": {k: float(v) for k, v in apparent.items()},
+                      "apparent_metrics_note": "the final model on its own training participants "
+                                               "(resubstitution: optimistic; cv_metrics are the honest estimate)"},
             feature_spec={"session": normalise_session(options.feature_session or options.baseline_session),
                           "space": options.space, "task": options.task, "run": options.run,
                           "drop_diagonal": options.drop_diagonal, "require_converged": options.require_converged,

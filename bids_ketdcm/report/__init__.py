@@ -1,7 +1,13 @@
 """HTML reports: the participant-level page (one per subject) and its methods text."""
 
 from .methods import citations_bibtex, methods_paragraph, software_versions
-from .participant import DEFAULT_QC_THRESHOLDS, RunReport, run_warnings, write_participant_report
+from .participant import (
+    DEFAULT_QC_THRESHOLDS,
+    RunReport,
+    run_warnings,
+    update_participant_report,
+    write_participant_report,
+)
 
 __all__ = [
     "DEFAULT_QC_THRESHOLDS",
@@ -10,5 +16,6 @@ __all__ = [
     "methods_paragraph",
     "run_warnings",
     "software_versions",
+    "update_participant_report",
     "write_participant_report",
 ]

@@ -202,6 +202,58 @@ def write_participant_report(
     return path
 
 
+def update_participant_report(path: str | Path, subject: str, sections: list[tuple[str, str, str]]) -> Path:
+    """Put ``sections`` into the participant's report without redoing its runs.
+
+    For a participant level that processed no run this time (every run finished before,
+    or only ``--features gmv``) but has further sections, e.g. the per-patient prediction:
+    an existing report gets each section in place of the one with the same anchor (or
+    after the summary, with a navigation link); without a report a short page holding
+    just these sections is written.
+
+    Parameters
+    ----------
+    path
+        The report (``OUTPUT_DIR/sub-X.html``).
+    subject
+        Participant label, with or without ``sub-``.
+    sections
+        ``(anchor, navigation title, HTML)``; each HTML is one ``<section id="anchor">``
+        without nested sections.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    path = Path(path)
+    label = subject.removeprefix("sub-")
+    page = path.read_text(encoding="utf-8") if path.is_file() else None
+    if page is None or "</nav>" not in page or '<section id="summary">' not in page:
+        body = [_nav([(anchor, title) for anchor, title, _ in sections]), "<main>", f"<h1>Participant report: sub-{_e(label)}</h1>",
+                ('<p class="note">No run was processed in this invocation; see the derivatives for the '
+                 "connectivity estimates.</p>"), *(html_ for _, _, html_ in sections), "</main>"]
+        page = (
+            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>bids-ketdcm: sub-{_e(label)}</title>\n<style>{_CSS}</style>\n</head>\n"
+            "<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+        )
+    else:
+        for anchor, title, section in sections:
+            found = re.search(rf'<section id="{re.escape(anchor)}">.*?</section>', page, re.DOTALL)
+            if found:
+                page = page[:found.start()] + section + page[found.end():]
+                continue
+            end = page.index("</section>", page.index('<section id="summary">')) + len("</section>")
+            page = page[:end] + "\n" + section + page[end:]
+            link = f'<a href="#summary">{_e("Summary")}</a>'
+            if link in page:
+                page = page.replace(link, link + f'<a href="#{_e(anchor)}">{_e(title)}</a>', 1)
+    write_text(path, page)
+    log.info("participant report %s: %s", path, ", ".join(anchor for anchor, _, _ in sections))
+    return path
+
+
 def run_warnings(run: RunReport, thresholds: Mapping[str, float] | None = None) -> list[str]:
     """Human-readable QC and fit warnings for one run.
 
