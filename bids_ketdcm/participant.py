@@ -62,6 +62,8 @@ class ParticipantOptions:
     seed: int = 0
     overwrite: bool = False
     jacobian: str = "analytic"
+    #: Predicted-CSD model of the DCM (:data:`bids_ketdcm.dcm.model.CSD_MODELS`).
+    csd_model: str = "spm12"
     max_iterations: int = 128
     batch_size: int = 32
     #: ``dcm`` and/or ``gmv`` (``dcm+gmv``: both).
@@ -143,7 +145,8 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
         summary["predicted"] = {"participants": sum(1 for v in sections.values() if v)}
     for subject, run_reports in reports.items():
         settings = {"roi_summary": opts.roi_summary, "radius_mm": _radius(networks), "space": opts.space,
-                    "denoise_strategy": opts.denoise, "device": str(device)}
+                    "denoise_strategy": opts.denoise, "device": str(device),
+                    "csd_model": opts.csd_model}
         path = opts.output_dir / f"sub-{subject}.html"
         write_participant_report(path, subject, run_reports, settings, extra_sections=sections.get(subject))
         log.info("report: %s", path)
@@ -216,7 +219,8 @@ def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: 
         for start in range(0, len(members), opts.batch_size):
             chunk = members[start : start + opts.batch_size]
             post = fit(np.stack([w.series.data for w in chunk]), tr, device=device,
-                       jacobian=opts.jacobian, max_iterations=opts.max_iterations)
+                       jacobian=opts.jacobian, csd_model=opts.csd_model,
+                       max_iterations=opts.max_iterations)
             for b, w in enumerate(chunk):
                 sub = post.subject(b)
                 sub.seconds = post.seconds / len(chunk)

@@ -281,7 +281,9 @@ def test_methods_paragraph_reports_settings_and_spm_frequency_grid():
     assert "eight principal modes" in text  # n > 8 prior projection
     small = methods_paragraph({"network": "dmn4", "n_rois": 4, "tr": 2.5})
     assert "eight principal modes" not in small and "0.007812 Hz (1/128 Hz" in small
-    assert "0.125 Hz" in small
+    assert "0.125 Hz" in small and "round trip" not in small
+    direct = methods_paragraph({"network": "dmn4", "n_rois": 4, "tr": 2.5, "csd_model": "direct"})
+    assert "without its autoregressive (order 7) round trip" in direct
     with pytest.raises(ValueError, match="n_rois, tr"):
         methods_paragraph({"network": "dmn4"})
     with pytest.raises(ValueError, match="roi_summary"):

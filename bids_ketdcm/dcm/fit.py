@@ -18,6 +18,7 @@ def fit(
     max_iterations: int = MAX_ITERATIONS,
     device: str | torch.device | None = None,
     jacobian: str = "analytic",
+    csd_model: str = "spm12",
     progress: bool = False,
 ) -> Posterior:
     """Invert spectral DCM on raw ROI time series: scaling, CSD, priors, inversion.
@@ -36,6 +37,9 @@ def fit(
     jacobian
         ``"analytic"`` (exact, fast; default), ``"autograd"`` (exact, ``torch.func``) or
         ``"finite-difference"`` (SPM12's path exactly).
+    csd_model
+        ``"spm12"`` (default) or ``"direct"`` (no AR round trip of the prediction; not
+        SPM12); see :func:`bids_ketdcm.dcm.invert`.
     progress
         Log one line per iteration.
 
@@ -62,12 +66,12 @@ def fit(
     csd, freqs = estimate_csd(np.stack(scaled), tr)
     prior_cov_A = np.stack([projected_A_covariance(s) for s in scaled]) if n > MAX_NODES else None
     post = invert(csd, freqs, prior_cov_A=prior_cov_A, max_iterations=max_iterations,
-                  device=device, jacobian=jacobian, progress=progress)
+                  device=device, jacobian=jacobian, csd_model=csd_model, progress=progress)
     post.scale = np.asarray(scales)
     return post if batched else post.subject(0)
 
 
-def predict_csd(theta: dict[str, np.ndarray], freqs: np.ndarray) -> np.ndarray:
+def predict_csd(theta: dict[str, np.ndarray], freqs: np.ndarray, csd_model: str = "spm12") -> np.ndarray:
     """The forward model: predicted CSD for SPM-named parameters.
 
     Parameters
@@ -77,15 +81,18 @@ def predict_csd(theta: dict[str, np.ndarray], freqs: np.ndarray) -> np.ndarray:
         (n), ``decay`` (1), ``epsilon`` (1), ``a`` (2), ``b`` (2), ``c`` (n).
     freqs
         (F,) equally spaced frequencies in Hz.
+    csd_model
+        ``"spm12"`` (after SPM's AR round trip) or ``"direct"`` (without it).
 
     Returns
     -------
     numpy.ndarray
-        (F, n, n) complex predicted cross-spectral density (after SPM's AR round trip).
+        (F, n, n) complex predicted cross-spectral density.
     """
     n = np.asarray(theta["A"]).shape[-1]
     flat = torch.from_numpy(ParamLayout(n).pack(theta))[None]
     with torch.no_grad():
         clamp = clamped_subjects(unpack(flat, n))
-        out = predict_csd_tensor(flat, torch.as_tensor(np.asarray(freqs, dtype=float)), n, clamp)
+        out = predict_csd_tensor(flat, torch.as_tensor(np.asarray(freqs, dtype=float)), n, clamp,
+                                 csd_model=csd_model)
     return out[0].numpy()

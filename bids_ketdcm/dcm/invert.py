@@ -22,7 +22,7 @@ import torch
 from torch.func import jvp, vmap
 
 from .jacobian import predict_csd_and_jacobian
-from .model import CcfGrid, clamped_subjects, effective_connectivity, predict_csd_tensor, unpack
+from .model import CSD_MODELS, CcfGrid, clamped_subjects, effective_connectivity, predict_csd_tensor, unpack
 from .priors import (
     HYPER_MEAN,
     HYPER_PRECISION,
@@ -142,7 +142,8 @@ class _Problem:
     """Model, data and priors of one batch of subjects, in the reduced parameter space."""
 
     def __init__(self, csd: torch.Tensor, freqs: torch.Tensor, mean: torch.Tensor,
-                 basis: torch.Tensor, variances: torch.Tensor, jacobian: str = "analytic"):
+                 basis: torch.Tensor, variances: torch.Tensor, jacobian: str = "analytic",
+                 csd_model: str = "spm12"):
         self.y = csd
         self.freqs = freqs
         self.mean = mean  # (B, P)
@@ -151,6 +152,7 @@ class _Problem:
         self.n = csd.shape[-1]
         self.grid = CcfGrid.from_freqs(freqs)
         self.jacobian = jacobian
+        self.csd_model = csd_model
 
     def theta(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self.mean[idx] + (self.basis[idx] @ p[..., None])[..., 0]
@@ -158,7 +160,7 @@ class _Problem:
     def predict(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         theta = self.theta(p, idx)
         clamp = clamped_subjects(unpack(theta, self.n))
-        return predict_csd_tensor(theta, self.freqs, self.n, clamp, self.grid)
+        return predict_csd_tensor(theta, self.freqs, self.n, clamp, self.grid, self.csd_model)
 
     def predict_and_jacobian(self, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prediction (b, F, n, n) and Jacobian (b, F, R, n, n) w.r.t. reduced parameters.
@@ -174,12 +176,14 @@ class _Problem:
         b, R = p.shape
 
         def forward(q: torch.Tensor, clamp: torch.Tensor = clamp) -> torch.Tensor:
-            return predict_csd_tensor(mean + (basis @ q[..., None])[..., 0], self.freqs, self.n, clamp, self.grid)
+            return predict_csd_tensor(mean + (basis @ q[..., None])[..., 0], self.freqs, self.n, clamp, self.grid,
+                                      self.csd_model)
 
         if self.jacobian == "analytic":
             theta = mean + (basis @ p[..., None])[..., 0]
             single = torch.complex64 if self.n > SINGLE_PRECISION_TANGENTS_ABOVE else None
-            return predict_csd_and_jacobian(theta, basis, self.freqs, self.n, self.grid, clamp, single)
+            return predict_csd_and_jacobian(theta, basis, self.freqs, self.n, self.grid, clamp, single,
+                                            self.csd_model)
         if self.jacobian == "autograd":
             tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
             return vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)
@@ -202,6 +206,7 @@ def invert(
     max_iterations: int = MAX_ITERATIONS,
     device: str | torch.device | None = None,
     jacobian: str = "analytic",
+    csd_model: str = "spm12",
     progress: bool = False,
 ) -> Posterior:
     """Invert spectral DCM on given cross-spectral features (SPM12's ``spm_nlsi_GN``).
@@ -224,6 +229,10 @@ def invert(
         ``"analytic"`` (exact structured forward mode, default), ``"autograd"`` (exact,
         ``torch.func`` over every direction; slower) or ``"finite-difference"`` (SPM12's
         forward differences with step exp(-8), to reproduce SPM's optimisation path exactly).
+    csd_model
+        ``"spm12"`` (default: SPM12's prediction with its AR(7) round trip) or ``"direct"``
+        (the transfer-function CSD without it; fits 1/f-like data better, not SPM12); see
+        :data:`bids_ketdcm.dcm.model.CSD_MODELS`.
     progress
         Log one line per iteration at INFO level.
 
@@ -235,6 +244,8 @@ def invert(
     start = time.perf_counter()
     if jacobian not in JACOBIANS:
         raise ValueError(f"jacobian must be one of {JACOBIANS}, got {jacobian!r}")
+    if csd_model not in CSD_MODELS:
+        raise ValueError(f"csd_model must be one of {CSD_MODELS}, got {csd_model!r}")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     y = torch.as_tensor(csd).to(device=dev, dtype=torch.complex128)
     batched = y.dim() == 4
@@ -262,12 +273,14 @@ def invert(
         torch.as_tensor(np.stack(bases), device=dev),
         torch.as_tensor(np.stack(variances), device=dev),
         jacobian,
+        csd_model,
     )
     state = _gauss_newton(problem, max_iterations, progress)
     post = _posterior(problem, state, nf)
     post.seconds = time.perf_counter() - start
     post.device = str(dev)
     post.extra["jacobian"] = jacobian
+    post.extra["csd_model"] = csd_model
     if not batched:
         post = post.subject(0)
     return post

@@ -77,7 +77,7 @@ def _power_law(freqs: torch.Tensor, log_exponent: torch.Tensor, half: bool) -> t
 
 def predict_csd_and_jacobian(
     theta: torch.Tensor, directions: torch.Tensor, freqs: torch.Tensor, n: int, grid: CcfGrid,
-    clamp: torch.Tensor | None = None, tangent_dtype: torch.dtype | None = None,
+    clamp: torch.Tensor | None = None, tangent_dtype: torch.dtype | None = None, csd_model: str = "spm12",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted CSD and its derivatives along given parameter directions.
 
@@ -100,6 +100,9 @@ def predict_csd_and_jacobian(
     tangent_dtype
         Complex dtype of the tangents (default: that of the prediction, complex128).
         ``torch.complex64`` halves memory traffic; the prediction stays in float64.
+    csd_model
+        ``"spm12"`` (with SPM's AR round trip) or ``"direct"`` (without); see
+        :data:`~bids_ketdcm.dcm.model.CSD_MODELS`.
 
     Returns
     -------
@@ -167,6 +170,8 @@ def predict_csd_and_jacobian(
     d_csd = (d_gu.to(rt)[..., None, None] * SSH.to(tt)[:, :, None]
              + gu.to(rt)[:, :, None, None, None] * (cross + _hermitian(cross)) + d_noise.to(rt))
 
+    if csd_model == "direct":
+        return csd, d_csd
     # SPM's round trip: cross-covariance (linear), Yule-Walker AR(p), AR -> CSD
     order = MODEL_AR_ORDER
     kernel = autocovariance_kernel(F, grid, order, ctype, theta.device)  # (L, F)

@@ -31,6 +31,15 @@ EIG_CEILING = -1.0 / 32.0  # real parts of the system's eigenvalues are clamped 
 MODEL_AR_ORDER = 7  # SPM re-expresses predicted spectra through an AR(p - 1) model
 
 
+#: Predicted-CSD models. ``spm12``: SPM12's, whose prediction passes through an AR(7)
+#: round trip (CSD -> cross-covariance of the 32 band frequencies, zeros elsewhere ->
+#: Yule-Walker -> CSD); for 1/f-like spectra that round trip moves power away from the
+#: lowest frequencies (at the prior: 4x less at 1/128 Hz, 2x more at 4/128 Hz than the
+#: transfer function gives), and the fit compensates with a steep fluctuation exponent.
+#: ``direct``: the transfer-function CSD ``S Gu S^H + Gn`` itself (not SPM12).
+CSD_MODELS = ("spm12", "direct")
+
+
 def unpack(theta: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
     """Split a batched flat parameter tensor (B, P) into SPM's named parameters.
 
@@ -344,17 +353,21 @@ def predict_csd_tensor(
     n: int,
     clamp_subjects: torch.Tensor | None = None,
     grid: CcfGrid | None = None,
+    csd_model: str = "spm12",
 ) -> torch.Tensor:
     """Predicted CSD (B, F, n, n) for flat parameters theta (B, P), as SPM12.
 
-    ``S Gu S^H + Gn`` passed through SPM's round trip CSD -> cross-covariance ->
-    AR(7) -> CSD. ``grid`` may be precomputed with :meth:`CcfGrid.from_freqs` (needed
-    inside ``torch.func`` transforms).
+    ``S Gu S^H + Gn``, with ``csd_model="spm12"`` passed through SPM's round trip CSD ->
+    cross-covariance -> AR(7) -> CSD; ``"direct"`` returns it as it is (see
+    :data:`CSD_MODELS`). ``grid`` may be precomputed with :meth:`CcfGrid.from_freqs`
+    (needed inside ``torch.func`` transforms).
     """
     params = unpack(theta, n)
     S = transfer_function(params, freqs, clamp_subjects)
     gu, noise = fluctuation_spectra(params, freqs)
     csd = gu[:, :, None, None] * (S @ S.conj().transpose(-1, -2)) + noise
+    if csd_model == "direct":
+        return csd
     grid = grid if grid is not None else CcfGrid.from_freqs(freqs)
     lags, cov = ccf_to_mar(csd_to_autocovariance(csd, grid, MODEL_AR_ORDER), MODEL_AR_ORDER)
     return mar_to_csd(lags, cov, freqs, ns=grid.ns)

@@ -233,7 +233,8 @@ def methods_paragraph(settings: Mapping[str, Any]) -> str:
         ``denoise_description`` (str, free text appended in parentheses), ``roi_summary``
         (``"eigenvariate"`` or ``"mean"``), ``n_volumes`` (int, sets the lowest frequency
         as SPM does), ``mar_order`` (8), ``n_freqs`` (32), ``max_iterations`` (128),
-        ``spm_release`` (``"SPM12"``), ``device`` (str, e.g. ``"cpu"``),
+        ``spm_release`` (``"SPM12"``), ``csd_model`` (``"spm12"`` or ``"direct"``),
+        ``device`` (str, e.g. ``"cpu"``),
         ``fmriprep_version`` (str), ``versions`` (dict: distribution name -> version,
         overriding the installed versions of :data:`SOFTWARE`).
 
@@ -315,6 +316,11 @@ def methods_paragraph(settings: Mapping[str, Any]) -> str:
         inversion += (
             "; because the network has more than eight regions, the prior covariance of A was "
             f"projected onto the eight principal modes of the data, as in {s['spm_release']}"
+        )
+    if s.get("csd_model") == "direct":
+        inversion += (
+            f"; unlike {s['spm_release']}, the predicted CSD was compared with the data without "
+            "its autoregressive (order 7) round trip"
         )
     inversion += "."
     if s.get("device"):
