@@ -22,7 +22,15 @@ from .timeseries import RoiTimeseries
 
 BIDS_VERSION = "1.9.0"
 
-BIDSIGNORE = "\n".join(["*_posterior.npz", "*.html", "logs/", "figures/", "group/", ""])
+#: Outputs the BIDS validator does not know yet (timeseries and connectivity with ``seg-``,
+#: morphometry, predictions: BEP012/BEP017-style names, as XCP-D and Giga Connectome write)
+#: and folders that are not data. Folder names without a trailing slash: the validator
+#: (bids-validator-deno 3) matches them only so.
+BIDSIGNORE = "\n".join([
+    "*_timeseries.tsv", "*_timeseries.json", "*_connectivity.tsv", "*_connectivity.json", "*_morph.tsv",
+    "*_morph.json", "*_predictions.tsv", "*_predictions.json", "*_posterior.npz", "*.html",
+    "logs", "figures", "group", "work", "",
+])
 
 CONNECTIVITY_DESCRIPTION = {
     "Measure": "Effective connectivity (spectral DCM posterior mean of A)",

@@ -11,6 +11,7 @@ import pytest
 
 from bids_ketdcm.cli import main
 from bids_ketdcm.derivatives import read_connectivity
+from bids_ketdcm.layout import run_bids_validator
 from bids_ketdcm.synth import make_synthetic_dataset
 
 SPACE = "MNI152NLin2009cAsym"
@@ -26,7 +27,7 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def participant_run(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "derivatives"
-    rc = main([str(dataset), str(out), "participant", "--skip-bids-validation", "--network", "dmn4"])
+    rc = main([str(dataset), str(out), "participant", "--network", "dmn4"])  # the BIDS validator runs
     return rc, out
 
 
@@ -66,6 +67,19 @@ def test_recovered_connectivity_correlates_with_truth(participant_run, dataset):
         true.append(t.ravel())
     r = np.corrcoef(np.concatenate(est), np.concatenate(true))[0, 1]
     assert r > 0.5, r
+
+
+def test_derivatives_pass_the_bids_validator(participant_run):
+    _, out = participant_run
+    errors, tolerated = run_bids_validator(out)
+    assert errors == [] and tolerated == []
+
+
+def test_invalid_bids_dataset_is_refused(dataset, tmp_path, capsys):
+    root = _copy(dataset, tmp_path)
+    (root / "dataset_description.json").unlink()
+    _fails_cleanly([str(root), str(tmp_path / "out"), "participant"], tmp_path, capsys,
+                   "is not a valid BIDS dataset")
 
 
 def test_rerun_skips_finished_runs(participant_run, dataset, caplog):
