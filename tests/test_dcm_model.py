@@ -214,15 +214,20 @@ def test_iteration_cap_returns_unconverged_with_warning():
     assert any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
-def test_batched_inversion_equals_single_inversions():
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_batched_inversion_equals_single_inversions(chunk_bytes, monkeypatch):
+    """One batch, in one chunk or one subject per chunk (CPU_CHUNK_BYTES), equals single fits."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(invert_module, "CPU_CHUNK_BYTES", chunk_bytes)
     A = np.array([[-0.5, 0.2, 0.0], [0.1, -0.5, 0.15], [0.0, 0.2, -0.5]])
-    ys = simulate(np.stack([A, A * 1.2]), 2.5, 192, seed=4)
+    ys = simulate(np.stack([A, A * 1.2, A * 0.8]), 2.5, 192, seed=4)
     batch = fit(ys, 2.5)
-    for b in range(2):
+    for b in range(3):
         single = fit(ys[b], 2.5)
         np.testing.assert_allclose(batch.A_hz[b], single.A_hz, atol=1e-8)
         assert batch.iterations[b] == single.iterations
         assert batch.F[b] == pytest.approx(single.F)
+        assert batch.F_history[b] == pytest.approx(single.F_history[0], nan_ok=True)
 
 
 def test_simulate_is_seeded_and_validates():

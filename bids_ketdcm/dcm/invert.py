@@ -287,7 +287,11 @@ def invert(
 
 
 def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dict:
-    """Run SPM's variational Laplace loop for every subject until each has converged."""
+    """Run SPM's variational Laplace loop for every subject until each has converged.
+
+    Each iteration updates the active subjects in chunks (:func:`_chunk_size`); subjects
+    are independent, so chunking changes no number, only the size of the temporaries.
+    """
     y, dev = problem.y, problem.y.device
     B, nf, n, _ = y.shape
     K = n * n
@@ -307,62 +311,80 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dic
     converged = torch.zeros(B, dtype=torch.bool, device=dev)
     history: list[list[float]] = [[] for _ in range(B)]
     n_data = nf * K
+    chunk = _chunk_size(problem)
     for k in range(1, max_iterations + 1):
-        idx = torch.nonzero(~converged).flatten()
-        if idx.numel() == 0:
+        active = torch.nonzero(~converged).flatten()
+        if active.numel() == 0:
             break
-        iterations[idx] = k
-        pred, jac = problem.predict_and_jacobian(p[idx], idx)  # jac: (b, F, R, n, n)
-        err = (y[idx] - pred).reshape(-1, nf, K)  # (b, F, K)
-        # real representation per CSD element k: rows = real and imaginary parts of the frequencies
-        jr = torch.view_as_real(jac.reshape(-1, nf, R, K)).permute(0, 3, 1, 4, 2)
-        jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(-1, K, 2 * nf, R)
-        er = torch.view_as_real(err).permute(0, 2, 1, 3).reshape(-1, K, 2 * nf)
-        finite = torch.isfinite(er.sum(dim=(1, 2))) & torch.isfinite(jr.sum(dim=(1, 2, 3)))
-        if not bool(finite.all()):
-            er = torch.where(finite[:, None, None], er, torch.zeros_like(er))
-            jr = torch.where(finite[:, None, None, None], jr, torch.zeros_like(jr))
-        gram = jr.transpose(-1, -2) @ jr  # (b, K, R, R)
-        jte = (jr.transpose(-1, -2) @ er[..., None])[..., 0]  # (b, K, R)
-        err2 = (er * er).sum(-1)  # (b, K)
-        pk, hk, ipck = p[idx], h[idx].clone(), ipc[idx]
-        saved = _hyper_loop(hk, gram, jte, err2, ipck, nf)
-        hk = saved["h_new"]
-        # free energy with the quantities of the start of the last inner step
-        prec, cp, h_used, curv = saved["prec"], saved["Cp"], saved["h"], saved["curv"]
-        L1 = nf * torch.log(prec).sum(-1) / 2 - (prec * err2).sum(-1) / 2 - n_data * math.log(2 * math.pi) / 2
-        L2 = (torch.log(ipck).sum(-1) + torch.linalg.slogdet(cp)[1]) / 2 - (pk * pk * ipck).sum(-1) / 2
-        d = h_used - HYPER_MEAN
-        L3 = torch.log(HYPER_PRECISION / (-curv)).sum(-1) / 2 - HYPER_PRECISION * (d * d).sum(-1) / 2
-        F = L1 + L2 + L3
-        F = torch.where(finite, F, torch.full_like(F, -math.inf))
-        accept = (F > best["F"][idx]) | (k < 3)
-        accept &= finite
-        a_idx, r_idx = idx[accept], idx[~accept]
-        if a_idx.numel():
-            am = accept
-            best["p"][a_idx] = pk[am]
-            best["h"][a_idx] = hk[am]
-            best["F"][a_idx] = F[am]
-            best["Cp"][a_idx] = cp[am]
-            best["g"][a_idx] = torch.einsum("bk,bkr->br", prec[am], jte[am]) - ipck[am] * pk[am]
-            best["H"][a_idx] = -(saved["Pp"][am] + torch.diag_embed(ipck[am]))
-            v[a_idx] = torch.clamp(v[a_idx] + 0.5, max=4.0)
-            h[a_idx] = hk[am]
-        if r_idx.numel():
-            h[r_idx] = best["h"][r_idx]
-            v[r_idx] = torch.clamp(v[r_idx] - 2.0, max=-4.0)
-        for j, b in enumerate(idx.tolist()):
-            history[b].append(float(F[j]) if bool(accept[j]) else float("nan"))
-        dp = _local_step(best["H"][idx], best["g"][idx], v[idx])
-        p[idx] = best["p"][idx] + dp
-        gain = (best["g"][idx] * dp).sum(-1)
-        run[idx] = torch.where(gain < _CONVERGENCE_GAIN, run[idx] + 1, torch.zeros_like(run[idx]))
-        converged[idx] = run[idx] >= _CONVERGENCE_RUN
-        if progress:
-            log.info("iteration %d: %d active, F = %s", k, idx.numel(),
-                     np.array2string(best["F"][idx].cpu().numpy(), precision=2))
+        iterations[active] = k
+        for idx in active.split(chunk):
+            pred, jac = problem.predict_and_jacobian(p[idx], idx)  # jac: (b, F, R, n, n)
+            err = (y[idx] - pred).reshape(-1, nf, K)  # (b, F, K)
+            # real representation per CSD element k: rows = real and imaginary parts of the frequencies
+            jr = torch.view_as_real(jac.reshape(-1, nf, R, K)).permute(0, 3, 1, 4, 2)
+            jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(-1, K, 2 * nf, R)
+            er = torch.view_as_real(err).permute(0, 2, 1, 3).reshape(-1, K, 2 * nf)
+            finite = torch.isfinite(er.sum(dim=(1, 2))) & torch.isfinite(jr.sum(dim=(1, 2, 3)))
+            if not bool(finite.all()):
+                er = torch.where(finite[:, None, None], er, torch.zeros_like(er))
+                jr = torch.where(finite[:, None, None, None], jr, torch.zeros_like(jr))
+            gram = jr.transpose(-1, -2) @ jr  # (b, K, R, R)
+            jte = (jr.transpose(-1, -2) @ er[..., None])[..., 0]  # (b, K, R)
+            err2 = (er * er).sum(-1)  # (b, K)
+            pk, hk, ipck = p[idx], h[idx].clone(), ipc[idx]
+            saved = _hyper_loop(hk, gram, jte, err2, ipck, nf)
+            hk = saved["h_new"]
+            # free energy with the quantities of the start of the last inner step
+            prec, cp, h_used, curv = saved["prec"], saved["Cp"], saved["h"], saved["curv"]
+            L1 = nf * torch.log(prec).sum(-1) / 2 - (prec * err2).sum(-1) / 2 - n_data * math.log(2 * math.pi) / 2
+            L2 = (torch.log(ipck).sum(-1) + torch.linalg.slogdet(cp)[1]) / 2 - (pk * pk * ipck).sum(-1) / 2
+            d = h_used - HYPER_MEAN
+            L3 = torch.log(HYPER_PRECISION / (-curv)).sum(-1) / 2 - HYPER_PRECISION * (d * d).sum(-1) / 2
+            F = L1 + L2 + L3
+            F = torch.where(finite, F, torch.full_like(F, -math.inf))
+            accept = (F > best["F"][idx]) | (k < 3)
+            accept &= finite
+            a_idx, r_idx = idx[accept], idx[~accept]
+            if a_idx.numel():
+                am = accept
+                best["p"][a_idx] = pk[am]
+                best["h"][a_idx] = hk[am]
+                best["F"][a_idx] = F[am]
+                best["Cp"][a_idx] = cp[am]
+                best["g"][a_idx] = torch.einsum("bk,bkr->br", prec[am], jte[am]) - ipck[am] * pk[am]
+                best["H"][a_idx] = -(saved["Pp"][am] + torch.diag_embed(ipck[am]))
+                v[a_idx] = torch.clamp(v[a_idx] + 0.5, max=4.0)
+                h[a_idx] = hk[am]
+            if r_idx.numel():
+                h[r_idx] = best["h"][r_idx]
+                v[r_idx] = torch.clamp(v[r_idx] - 2.0, max=-4.0)
+            for j, b in enumerate(idx.tolist()):
+                history[b].append(float(F[j]) if bool(accept[j]) else float("nan"))
+            dp = _local_step(best["H"][idx], best["g"][idx], v[idx])
+            p[idx] = best["p"][idx] + dp
+            gain = (best["g"][idx] * dp).sum(-1)
+            run[idx] = torch.where(gain < _CONVERGENCE_GAIN, run[idx] + 1, torch.zeros_like(run[idx]))
+            converged[idx] = run[idx] >= _CONVERGENCE_RUN
+            if progress:
+                log.info("iteration %d: %d active, F = %s", k, idx.numel(),
+                         np.array2string(best["F"][idx].cpu().numpy(), precision=2))
     return {"best": best, "iterations": iterations, "converged": converged, "history": history}
+
+
+#: Largest Gauss-Newton curvature (bytes; n^2 Gram matrices of R x R per subject, the
+#: biggest temporary) one chunk of subjects may carry on the CPU. Bigger temporaries cost
+#: page faults at every allocation: on 2 cores, 8 subjects of 15 regions in one chunk
+#: took twice as long per subject as 1, 2 or 4.
+CPU_CHUNK_BYTES = 64 * 2**20
+
+
+def _chunk_size(problem: _Problem) -> int:
+    """Subjects per chunk: all of them on a GPU; on the CPU as many as fit CPU_CHUNK_BYTES."""
+    B, _, n, _ = problem.y.shape
+    if problem.y.device.type != "cpu":
+        return B
+    R = problem.ipc.shape[-1]
+    return max(1, min(B, CPU_CHUNK_BYTES // (n * n * R * R * 8)))
 
 
 def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, jte: torch.Tensor, err2: torch.Tensor,
