@@ -129,8 +129,13 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
 @click.option("--nprocs", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads/processes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Torch device for DCM inversion.")
-@click.option("--dcm-jacobian", type=click.Choice(["autograd", "finite-difference"]), default="autograd",
-              show_default=True, help="Exact autograd Jacobian, or SPM12's finite differences (SPM's path exactly).")
+@click.option("--dcm-jacobian", type=click.Choice(["analytic", "autograd", "finite-difference"]),
+              default="analytic", show_default=True,
+              help="Exact Jacobian by structured forward mode (fast), the same by torch.func autograd (slower), "
+              "or SPM12's finite differences (SPM's path exactly).")
+@click.option("--dcm-csd-model", type=click.Choice(["spm12", "direct"]), default="spm12", show_default=True,
+              help="Predicted CSD: SPM12's (with its AR(7) round trip), or direct (the transfer-function CSD "
+              "without it: fits 1/f-like spectra better, not SPM12).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--overwrite", is_flag=True, help="Redo runs whose outputs already exist.")
 @click.option("--skip-bids-validation", is_flag=True, help="Do not run the BIDS validator on BIDS_DIR.")
@@ -148,6 +153,9 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
 @click.option("--apply-model", type=click.Path(path_type=Path),
               help="Participant: predict each participant with the saved models of this folder (research tool, "
               "not a clinical device). Group: validate them on this dataset (no refitting).")
+@click.option("--treatment-selection", is_flag=True,
+              help="Group: also recommend ketamine or placebo per participant (DPNN and baselines on the "
+              "crossover; needs participants.tsv infusion_1 and both post-infusion sessions).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
 @click.version_option(__version__, "--version", prog_name="bids-ketdcm")
 def bids_app(**kw) -> None:
@@ -180,7 +188,9 @@ def bids_app(**kw) -> None:
     _check_model_options(kw, problems)
     if problems:
         raise InputError("\n".join(problems))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from .layout import check_writable_dir
+
+    check_writable_dir(output_dir, "OUTPUT_DIR", [bids_dir])  # what permissions alone do not tell (root, /proc)
     if kw["analysis_level"] == "participant":
         _participant(kw, bids_dir, output_dir, work_dir, bids_filter)
     else:
@@ -204,7 +214,7 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
         participant_labels=labels, session=kw["session_label"], task=kw["task_label"], space=kw["space"],
         networks=list(kw["networks"]), denoise=kw["denoise"], roi_summary=kw["roi_summary"],
         bids_filter=bids_filter, device=kw["device"], seed=kw["seed"], overwrite=kw["overwrite"],
-        jacobian=kw["dcm_jacobian"], features=list(kw["features"]), gmv_atlases=list(kw["gmv_atlases"]),
+        jacobian=kw["dcm_jacobian"], csd_model=kw["dcm_csd_model"], features=list(kw["features"]), gmv_atlases=list(kw["gmv_atlases"]),
         apply_model=kw["apply_model"],
     )
     summary = run_participant(opts, runs)
@@ -222,7 +232,7 @@ def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
     opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=kw["nprocs"], seed=kw["seed"],
                         allow_missing=kw["allow_missing"], feature_session=kw["session_label"],
                         feature_sets=tuple(kw["features"]), save_model=kw["save_model"],
-                        apply_model=kw["apply_model"])
+                        apply_model=kw["apply_model"], treatment_selection=kw["treatment_selection"])
     run_group(bids_dir, output_dir, opts)
     log.info("group results: %s", output_dir / "group")
 

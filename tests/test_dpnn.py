@@ -14,6 +14,15 @@ from bids_ketdcm.group.dpnn import DPNN, DPNNClassifier, DPNNSettings, prototype
 from bids_ketdcm.group.dpnn_synthetic import SyntheticConfig, generate_synthetic, run_dpnn_synthetic
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny networks: a second torch thread only adds synchronisation (slow on a loaded machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def test_prototype_variance_hand_computed():
     # rows = prototypes, columns = treatments
     probs = torch.tensor([[0.2, 0.6], [0.4, 0.4], [0.9, 0.1]], dtype=torch.float64)
@@ -114,6 +123,55 @@ def test_training_lowers_the_loss():
     model.fit(X, t, y)
     assert model.loss_history[-1] < 0.7 * model.loss_history[0]
     assert model.prototype_table().shape == (4, 2)
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    # pure-noise outcomes: the validation loss soon stops improving while training goes on
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(200, 6))
+    t = rng.integers(0, 2, 200)
+    y = rng.integers(0, 2, 200)
+    settings = DPNNSettings(n_prototypes=3, epochs=200, batch_size=20, lr=1e-2, validation_fraction=0.2, patience=5)
+    model = DPNNClassifier(2, settings, seed=0).fit(X, t, y)
+    assert len(model.val_history) < 200  # stopped early
+    assert len(model.val_history) == model.best_epoch + 1 + settings.patience
+    assert model.val_history[model.best_epoch] == min(model.val_history)
+    # the kept weights are those of the best epoch: a run of exactly that many epochs follows
+    # the same seeded trajectory and ends with the same network
+    shorter = DPNNSettings(**{**settings.__dict__, "epochs": model.best_epoch + 1})
+    np.testing.assert_array_equal(DPNNClassifier(2, shorter, seed=0).fit(X, t, y).predict_proba(X),
+                                  model.predict_proba(X))
+
+
+def test_restarts_keep_the_initialisation_of_lowest_loss():
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(80, 4))
+    t = rng.integers(0, 2, 80)
+    y = ((X[:, 0] > 0) == (t == 1)).astype(int)
+    kwargs = dict(n_prototypes=3, epochs=4, batch_size=20, lr=1e-2)
+    model = DPNNClassifier(2, DPNNSettings(**kwargs, n_init=3), seed=1).fit(X, t, y)
+    assert len(model.init_scores) == 3 and len(set(model.init_scores)) == 3
+    assert model.loss_history[-1] == min(model.init_scores)
+    single = DPNNClassifier(2, DPNNSettings(**kwargs), seed=1).fit(X, t, y)
+    assert single.init_scores == model.init_scores[:1]  # the first initialisation is the n_init=1 fit
+    with pytest.raises(ValueError, match="n_init"):
+        DPNNSettings(n_init=0)
+
+
+def test_cosine_schedule_anneals_the_learning_rate_to_zero():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(60, 4))
+    t = rng.integers(0, 2, 60)
+    y = ((X[:, 0] > 0) == (t == 1)).astype(int)
+    kwargs = dict(n_prototypes=3, epochs=20, batch_size=20, lr=1e-2)
+    constant = DPNNClassifier(2, DPNNSettings(**kwargs), seed=0).fit(X, t, y)
+    cosine = DPNNClassifier(2, DPNNSettings(**kwargs, lr_schedule="cosine"), seed=0).fit(X, t, y)
+    assert constant.loss_history[0] == cosine.loss_history[0]  # same first epoch (lr at its maximum)
+    assert constant.loss_history[-1] != cosine.loss_history[-1]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        DPNNSettings(lr_schedule="step")
+    with pytest.raises(ValueError, match="validation_fraction"):
+        DPNNSettings(validation_fraction=1.0)
 
 
 # --------------------------------------------------------------------------- synthetic data

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+import bids_ketdcm.group.run as group_run
+from bids_ketdcm.cli import main
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.dpnn import DPNNSettings
+from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.treatment import (
     CaseBasedKNN,
     SelectionProblem,
@@ -257,3 +263,29 @@ def test_no_second_period_is_a_skip_naming_the_session(tmp_path, participants, p
 def test_bad_options_raise_input_error(tmp_path, participants, phenotype, options, name):
     with pytest.raises(InputError, match=name):
         run_treatment_selection(_features(["sub-MOA101"]), participants, phenotype, tmp_path, options)
+
+
+def test_cli_group_level_goes_on_when_treatment_selection_cannot_run(tmp_path, participants, monkeypatch, capsys):
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    (bids / "phenotype").mkdir(parents=True)
+    participants.drop(columns="infusion_1").to_csv(bids / "participants.tsv", sep="\t", index=False, na_rep="n/a")
+    shutil.copy(DS / "phenotype" / "phenotype.tsv", bids / "phenotype")
+    rng = np.random.default_rng(0)
+    for pid in participants.loc[participants["group"] == "MDD", "participant_id"]:
+        write_connectivity(out, pid, "b0", "dmn4", rng.normal(0, 0.1, (4, 4)), ["PCC", "mPFC", "lIPL", "rIPL"])
+    # a one-model suite keeps the test fast; the CLI's own options pass through unchanged
+    quick = functools.partial(
+        group_run.GroupOptions, include_group=("MDD",), schemes=("binary25",), targets=(), models=("logistic",),
+        k_values=(3,), nested_repeats=0, progress=False,
+    )
+    monkeypatch.setattr(group_run, "GroupOptions", quick)
+    rc = main([str(bids), str(out), "group", "--treatment-selection", "--n-permutations", "0", "--nprocs", "1"])
+    assert rc == 0
+    assert "treatment selection skipped: participants.tsv lacks column(s) infusion_1" in capsys.readouterr().err
+    group = out / "group"
+    assert (group / "results.tsv").exists() and not (group / "treatment_selection.tsv").exists()
+    report = (group / "report.html").read_text()
+    assert "Treatment selection" in report and "Not run: participants.tsv lacks column(s) infusion_1" in report
+    results = json.loads((group / "results.json").read_text())
+    assert results["options"]["treatment_selection"] is True
+    assert results["treatment_selection"]["skipped"].startswith("participants.tsv lacks")

@@ -23,13 +23,22 @@ et al.'s interpretability terms (weights 0 by default, as the paper's synthetic 
 A response probability for every treatment is obtained by feeding each one-hot treatment in
 turn; the recommended treatment is the one with the highest probability.
 
+Training: Adam on shuffled mini-batches, with a constant learning rate or one annealed to
+zero along a cosine over the epochs (``lr_schedule``); optionally, early stopping on a
+validation split of the training data (``validation_fraction``): the weights of the epoch
+with the lowest validation cross-entropy are kept, and training stops after ``patience``
+epochs without improvement; optionally, several random initialisations (``n_init``), the
+best by final training loss (or validation cross-entropy) being kept.
+
 Inputs must already be standardised (the cross-validation in :mod:`.treatment` fits the
 scaler on the training fold only).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +68,20 @@ class DPNNSettings:
         Weights of Li et al.'s terms pulling each prototype to its nearest sample and each
         sample to its nearest prototype.
     lr, batch_size, epochs
-        Adam learning rate, mini-batch size and number of passes over the training data.
+        Adam learning rate, mini-batch size and (most) passes over the training data.
+    lr_schedule
+        ``"constant"``, or ``"cosine"``: the learning rate falls from ``lr`` to 0 along a
+        half cosine over ``epochs`` (the last updates are small, so the final weights do
+        not jitter with the last mini-batches).
+    validation_fraction
+        Fraction of the training data held out for early stopping (0: none; every epoch is
+        run and the last weights are kept).
+    patience
+        Epochs without a lower validation cross-entropy before training stops.
+    n_init
+        Random initialisations trained; the network of the lowest final training loss
+        (validation cross-entropy with a validation split) is kept. Training occasionally
+        ends in a poor local optimum (a visibly higher loss); restarts guard against it.
     """
 
     n_prototypes: int = 5
@@ -74,6 +96,18 @@ class DPNNSettings:
     lr: float = 1e-4
     batch_size: int = 10
     epochs: int = 100
+    lr_schedule: str = "constant"
+    validation_fraction: float = 0.0
+    patience: int = 20
+    n_init: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"DPNNSettings.lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"DPNNSettings.validation_fraction must be in [0, 1), not {self.validation_fraction}")
+        if self.n_init < 1:
+            raise ValueError(f"DPNNSettings.n_init must be at least 1, not {self.n_init}")
 
 
 def prototype_variance(probs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -192,35 +226,100 @@ class DPNNClassifier:
         self.seed = seed
         self.net: DPNN | None = None
         self.loss_history: list[float] = []
+        self.val_history: list[float] = []
+        self.best_epoch: int | None = None
+        self.init_scores: list[float] = []
 
     def fit(self, X: np.ndarray, treatment: np.ndarray, outcome: np.ndarray) -> DPNNClassifier:
-        """Train on standardised features ``X`` (n, p), treatments (n,) and binary outcomes (n,)."""
+        """Train on standardised features ``X`` (n, p), treatments (n,) and binary outcomes (n,).
+
+        ``n_init`` networks are trained from successive random initialisations and the one
+        with the lowest final training loss (with ``validation_fraction`` > 0: the lowest
+        validation cross-entropy) is kept. With ``validation_fraction`` > 0 a seeded random
+        part of the data is held out and only monitored; ``best_epoch`` is the epoch whose
+        weights are kept (0-based). ``loss_history``, ``val_history`` and ``best_epoch``
+        describe the kept network; ``init_scores`` holds every initialisation's score.
+        """
         s = self.settings
         x = torch.as_tensor(np.asarray(X, dtype=np.float32))
         onehot = nn.functional.one_hot(
             torch.as_tensor(np.asarray(treatment, dtype=np.int64)), self.n_treatments
         ).float()
         y = torch.as_tensor(np.asarray(outcome, dtype=np.float32))
-        n = x.shape[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.net = DPNN(x.shape[1], self.n_treatments, s)
-            optimiser = torch.optim.Adam(self.net.parameters(), lr=s.lr)
-            self.net.train()
-            self.loss_history = []
-            for _ in range(s.epochs):
-                order = torch.randperm(n)
-                epoch_loss = 0.0
-                for start in range(0, n, s.batch_size):
-                    idx = order[start : start + s.batch_size]
-                    optimiser.zero_grad()
-                    loss = self.net.loss(x[idx], onehot[idx], y[idx])
-                    loss.backward()
-                    optimiser.step()
-                    epoch_loss += loss.item() * len(idx)
-                self.loss_history.append(epoch_loss / n)
+            perm = torch.randperm(x.shape[0])
+            n_val = int(s.validation_fraction * x.shape[0])
+            val, train = perm[:n_val], perm[n_val:]
+            self.init_scores = []
+            for _ in range(s.n_init):
+                fitted = self._train_once(x, onehot, y, train, val)
+                score = min(fitted[2]) if n_val else fitted[1][-1]
+                self.init_scores.append(score)
+                if score == min(self.init_scores):
+                    self.net, self.loss_history, self.val_history, self.best_epoch = fitted
         self.net.eval()
         return self
+
+    def _train_once(
+        self, x: torch.Tensor, onehot: torch.Tensor, y: torch.Tensor, train: torch.Tensor, val: torch.Tensor
+    ) -> tuple[DPNN, list[float], list[float], int]:
+        """Train one network from a fresh initialisation (the caller seeds torch).
+
+        Returns
+        -------
+        tuple
+            (network with the kept weights, training loss per epoch, validation
+            cross-entropy per epoch (empty without a validation split), kept epoch).
+        """
+        s = self.settings
+        net = DPNN(x.shape[1], self.n_treatments, s)
+        optimiser = torch.optim.Adam(net.parameters(), lr=s.lr)
+        cosine = s.lr_schedule == "cosine"
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, s.epochs) if cosine else None
+        losses: list[float] = []
+        val_losses: list[float] = []
+        best_loss, best_state, best_epoch = math.inf, None, s.epochs - 1
+        for epoch in range(s.epochs):
+            losses.append(self._epoch(net, optimiser, x, onehot, y, train))
+            if schedule is not None:
+                schedule.step()
+            if not len(val):
+                continue
+            val_losses.append(self._validation_loss(net, x[val], onehot[val], y[val]))
+            if val_losses[-1] < best_loss:
+                best_loss, best_epoch = val_losses[-1], epoch
+                best_state = copy.deepcopy(net.state_dict())
+            elif epoch - best_epoch >= s.patience:
+                break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        return net, losses, val_losses, best_epoch
+
+    def _epoch(
+        self, net: DPNN, optimiser: torch.optim.Optimizer, x: torch.Tensor, onehot: torch.Tensor, y: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> float:
+        """One pass over ``rows`` in shuffled mini-batches; returns the mean training loss."""
+        net.train()
+        order = rows[torch.randperm(len(rows))]
+        total = 0.0
+        for start in range(0, len(order), self.settings.batch_size):
+            idx = order[start : start + self.settings.batch_size]
+            optimiser.zero_grad()
+            loss = net.loss(x[idx], onehot[idx], y[idx])
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(idx)
+        return total / len(order)
+
+    @staticmethod
+    def _validation_loss(net: DPNN, x: torch.Tensor, onehot: torch.Tensor, y: torch.Tensor) -> float:
+        """Cross-entropy of the observed outcomes of held-out patients (no dropout)."""
+        net.eval()
+        with torch.no_grad():
+            logits, _, _ = net(x, onehot)
+            return nn.functional.binary_cross_entropy_with_logits(logits, y).item()
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Response probability of every patient under every treatment, shape (n, T)."""

@@ -2,8 +2,10 @@
 
 Figures (embedded PNG): confusion matrix and ROC curves (label schemes) or predicted vs
 observed (continuous targets), per-fold bars of the headline metric for every model,
-permutation null histograms (ketamine and placebo), and the A-matrix weights of the best
-model. One self-contained file; figures are drawn in parallel over ``nprocs`` processes.
+permutation null histograms (ketamine and placebo), the A-matrix weights of the best
+model, and (when run) the ketamine-vs-placebo treatment selection: its table and figure, or
+the reason it was skipped. One self-contained file; figures are drawn in parallel over
+``nprocs`` processes.
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[Task],
-                 best: dict | None, summary: pd.DataFrame, nprocs: int = 1) -> None:
+                 best: dict | None, summary: pd.DataFrame, nprocs: int = 1,
+                 treatment: dict | None = None) -> None:
     """Write the group report.
 
     Parameters
@@ -167,6 +170,9 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         Plain-language summary table.
     nprocs
         Processes drawing figures.
+    treatment
+        Result of the group level's treatment selection (``run._treatment_selection``), or
+        None when it was not asked for.
     """
     from joblib import Parallel, delayed
 
@@ -180,12 +186,12 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         sel = (pred.treatment == "ketamine") & (pred.network == task.network) & (pred.target == task.target)
         fsel = (folds.treatment == "ketamine") & (folds.network == task.network) & (folds.target == task.target)
         nulls = {}
-        for treatment in ("ketamine", "placebo"):
-            key = f"{treatment}|{task.network}|{task.target}|{model}|{protocol}"
-            row = res[(res.treatment == treatment) & (res.network == task.network) & (res.target == task.target)
+        for arm in ("ketamine", "placebo"):  # not `treatment`: that is the treatment-selection result
+            key = f"{arm}|{task.network}|{task.target}|{model}|{protocol}"
+            row = res[(res.treatment == arm) & (res.network == task.network) & (res.target == task.target)
                       & (res.model == model) & (res.protocol == protocol)]
             if key in suite.nulls and len(row):
-                nulls[treatment] = (suite.nulls[key], float(row.headline.iloc[0]))
+                nulls[arm] = (suite.nulls[key], float(row.headline.iloc[0]))
         r = res[(res.treatment == "ketamine") & (res.network == task.network) & (res.target == task.target)
                 & (res.protocol == protocol)]
         text = "\n".join(f"{m:15s} R2 {h:+.3f}  r {pr:+.3f}" for m, h, pr in zip(r.model, r.headline, r.pearson_r)) \
@@ -211,6 +217,7 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         "'chance_model' is the majority-class / mean comparator, 'baseline_score_only' the model "
         "using the baseline score alone; 'placebo' is the same model on placebo response labels.</p>",
         _table(summary) if len(summary) else "<p>No analysis ran.</p>",
+        *_feature_set_section(res, protocol),
         "<h2>Participants and labels</h2>",
         _table(pd.DataFrame([{"analysis": a, "participants": n} for a, n in info["participants"].items()])),
         _table(pd.DataFrame([{"analysis": a, "scheme": s, **{k: v for k, v in c.items()}}
@@ -231,6 +238,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
             + f"; rows = targets, columns = sources. Other features: {best['extra_weights'] or 'none'}.</p>",
             f"<img src='data:image/png;base64,{_weights_figure(best)}'>",
         ]
+    if treatment is not None:
+        parts += _treatment_section(treatment)
     parts.append("<h2>Figures per target and network (ketamine)</h2>")
     for ctx, img in zip(contexts, images):
         parts.append(f"<h3>{html.escape(ctx['target'])} / seg-{html.escape(ctx['network'])}</h3>")
@@ -244,6 +253,52 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
     parts += [f"<li><b>{html.escape(m)}</b>: {html.escape(d)}</li>" for m, d in info["models"].items()]
     parts.append("</ul></body></html>")
     write_text(path, "\n".join(parts))
+
+
+def _treatment_section(treatment: dict) -> list[str]:
+    """HTML of the treatment-selection section: reason for a skip, or table + figure."""
+    parts = ["<h2>Treatment selection: ketamine or placebo</h2>"]
+    if treatment["skipped"] is not None:
+        return parts + [f"<p>Not run: {html.escape(treatment['skipped'])}.</p>"]
+    counts = ", ".join(f"{k} {v}" for k, v in treatment["first_treatment_counts"].items())
+    rates = ", ".join(f"{k} {v:.2f}" for k, v in treatment["response_rates"].items())
+    parts.append(
+        f"<p class='note'>Features: seg-{html.escape(treatment['feature_set'])}. "
+        f"{treatment['n_participants']} participants (first infusion: {counts}; response rate under "
+        f"{rates}); {treatment['n_splits']}-fold CV repeated {treatment['n_repeats']} times. Each method "
+        "learns from the first-period outcome and recommends the infusion of higher predicted response "
+        "probability; the second period supplies the counterfactual. RPL: response lost against the best "
+        "infusion (lower is better); MRR: reciprocal rank of the recommendation, ties averaged "
+        "(mrr_column: ties broken by column order); RR: response rate of participants whose first "
+        "infusion matches the recommendation, against the base rate. Means and SDs over repeats of the "
+        "pooled out-of-fold metrics. " + " ".join(html.escape(n) for n in treatment["notes"]) + "</p>"
+    )
+    parts.append(_table(pd.DataFrame(treatment["summary"])))
+    tests = treatment["tests"]["rpl"].get("versus_reference", {})
+    if tests:
+        parts.append("<p class='note'>RPL lower than random (one-sided Wilcoxon over fold-repeats): "
+                     + ", ".join(f"{html.escape(m)} p = {p:.3g}" for m, p in tests.items()) + ".</p>")
+    figure = Path(treatment["files"]["figure"])
+    image = base64.b64encode(figure.read_bytes()).decode("ascii")
+    return parts + [f"<img src='data:image/png;base64,{image}'>"]
+
+
+def _feature_set_section(res: pd.DataFrame, protocol: str) -> list[str]:
+    """Feature sets (dcm, gmv, dcm+gmv) side by side with the baseline-score-only model."""
+    from bids_ketdcm.group.feature_sets import compare_feature_sets
+
+    table = compare_feature_sets(res, protocol)
+    if table.empty:
+        return []
+    return [
+        "<h2>Feature sets compared</h2>",
+        ("<p class='note'>Ketamine, headline model and metric per target under "
+         f"{html.escape(protocol)} (p: permutation p-value; _nested: nested-CV mean) for each feature set: "
+         "dcm (effective connectivity A), gmv (regional gray-matter volume / TIV), dcm+gmv (both); "
+         "'baseline_score_only' uses the baseline MADRS alone, 'chance_model' is the majority / mean model. "
+         "An imaging feature set is worth having only where it beats baseline_score_only.</p>"),
+        _table(table),
+    ]
 
 
 def _n_perm(res: pd.DataFrame) -> int:

@@ -9,7 +9,11 @@
 * ``folds.tsv``: the metrics of every fold; ``predictions.tsv``: out-of-fold
   predictions per participant;
 * ``results.json``: definitions, options, label counts, skipped analyses, permutation
-  nulls and the summary; ``report.html``: the group report.
+  nulls and the summary; ``report.html``: the group report;
+* with ``treatment_selection``: ``treatment_selection.tsv``, ``treatment_selection.png``,
+  ``treatment_selection_participants.tsv`` and ``treatment_selection.json``
+  (:func:`bids_ketdcm.group.treatment.run_treatment_selection`), unless the cohort cannot
+  support it, which is logged and recorded, and the rest of the group level goes on.
 """
 
 from __future__ import annotations
@@ -26,7 +30,16 @@ from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.feature_sets import gather_features
 from bids_ketdcm.group.features import FeatureSet
-from bids_ketdcm.group.labels import SCHEME_NAMES, TARGETS, LabelSet, build_labels, labels_sidecar, normalise_session
+from bids_ketdcm.group.labels import (
+    SCHEME_NAMES,
+    TARGETS,
+    LabelSet,
+    build_labels,
+    labels_sidecar,
+    normalise_session,
+    read_participants,
+    read_scores,
+)
 from bids_ketdcm.group.suite import (
     ALL_MODELS,
     COMPARATORS,
@@ -41,7 +54,7 @@ from bids_ketdcm.group.suite import (
     fit_full,
     run_suite,
 )
-from bids_ketdcm.io import write_json, write_tsv
+from bids_ketdcm.io import finite_json, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +109,8 @@ class GroupOptions:
     save_model: Path | None = None
     #: Apply the saved models of this folder (external validation, no refitting) instead of the suite.
     apply_model: Path | None = None
+    #: Also recommend ketamine or placebo per participant (crossover treatment selection).
+    treatment_selection: bool = False
 
     def __post_init__(self) -> None:
         # a single name given as a string means a one-element list, not its characters
@@ -346,6 +361,8 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     if options.apply_model is not None:  # external validation of saved models: no suite
         from bids_ketdcm.group.external import apply_models
 
+        if options.treatment_selection:
+            log.warning("--treatment-selection is not run with --apply-model (external validation only)")
         return apply_models(options.apply_model, labels, output_dir,
                             session=options.feature_session or options.baseline_session, space=options.space,
                             task=options.task, run=options.run, n_permutations=options.n_permutations,
@@ -367,6 +384,8 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         from bids_ketdcm.group.model_io import save_group_models
 
         save_group_models(options.save_model, tasks, suite, labels, options)
+
+    treatment = _treatment_selection(bids_dir, output_dir, features, options) if options.treatment_selection else None
 
     group = output_dir / "group"
     sessions = {"ketamine": normalise_session(options.post_session)}
@@ -404,38 +423,76 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         "summary": summary.to_dict(orient="records"),
         "best_model": None if best is None else {**best, "weights": best["weights"]},
         "nulls": suite.nulls,
+        "treatment_selection": treatment,
         "results": suite.results.to_dict(orient="records"),
         "seconds": round(time.perf_counter() - start, 2),
     }
     outputs = {name: str(group / name) for name in (
         "labels.tsv", "labels.json", "labels_excluded.tsv", "results.tsv", "folds.tsv",
         "predictions.tsv", "results.json")}
+    if treatment is not None and treatment["skipped"] is None:
+        outputs.update({Path(f).name: f for f in treatment["files"].values()})
     if options.report:
         from bids_ketdcm.group.report import write_report
 
-        write_report(group / "report.html", info, suite, tasks, best, summary, nprocs=options.nprocs)
+        write_report(group / "report.html", info, suite, tasks, best, summary, nprocs=options.nprocs,
+                     treatment=treatment)
         log.info("report written at %.1f s", time.perf_counter() - start)
         outputs["report.html"] = str(group / "report.html")
     info["seconds"] = round(time.perf_counter() - start, 2)
-    write_json(group / "results.json", _finite_json(info))
+    write_json(group / "results.json", finite_json(info))
     log.info("group level done in %.1f s: %s", info["seconds"], group)
     return {
         "outputs": outputs, "participants": n_part, "label_counts": counts, "skipped": skipped,
         "summary": summary.to_dict(orient="records"), "seconds": info["seconds"],
-        "n_tasks": len(tasks),
+        "n_tasks": len(tasks), "treatment_selection": treatment,
     }
 
 
-def _finite_json(value):
-    """Replace NaN (not valid JSON) by None, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _finite_json(value.tolist())
-    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
+def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, FeatureSet],
+                         options: GroupOptions) -> dict:
+    """Ketamine-vs-placebo treatment selection on the first feature set.
+
+    Parameters
+    ----------
+    bids_dir
+        Raw BIDS dataset (``participants.tsv`` with ``infusion_1``, ``phenotype/``).
+    output_dir
+        Derivatives root (results go to ``output_dir/group/``).
+    features
+        The group level's feature sets; the first one (the first network of the first
+        ``--features`` set) is used.
+    options
+        Group options: score column, sessions, groups and seed are shared with the suite.
+
+    Returns
+    -------
+    dict
+        :func:`~bids_ketdcm.group.treatment.run_treatment_selection`'s result plus
+        ``feature_set`` (its key); ``skipped`` holds the reason when the data cannot support
+        the analysis (logged as a warning; nothing is written then).
+    """
+    from bids_ketdcm.group.treatment import TreatmentOptions, run_treatment_selection
+
+    key = next(iter(features))
+    reason = None
+    participants = read_participants(bids_dir)
+    if options.placebo_session is None:
+        reason = "no placebo session (--placebo-session) to give the crossover's counterfactual"
+    elif participants is None:
+        reason = f"{bids_dir / 'participants.tsv'} is missing (the first infusion, infusion_1, is read from it)"
+    if reason is not None:
+        log.warning("treatment selection skipped: %s", reason)
+        return {"skipped": reason, "feature_set": key}
+    scores, _, _ = read_scores(bids_dir, options.score_column)
+    phenotype = scores.rename(columns={"session": "session_id", "score": options.score_column})
+    fs = features[key]
+    table = pd.DataFrame(fs.X, index=pd.Index(fs.participants, name="participant_id"), columns=fs.feature_names)
+    treatment_options = TreatmentOptions(
+        seed=options.seed, score_column=options.score_column, baseline_session=options.baseline_session,
+        ketamine_session=options.post_session, placebo_session=options.placebo_session,
+        groups=tuple(options.include_group) if options.include_group else None,
+    )
+    log.info("treatment selection on seg-%s", key)
+    result = run_treatment_selection(table, participants.reset_index(), phenotype, output_dir, treatment_options)
+    return {**result, "feature_set": key}
