@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The demo: synthesise a ds005917-shaped dataset, run the participant level for every
-# subject (dmn4), then the group level, and print where the reports are.
+# subject (dmn4), then the group level (prediction suite and ketamine-vs-placebo treatment
+# selection), and print where the reports are.
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-demo_out}
 rm -rf "$OUT"
 "$PY" -m bids_ketdcm.cli synth "$OUT/bids" --network dmn4 --link planted --seed 0
 "$PY" run.py "$OUT/bids" "$OUT/derivatives" participant --network dmn4
-"$PY" run.py "$OUT/bids" "$OUT/derivatives" group --n-permutations 200 --allow-missing
+"$PY" run.py "$OUT/bids" "$OUT/derivatives" group --n-permutations 200 --allow-missing --treatment-selection
 reports=("$OUT"/derivatives/sub-*.html)
 echo "participant reports: ${reports[*]:0:3} ..."
 echo "group report:        $OUT/derivatives/group/report.html"

@@ -297,8 +297,9 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dic
     K = n * n
     R = problem.ipc.shape[-1]
     ipc = problem.ipc
+    upper, _, weight = hermitian_components(n, dev)
     p = torch.zeros(B, R, dtype=torch.float64, device=dev)
-    h = torch.full((B, K), HYPER_MEAN, dtype=torch.float64, device=dev)
+    h = torch.full((B, upper.numel()), HYPER_MEAN, dtype=torch.float64, device=dev)
     v = torch.full((B,), _LOG_STEP_START, dtype=torch.float64, device=dev)
     best = {
         "p": p.clone(), "h": h.clone(), "F": torch.full((B,), -math.inf, dtype=torch.float64, device=dev),
@@ -319,27 +320,32 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dic
         iterations[active] = k
         for idx in active.split(chunk):
             pred, jac = problem.predict_and_jacobian(p[idx], idx)  # jac: (b, F, R, n, n)
-            err = (y[idx] - pred).reshape(-1, nf, K)  # (b, F, K)
+            # CSD, prediction and Jacobian are Hermitian: element (j, i) is the conjugate of
+            # (i, j), with the same Gram matrix, residual norm and hyperparameter; only the
+            # elements i <= j are formed, and sums over elements weigh the others twice
+            err = (y[idx] - pred).reshape(-1, nf, K)[..., upper]  # (b, F, Ku)
             # real representation per CSD element k: rows = real and imaginary parts of the frequencies
-            jr = torch.view_as_real(jac.reshape(-1, nf, R, K)).permute(0, 3, 1, 4, 2)
-            jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(-1, K, 2 * nf, R)
-            er = torch.view_as_real(err).permute(0, 2, 1, 3).reshape(-1, K, 2 * nf)
+            jr = torch.view_as_real(jac.reshape(-1, nf, R, K)[..., upper]).permute(0, 3, 1, 4, 2)
+            jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(-1, upper.numel(), 2 * nf, R)
+            er = torch.view_as_real(err).permute(0, 2, 1, 3).reshape(-1, upper.numel(), 2 * nf)
             finite = torch.isfinite(er.sum(dim=(1, 2))) & torch.isfinite(jr.sum(dim=(1, 2, 3)))
             if not bool(finite.all()):
                 er = torch.where(finite[:, None, None], er, torch.zeros_like(er))
                 jr = torch.where(finite[:, None, None, None], jr, torch.zeros_like(jr))
-            gram = jr.transpose(-1, -2) @ jr  # (b, K, R, R)
-            jte = (jr.transpose(-1, -2) @ er[..., None])[..., 0]  # (b, K, R)
-            err2 = (er * er).sum(-1)  # (b, K)
+            gram = jr.transpose(-1, -2) @ jr  # (b, Ku, R, R)
+            jte = (jr.transpose(-1, -2) @ er[..., None])[..., 0]  # (b, Ku, R)
+            err2 = (er * er).sum(-1)  # (b, Ku)
             pk, hk, ipck = p[idx], h[idx].clone(), ipc[idx]
-            saved = _hyper_loop(hk, gram, jte, err2, ipck, nf)
+            saved = _hyper_loop(hk, gram, jte, err2, ipck, nf, weight)
             hk = saved["h_new"]
             # free energy with the quantities of the start of the last inner step
             prec, cp, h_used, curv = saved["prec"], saved["Cp"], saved["h"], saved["curv"]
-            L1 = nf * torch.log(prec).sum(-1) / 2 - (prec * err2).sum(-1) / 2 - n_data * math.log(2 * math.pi) / 2
+            L1 = (nf * (weight * torch.log(prec)).sum(-1) / 2 - (weight * prec * err2).sum(-1) / 2
+                  - n_data * math.log(2 * math.pi) / 2)
             L2 = (torch.log(ipck).sum(-1) + torch.linalg.slogdet(cp)[1]) / 2 - (pk * pk * ipck).sum(-1) / 2
             d = h_used - HYPER_MEAN
-            L3 = torch.log(HYPER_PRECISION / (-curv)).sum(-1) / 2 - HYPER_PRECISION * (d * d).sum(-1) / 2
+            L3 = ((weight * torch.log(HYPER_PRECISION / (-curv))).sum(-1) / 2
+                  - HYPER_PRECISION * (weight * d * d).sum(-1) / 2)
             F = L1 + L2 + L3
             F = torch.where(finite, F, torch.full_like(F, -math.inf))
             accept = (F > best["F"][idx]) | (k < 3)
@@ -351,7 +357,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dic
                 best["h"][a_idx] = hk[am]
                 best["F"][a_idx] = F[am]
                 best["Cp"][a_idx] = cp[am]
-                best["g"][a_idx] = torch.einsum("bk,bkr->br", prec[am], jte[am]) - ipck[am] * pk[am]
+                best["g"][a_idx] = torch.einsum("bk,bkr->br", weight * prec[am], jte[am]) - ipck[am] * pk[am]
                 best["H"][a_idx] = -(saved["Pp"][am] + torch.diag_embed(ipck[am]))
                 v[a_idx] = torch.clamp(v[a_idx] + 0.5, max=4.0)
                 h[a_idx] = hk[am]
@@ -388,9 +394,11 @@ def _chunk_size(problem: _Problem) -> int:
 
 
 def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, jte: torch.Tensor, err2: torch.Tensor,
-                ipc: torch.Tensor, nf: int) -> dict[str, torch.Tensor]:
+                ipc: torch.Tensor, nf: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Up to 8 Newton-like updates of the CSD error log-precisions (SPM's M-step).
 
+    ``h``, ``gram``, ``jte`` and ``err2`` hold the CSD elements i <= j; ``weight`` (1 on
+    the diagonal, 2 above) counts each with its conjugate twin in sums over elements.
     Returns the quantities of the start of each subject's last inner step (used for the
     free energy and the E-step) and the updated hyperparameters ``h_new``.
     """
@@ -400,7 +408,7 @@ def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, jte: torch.Tensor, err2: to
     for _ in range(_HYPER_STEPS):
         eh = torch.exp(h)
         prec = _HYPER_FLOOR + eh
-        Pp = torch.einsum("bk,bkrs->brs", prec, gram)
+        Pp = torch.einsum("bk,bkrs->brs", weight * prec, gram)
         cp = torch.linalg.inv(Pp + torch.diag_embed(ipc))
         cp = (cp + cp.transpose(-1, -2)) / 2
         ratio = eh / prec
@@ -413,13 +421,34 @@ def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, jte: torch.Tensor, err2: to
         for key, value in current.items():
             saved[key] = torch.where(_expand(active, value), value, saved[key]) if key in saved else value.clone()
         h_new = torch.where(active[:, None], h + step, h)
-        gain = (dFdh * step).sum(-1)
+        gain = (weight * dFdh * step).sum(-1)
         h = h_new
         active = active & (gain >= 1e-2)
         if not bool(active.any()):
             break
     saved["h_new"] = h
     return saved
+
+
+def hermitian_components(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CSD elements i <= j of an n x n Hermitian matrix, flattened row-major.
+
+    Returns
+    -------
+    upper : torch.Tensor
+        (n (n + 1) / 2,) flat indices ``i n + j`` with i <= j.
+    mirror : torch.Tensor
+        (n^2,) for every flat index, the position in ``upper`` of it or of its transpose.
+    weight : torch.Tensor
+        (n (n + 1) / 2,) 1.0 on the diagonal, 2.0 above it.
+    """
+    i, j = torch.triu_indices(n, n, device=device)
+    upper = i * n + j
+    position = torch.empty(n, n, dtype=torch.long, device=device)
+    position[i, j] = torch.arange(upper.numel(), device=device)
+    position[j, i] = position[i, j]
+    weight = torch.where(i == j, 1.0, 2.0).to(torch.float64)
+    return upper, position.reshape(-1), weight
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -451,7 +480,7 @@ def _posterior(problem: _Problem, state: dict, nf: int) -> Posterior:
         params=params,
         cov=cov.cpu().numpy(),
         F=best["F"].cpu().numpy(),
-        h=best["h"].reshape(B, n, n).cpu().numpy(),
+        h=best["h"][:, hermitian_components(n, problem.y.device)[1]].reshape(B, n, n).cpu().numpy(),
         iterations=state["iterations"].cpu().numpy(),
         converged=converged,
         predicted_csd=pred.cpu().numpy(),

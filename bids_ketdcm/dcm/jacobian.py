@@ -163,20 +163,28 @@ def predict_csd_and_jacobian(
     d_region = torch.exp(p["c"])[:, None, None, :] * (gb[:, :, None, None] * dp["c"][:, None] + d_gb[..., None])
     ones = torch.ones(n, n, dtype=theta.dtype, device=theta.device)
     noise = global_noise[..., None, None] * ones + torch.diag_embed(region_noise)
-    d_noise = d_global[..., None, None] * ones + torch.diag_embed(d_region)  # (b, F, R, n, n)
 
     SSH = S @ S_H
     csd = gu[..., None, None] * SSH + noise
-    d_csd = (d_gu.to(rt)[..., None, None] * SSH.to(tt)[:, :, None]
-             + gu.to(rt)[:, :, None, None, None] * (cross + _hermitian(cross)) + d_noise.to(rt))
-
     if csd_model == "direct":
+        d_noise = d_global[..., None, None] * ones + torch.diag_embed(d_region)  # (b, F, R, n, n)
+        d_csd = (d_gu.to(rt)[..., None, None] * SSH.to(tt)[:, :, None]
+                 + gu.to(rt)[:, :, None, None, None] * (cross + _hermitian(cross)) + d_noise.to(rt))
         return csd, d_csd
+
     # SPM's round trip: cross-covariance (linear), Yule-Walker AR(p), AR -> CSD
     order = MODEL_AR_ORDER
     kernel = autocovariance_kernel(F, grid, order, ctype, theta.device)  # (L, F)
     cov = torch.einsum("mf,bfij->bmij", kernel, csd).real
-    d_cov = torch.einsum("mf,bfrij->brmij", kernel.to(tt), d_csd).real  # (b, R, L, n, n)
+    # the tangents of the cross-covariance, Re(kernel @ d_csd), term by term so that the
+    # (F, R, n, n) tangent of the CSD is never formed: with X = Gu dS S^H,
+    # Re(k X^H)_ij = Re(conj(k) X)_ji; the spectra's terms are small contractions
+    weighted = kernel[None] * gu[:, None, :]  # (b, L, F)
+    d_cov = (torch.einsum("bmf,bfrij->brmij", weighted.to(tt), cross).real
+             + torch.einsum("bmf,bfrij->brmji", weighted.conj().to(tt), cross).real).to(rt)
+    d_cov = d_cov + torch.einsum("mf,bfr,bfij->brmij", kernel, d_gu.to(ctype), SSH).real.to(rt)
+    d_cov = d_cov + torch.einsum("mf,bfr->brm", kernel, d_global.to(ctype)).real.to(rt)[..., None, None]
+    d_cov = d_cov + torch.diag_embed(torch.einsum("mf,bfri->brmi", kernel, d_region.to(ctype)).real.to(rt))
     system, rhs = yule_walker_system(cov, order)
     d_system, d_rhs = yule_walker_system(d_cov.reshape((b * R,) + d_cov.shape[2:]), order)
     lu, pivots = torch.linalg.lu_factor(system)
