@@ -27,7 +27,8 @@ from bids_ketdcm.group import GroupOptions, run_group
 from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.labels import build_labels
 
-DS = Path(os.environ.get("DS005917", "/work/shared/ds005917"))
+#: The real ds005917 metadata (CC0), as bundled with the package (override: $DS005917).
+DS = Path(os.environ.get("DS005917", Path(__file__).resolve().parents[1] / "bids_ketdcm" / "data" / "ds005917"))
 NETWORKS = {"dmn4": 4, "dmn11": 11, "dmn15": 15}
 
 

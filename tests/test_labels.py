@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import DS005917
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.labels import build_labels, make_schemes
 
-DS = Path("/work/shared/ds005917")
+DS = DS005917
 
 # Counted by hand from phenotype.tsv (MDD rows with MADRS at ses-b0 and ses-d2; r = (b0 - d2) / b0):
 # responders r >= 0.5: 104 (.585) 111 (1.0) 112 (.857) 118 (.848) 126 (.625) 134 (.514);

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import bids_ketdcm.group.run as group_run
+from conftest import DS005917
 from bids_ketdcm.cli import main
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.dpnn import DPNNSettings
@@ -33,9 +34,7 @@ from bids_ketdcm.group.treatment_metrics import (
     selection_metrics,
 )
 
-DS = Path("/work/shared/ds005917")
-if not DS.exists():  # the real metadata, as shipped with the project's shared folder
-    DS = Path(__file__).resolve().parents[2] / "shared" / "ds005917"
+DS = DS005917
 
 
 def _read(path: Path) -> pd.DataFrame:
