@@ -244,7 +244,7 @@ def _run_report(w: _RunWork, label: str, post) -> RunReport:
         csd_predicted=post.predicted_csd, A_hz=post.A_hz, A_var=post.A_var, F_history=history,
         free_energy=float(post.F), iterations=int(post.iterations), converged=bool(post.converged),
         variance_explained=float(post.variance_explained), seconds=float(post.seconds), device=post.device,
-        qc=_report_qc(s.qc, s.names), denoise_strategy=str(s.denoise.get("strategy", "")),
+        qc=_report_qc(s.qc, s.names), denoise_strategy=str(s.denoise.get("Name", "")),
     )
 
 

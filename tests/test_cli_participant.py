@@ -51,7 +51,9 @@ def test_participant_level_writes_bids_derivatives(participant_run, dataset):
         assert f.with_name(f.name.replace("connectivity.tsv", "posterior.npz")).exists()
         ts = f.with_name(f.name.replace("_desc-dcm_connectivity", "_timeseries"))
         assert ts.exists() and ts.with_suffix(".json").exists()
-    assert len(list(out.glob("sub-*.html"))) == 3
+    reports = sorted(out.glob("sub-*.html"))
+    assert len(reports) == 3
+    assert "Denoising strategy</th><td>simple</td>" in reports[0].read_text()  # each run's own
     assert (out / "logs" / "CITATION.bib").exists()
 
 

@@ -221,7 +221,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         "<h2>Participants and labels</h2>",
         _table(pd.DataFrame([{"analysis": a, "participants": n} for a, n in info["participants"].items()])),
         _table(pd.DataFrame([{"analysis": a, "scheme": s, **{k: v for k, v in c.items()}}
-                             for a, by in info["label_counts"].items() for s, c in by.items()]).fillna(0)),
+                             for a, by in info["label_counts"].items() for s, c in by.items()])
+               .fillna(0).convert_dtypes()),  # counts as integers (absent classes: 0)
     ]
     if info["skipped"]:
         parts += ["<h3>Skipped analyses</h3>", _table(pd.DataFrame(info["skipped"]))]
