@@ -72,15 +72,16 @@ def _read_filter(path: Path | None, problems: list[str]) -> dict | None:
 
 def _check_model_options(kw: dict, problems: list[str]) -> None:
     """--features, --gmv-atlas, --save-model and --apply-model, before any heavy work."""
+    from .group.model_io import uses_dcm, uses_gmv
     from .networks import network_label
     from .structural import load_regions, region_label
 
-    level, features = kw["analysis_level"], set(kw["features"])
+    level, features = kw["analysis_level"], kw["features"]
     if kw["save_model"] is not None and level != "group":
         problems.append("--save-model is a group-level option")
     if kw["save_model"] is not None and kw["apply_model"] is not None:
         problems.append("--save-model and --apply-model: give one (train here, or apply models trained elsewhere)")
-    gmv = level == "participant" and bool({"gmv", "dcm+gmv"} & features)
+    gmv = level == "participant" and uses_gmv(features)
     if gmv:
         for spec in kw["gmv_atlases"]:
             try:
@@ -98,11 +99,12 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
         return
     if level != "participant":
         return
-    dcm_nets = {network_label(n) for n in kw["networks"]} if {"dcm", "dcm+gmv"} & features else set()
+    dcm_nets = {network_label(n) for n in kw["networks"]} if uses_dcm(features) else set()
     gmv_nets = {region_label(n) for n in [*kw["networks"], *kw["gmv_atlases"]]} if gmv else set()
     for m in models:
-        needs_dcm, needs_gmv = m.feature_set in ("dcm", "dcm+gmv"), m.feature_set in ("gmv", "dcm+gmv")
-        if (needs_dcm and m.network not in dcm_nets) or (needs_gmv and m.network not in gmv_nets):
+        lacks_dcm = uses_dcm(m.feature_set) and m.network not in dcm_nets
+        lacks_gmv = uses_gmv(m.feature_set) and m.network not in gmv_nets
+        if lacks_dcm or lacks_gmv:
             problems.append(f"--apply-model: {m.path.name} needs {m.feature_set} features of seg-{m.network}; "
                             f"add --features {m.feature_set} and --network {m.network}")
 
@@ -198,6 +200,7 @@ def bids_app(**kw) -> None:
 
 
 def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bids_filter: dict | None) -> None:
+    from .group.model_io import uses_dcm
     from .layout import find_bold_runs, validate_bids
     from .participant import ParticipantOptions, run_participant
 
@@ -205,7 +208,7 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
         validate_bids(bids_dir)
     labels = [_strip_sub(x) for x in kw["participant_labels"]]
     runs = []
-    if {"dcm", "dcm+gmv"} & set(kw["features"]):
+    if uses_dcm(kw["features"]):
         runs = find_bold_runs(bids_dir, fmriprep_dir=kw["fmriprep_dir"], work_dir=work_dir, participant_labels=labels,
                               session=kw["session_label"], task=kw["task_label"], space=kw["space"],
                               bids_filter=bids_filter)
@@ -214,8 +217,8 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
         participant_labels=labels, session=kw["session_label"], task=kw["task_label"], space=kw["space"],
         networks=list(kw["networks"]), denoise=kw["denoise"], roi_summary=kw["roi_summary"],
         bids_filter=bids_filter, device=kw["device"], seed=kw["seed"], overwrite=kw["overwrite"],
-        jacobian=kw["dcm_jacobian"], csd_model=kw["dcm_csd_model"], features=list(kw["features"]), gmv_atlases=list(kw["gmv_atlases"]),
-        apply_model=kw["apply_model"],
+        jacobian=kw["dcm_jacobian"], csd_model=kw["dcm_csd_model"], features=list(kw["features"]),
+        gmv_atlases=list(kw["gmv_atlases"]), apply_model=kw["apply_model"],
     )
     summary = run_participant(opts, runs)
     for label, counts in summary.items():

@@ -76,12 +76,16 @@ class ParticipantOptions:
     @property
     def wants_dcm(self) -> bool:
         """Whether spectral DCM is requested."""
-        return bool({"dcm", "dcm+gmv"} & set(self.features))
+        from .group.model_io import uses_dcm
+
+        return uses_dcm(self.features)
 
     @property
     def wants_gmv(self) -> bool:
         """Whether gray-matter volumes are requested."""
-        return bool({"gmv", "dcm+gmv"} & set(self.features))
+        from .group.model_io import uses_gmv
+
+        return uses_gmv(self.features)
 
 
 @dataclass
@@ -257,7 +261,7 @@ def _report_qc(qc: dict, names: list[str]) -> dict:
     return out
 
 
-def _skipped_report(w: _RunWork, label: str, network) -> RunReport:
+def _skipped_report(w: _RunWork, label: str, network: pd.DataFrame) -> RunReport:
     return RunReport(
         run_label=w.entities.label, network=label, roi_names=list(network["name"]), roi_coords=None, timeseries=None,
         tr=w.bold.tr, freqs=None, csd_observed=None, csd_predicted=None, A_hz=None, A_var=None,

@@ -27,7 +27,7 @@ from bids_ketdcm.group.features import (
     parse_entities,
 )
 from bids_ketdcm.group.labels import normalise_participant, normalise_session
-from bids_ketdcm.group.model_io import FEATURE_SETS
+from bids_ketdcm.group.model_io import FEATURE_SETS, uses_dcm, uses_gmv
 from bids_ketdcm.structural import GMV_SUFFIX, read_gmv
 
 log = logging.getLogger(__name__)
@@ -219,10 +219,10 @@ def gather_features(deriv_dir: str | Path, participants: list[str], feature_sets
     out: dict[str, FeatureSet] = {}
     missing = []
     dcm = gmv = {}
-    if "dcm" in feature_sets or "dcm+gmv" in feature_sets:
+    if uses_dcm(feature_sets):
         dcm, miss = collect_features(deriv_dir, participants, **kw)
         missing.append(miss)
-    if "gmv" in feature_sets or "dcm+gmv" in feature_sets:
+    if uses_gmv(feature_sets):
         gmv_networks = kw.get("networks")
         if "gmv" not in feature_sets:  # dcm+gmv only: the networks of the A matrices
             gmv_networks = tuple(dcm)

@@ -74,6 +74,16 @@ MANIFEST_FILE = "manifest.json"
 DEFAULT_BOOTSTRAP = 200
 FEATURE_SETS = ("dcm", "gmv", "dcm+gmv")
 
+
+def uses_dcm(feature_sets: str | tuple[str, ...] | list[str]) -> bool:
+    """Whether any of these feature sets (or this one) needs spectral DCM (``dcm``, ``dcm+gmv``)."""
+    return bool({"dcm", "dcm+gmv"} & ({feature_sets} if isinstance(feature_sets, str) else set(feature_sets)))
+
+
+def uses_gmv(feature_sets: str | tuple[str, ...] | list[str]) -> bool:
+    """Whether any of these feature sets (or this one) needs gray-matter volumes (``gmv``, ``dcm+gmv``)."""
+    return bool({"gmv", "dcm+gmv"} & ({feature_sets} if isinstance(feature_sets, str) else set(feature_sets)))
+
 _README = """# bids-ketdcm saved models (format {version})
 
 Written by bids-ketdcm {software} (`group --save-model`). One folder per feature set x
