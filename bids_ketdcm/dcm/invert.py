@@ -377,10 +377,11 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dic
     return {"best": best, "iterations": iterations, "converged": converged, "history": history}
 
 
-#: Largest Gauss-Newton curvature (bytes; n^2 Gram matrices of R x R per subject, the
-#: biggest temporary) one chunk of subjects may carry on the CPU. Bigger temporaries cost
-#: page faults at every allocation: on 2 cores, 8 subjects of 15 regions in one chunk
-#: took twice as long per subject as 1, 2 or 4.
+#: Budget (bytes) of one chunk of subjects on the CPU, counted as n^2 R x R float64
+#: matrices per subject (the Gram matrices of every CSD element; the Hermitian halving and
+#: the Jacobian's own tangents are left out of the count, keeping it conservative). Bigger
+#: temporaries cost page faults at every allocation: on 2 cores, 8 subjects of 15 regions
+#: in one chunk took twice as long per subject as 1, 2 or 4.
 CPU_CHUNK_BYTES = 64 * 2**20
 
 
