@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SPM_REFERENCE = SHARED / "spm-reference"
-DS005917 = SHARED / "ds005917"
+#: SPM12's own numbers (copied from the project's shared folder; README.md there says how they were made).
+SPM_REFERENCE = Path(__file__).resolve().parent / "data" / "spm-reference"
+#: The real ds005917 metadata and MADRS phenotype, as bundled with the package (CC0).
+DS005917 = Path(__file__).resolve().parents[1] / "bids_ketdcm" / "data" / "ds005917"
 
 torch.set_num_threads(2)
 
@@ -50,13 +51,13 @@ class SpmCase:
 
 
 def spm_cases() -> list[str]:
-    if not SPM_REFERENCE.exists():
-        return []
-    return sorted(p.name for p in SPM_REFERENCE.iterdir() if p.is_dir())
+    """Names of the SPM12 reference cases; an empty list would parametrise to nothing, so fail loudly."""
+    cases = sorted(p.name for p in SPM_REFERENCE.iterdir() if p.is_dir())
+    if not cases:
+        raise RuntimeError(f"no SPM reference cases under {SPM_REFERENCE}")
+    return cases
 
 
 @pytest.fixture(scope="session")
 def spm_case_factory():
-    if not SPM_REFERENCE.exists():
-        pytest.skip(f"SPM reference data not found at {SPM_REFERENCE}")
     return SpmCase
