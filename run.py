@@ -3,7 +3,7 @@
 
 import sys
 
-from bids_ketdcm.cli import main
+from bids_ketdcm.cli.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -100,8 +100,8 @@ def main() -> None:
 
     import torch
 
-    from bids_ketdcm.cli import main as cli
-    from bids_ketdcm.synth import make_synthetic_dataset
+    from bids_ketdcm.cli.app import main as cli
+    from bids_ketdcm.testing.synth import make_synthetic_dataset
 
     torch.set_num_threads(2)
     seconds: dict[str, float] = {}

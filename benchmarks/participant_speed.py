@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="folder to keep the dataset and outputs in")
     args = parser.parse_args()
 
-    from bids_ketdcm.synth import make_synthetic_dataset
+    from bids_ketdcm.testing.synth import make_synthetic_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)

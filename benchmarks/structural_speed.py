@@ -3,7 +3,7 @@
 One participant with fMRIPrep-shaped probability maps on nilearn's bundled 1 mm MNI152
 template grid (GM and WM from its templates, CSF = brain - GM - WM), a
 Jacobian map (modulation on), and the default region sets: dmn4 + the power264 whole-brain
-atlas. Times :func:`bids_ketdcm.structural.run_structural` from file discovery to the
+atlas. Times :func:`bids_ketdcm.participant.structural.run_structural` from file discovery to the
 written tables. Target: <= 10 s per participant on 2 cores.
 
 Usage: python benchmarks/structural_speed.py [--repeats 3]
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from bids_ketdcm.structural import run_structural
+    from bids_ketdcm.participant.structural import run_structural
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -30,9 +30,9 @@ def _pearson(a, b) -> float:
 
 def _estimate(root: Path, work: Path) -> dict:
     from bids_ketdcm.dcm import fit
-    from bids_ketdcm.layout import find_bold_runs
-    from bids_ketdcm.networks import load_network
-    from bids_ketdcm.timeseries import extract_timeseries
+    from bids_ketdcm.bids.layout import find_bold_runs
+    from bids_ketdcm.participant.rois import load_network
+    from bids_ketdcm.participant.timeseries import extract_timeseries
 
     truth = json.loads((root / "derivatives/synthetic_truth/truth.json").read_text())
     planted = pd.read_csv(root / "derivatives/synthetic_truth/planted.tsv", sep="\t")
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--n-scans", type=int, default=192)
     args = parser.parse_args()
 
-    from bids_ketdcm.synth import make_synthetic_dataset
+    from bids_ketdcm.testing.synth import make_synthetic_dataset
 
     torch.set_num_threads(1)
     per_seed: dict = {}

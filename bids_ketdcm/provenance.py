@@ -13,7 +13,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Sequence
 
-from . import __version__
+from bids_ketdcm import __version__
 
 #: Distributions whose versions change results (or how they are computed).
 DISTRIBUTIONS = ("torch", "numpy", "scipy", "pandas", "scikit-learn", "nibabel", "nilearn", "pybids", "click")
@@ -29,7 +29,7 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     ----------
     argv
         Words of the command. Default: ``sys.orig_argv``, the words this process was
-        started with, interpreter included (``python -m bids_ketdcm.cli ...``,
+        started with, interpreter included (``python -m bids_ketdcm.cli.app ...``,
         ``python run.py ...``, or the interpreter named by a console script's
         ``#!`` line followed by the script's path), so the line can be run again as is.
 

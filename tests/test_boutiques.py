@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bids_ketdcm.boutiques import REGENERATE, build_descriptor, render
-from bids_ketdcm.cli import bids_app
-from bids_ketdcm.derivatives import read_connectivity
-from bids_ketdcm.synth import make_synthetic_dataset
+from bids_ketdcm.cli.boutiques import REGENERATE, build_descriptor, render
+from bids_ketdcm.cli.app import bids_app
+from bids_ketdcm.bids.derivatives import read_connectivity
+from bids_ketdcm.testing.synth import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTOR = ROOT / "boutiques.json"

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from bids_ketdcm import __version__
-from bids_ketdcm.synth import make_synthetic_dataset
+from bids_ketdcm.testing.synth import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bids_ketdcm.cli import main
+from bids_ketdcm.cli.app import main
 from bids_ketdcm.group import GroupOptions, run_group
-from bids_ketdcm.synth import make_synthetic_dataset
+from bids_ketdcm.testing.synth import make_synthetic_dataset
 
 SUITE = dict(include_group=("MDD",), schemes=("binary25",), targets=("improvement",),
              models=("logistic", "svm", "elasticnet", "majority", "mean"), k_values=(5,), nested_repeats=2,

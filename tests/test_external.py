@@ -1,7 +1,7 @@
 """External validation: a frozen model keeps its accuracy on independent synthetic cohorts
 with the same planted link, and falls to chance on null cohorts.
 
-The cohorts are those of ``bids_ketdcm.synth.make_synthetic_dataset`` (the 27 real ds005917
+The cohorts are those of ``bids_ketdcm.testing.synth.make_synthetic_dataset`` (the 27 real ds005917
 participants and their real MADRS; the connection mPFC -> PCC correlates 0.9 with the
 ketamine improvement r when ``link="planted"``). To stay fast, the A matrices are the
 generator's true ones (rebuilt from the seed exactly as the generator draws them; the first
@@ -20,16 +20,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DS005917
 
-from bids_ketdcm import synth
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group import GroupOptions, run_group
 from bids_ketdcm.group.external import check_label_definition, evaluate_frozen
 from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.labels import build_labels
 from bids_ketdcm.group.model_io import fit_final, load_model, load_models, save_model
+from bids_ketdcm.testing import synth
 
-DATA = Path(synth.__file__).parent / "data" / "ds005917"
+DATA = DS005917
 NOISE_HZ = 0.15
 FAST = dict(include_group=("MDD",), schemes=("binary25", "binary50"), targets=(), models=("logistic", "majority"),
             nested_repeats=2, report=False, progress=False, allow_missing=True)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.layout import (
+from bids_ketdcm.bids.layout import (
     check_writable_dir,
     find_bold_runs,
     load_bids_filters,
     normalise_labels,
     resolve_fmriprep_dir,
 )
-from bids_ketdcm.synth import make_synthetic_dataset
+from bids_ketdcm.testing.synth import make_synthetic_dataset
 
 SPACE = "MNI152NLin2009cAsym"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_ketdcm.cli import main
+from bids_ketdcm.cli.app import main
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.model_io import (
     FORMAT_VERSION,

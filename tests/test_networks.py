@@ -9,7 +9,7 @@ import pytest
 from nilearn.datasets import fetch_coords_seitzman_2018, load_mni152_brain_mask
 
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.networks import (
+from bids_ketdcm.participant.rois import (
     BUILTIN_NETWORKS,
     COLUMNS,
     builtin_path,

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_ketdcm.cli import main
+from bids_ketdcm.cli.app import main
 from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.model_io import fit_final, load_model, save_model
-from bids_ketdcm.prediction import DISCLAIMER, predict_patients, report_section, run_predictions
+from bids_ketdcm.participant.predict import DISCLAIMER, predict_patients, report_section, run_predictions
 from bids_ketdcm.report import RunReport, update_participant_report, write_participant_report
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -162,7 +162,7 @@ def test_prediction_section_added_to_an_existing_report(tmp_path):
 
 
 def test_prediction_paths_accept_a_ses_prefix(tmp_path):
-    from bids_ketdcm.prediction import prediction_paths
+    from bids_ketdcm.participant.predict import prediction_paths
 
     assert prediction_paths(tmp_path, "sub-01", "ses-b0") == prediction_paths(tmp_path, "01", "b0")
     assert prediction_paths(tmp_path, "01", "b0")["tsv"] == tmp_path / "sub-01/ses-b0/sub-01_ses-b0_desc-response_predictions.tsv"

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DS005917
 
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.feature_sets import (
@@ -23,7 +24,7 @@ from bids_ketdcm.group.feature_sets import (
     compare_feature_sets,
     gather_features,
 )
-from bids_ketdcm.structural import (
+from bids_ketdcm.participant.structural import (
     _sphere_sums,
     find_anat,
     load_regions,
@@ -32,7 +33,7 @@ from bids_ketdcm.structural import (
     tissue_volumes,
     whole_brain_atlas,
 )
-from bids_ketdcm.timeseries import sphere_voxels
+from bids_ketdcm.participant.timeseries import sphere_voxels
 
 SPACE = "MNI152NLin2009cAsym"
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -188,13 +189,13 @@ def test_group_feature_sets_side_by_side(tmp_path):
     """dcm, gmv and dcm+gmv through the suite; GMV carries the signal here; saved and re-applied."""
     import shutil
 
-    from bids_ketdcm import synth
     from bids_ketdcm.group import GroupOptions, run_group
     from bids_ketdcm.group.features import write_connectivity
     from bids_ketdcm.io import write_tsv
-    from bids_ketdcm.structural import gmv_path
+    from bids_ketdcm.participant.structural import gmv_path
+    from bids_ketdcm.testing import synth
 
-    data = Path(synth.__file__).parent / "data" / "ds005917"
+    data = DS005917
     responses = synth.ketamine_responses()
     regions = ["PCC", "mPFC", "lIPL", "rIPL"]
 

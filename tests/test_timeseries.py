@@ -14,9 +14,9 @@ from nilearn.maskers import NiftiSpheresMasker
 from nilearn.signal import clean
 
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.networks import load_network
-from bids_ketdcm.synth import _cosine_basis, make_synthetic_dataset
-from bids_ketdcm.timeseries import (
+from bids_ketdcm.participant.rois import load_network
+from bids_ketdcm.testing.synth import _cosine_basis, make_synthetic_dataset
+from bids_ketdcm.participant.timeseries import (
     DEFAULT_DENOISE,
     DENOISE_STRATEGIES,
     RunSkipped,

@@ -13,7 +13,7 @@ import pytest
 
 import bids_ketdcm.group.run as group_run
 from conftest import DS005917
-from bids_ketdcm.cli import main
+from bids_ketdcm.cli.app import main
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.dpnn import DPNNSettings
 from bids_ketdcm.group.features import write_connectivity

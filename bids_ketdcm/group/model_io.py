@@ -60,6 +60,7 @@ from sklearn.utils import resample
 from threadpoolctl import threadpool_limits
 
 from bids_ketdcm import __version__
+from bids_ketdcm.config import FEATURE_SETS
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import atomic_path, finite_json, write_json, write_text, write_tsv
 
@@ -72,18 +73,6 @@ MODEL_FILE = "model.joblib"
 MANIFEST_FILE = "manifest.json"
 #: Bootstrap resamples saved with each model (per-patient uncertainty).
 DEFAULT_BOOTSTRAP = 200
-FEATURE_SETS = ("dcm", "gmv", "dcm+gmv")
-
-
-def uses_dcm(feature_sets: str | tuple[str, ...] | list[str]) -> bool:
-    """Whether any of these feature sets (or this one) needs spectral DCM (``dcm``, ``dcm+gmv``)."""
-    return bool({"dcm", "dcm+gmv"} & ({feature_sets} if isinstance(feature_sets, str) else set(feature_sets)))
-
-
-def uses_gmv(feature_sets: str | tuple[str, ...] | list[str]) -> bool:
-    """Whether any of these feature sets (or this one) needs gray-matter volumes (``gmv``, ``dcm+gmv``)."""
-    return bool({"gmv", "dcm+gmv"} & ({feature_sets} if isinstance(feature_sets, str) else set(feature_sets)))
-
 _README = """# bids-ketdcm saved models (format {version})
 
 Written by bids-ketdcm {software} (`group --save-model`). One folder per feature set x

@@ -157,7 +157,7 @@ class GroupOptions:
             problems.append("--baseline-session and --post-session must differ")
         if not self.schemes and not self.targets:
             problems.append("--schemes and --targets: nothing to predict")
-        from bids_ketdcm.group.model_io import FEATURE_SETS
+        from bids_ketdcm.config import FEATURE_SETS
 
         bad = [f for f in self.feature_sets if f not in FEATURE_SETS]
         if bad or not self.feature_sets:

@@ -1,7 +1,7 @@
 """HTML reports: the participant-level page (one per subject) and its methods text."""
 
-from .methods import citations_bibtex, methods_paragraph, software_versions
-from .participant import (
+from bids_ketdcm.report.methods import citations_bibtex, methods_paragraph, software_versions
+from bids_ketdcm.report.participant import (
     DEFAULT_QC_THRESHOLDS,
     RunReport,
     run_warnings,

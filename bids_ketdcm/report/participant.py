@@ -19,9 +19,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..io import write_text
-from . import figures
-from .methods import citations_bibtex, formatted_references, methods_paragraph, software_versions
+from bids_ketdcm.io import write_text
+from bids_ketdcm.report import figures
+from bids_ketdcm.report.methods import citations_bibtex, formatted_references, methods_paragraph, software_versions
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def write_participant_report(
         in the report.
     extra_sections
         ``(anchor, navigation title, HTML)`` of further sections (e.g. the per-patient
-        prediction of :mod:`bids_ketdcm.prediction`), placed after the summary.
+        prediction of :mod:`bids_ketdcm.participant.predict`), placed after the summary.
 
     Returns
     -------

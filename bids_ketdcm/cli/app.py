@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import InputError
+from bids_ketdcm import __version__
+from bids_ketdcm.errors import InputError
 
 log = logging.getLogger("bids_ketdcm")
 
@@ -72,9 +72,9 @@ def _read_filter(path: Path | None, problems: list[str]) -> dict | None:
 
 def _check_model_options(kw: dict, problems: list[str]) -> None:
     """--features, --gmv-atlas, --save-model and --apply-model, before any heavy work."""
-    from .group.model_io import uses_dcm, uses_gmv
-    from .networks import network_label
-    from .structural import load_regions, region_label
+    from bids_ketdcm.config import uses_dcm, uses_gmv
+    from bids_ketdcm.participant.rois import network_label
+    from bids_ketdcm.participant.structural import load_regions, region_label
 
     level, features = kw["analysis_level"], kw["features"]
     if kw["save_model"] is not None and level != "group":
@@ -90,7 +90,7 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
                 problems.append(str(err))
     if kw["apply_model"] is None:
         return
-    from .group.model_io import load_models
+    from bids_ketdcm.group.model_io import load_models
 
     try:
         models = load_models(kw["apply_model"])
@@ -177,8 +177,8 @@ def bids_app(**kw) -> None:
     work_dir = kw["work_dir"] or output_dir / "work"
     _check_paths(bids_dir, output_dir, kw["work_dir"], problems)
     bids_filter = _read_filter(kw["bids_filter_file"], problems)
-    from .networks import load_network
-    from .timeseries import DENOISE_STRATEGIES
+    from bids_ketdcm.participant.rois import load_network
+    from bids_ketdcm.participant.timeseries import DENOISE_STRATEGIES
 
     for spec in kw["networks"]:
         try:
@@ -190,7 +190,7 @@ def bids_app(**kw) -> None:
     _check_model_options(kw, problems)
     if problems:
         raise InputError("\n".join(problems))
-    from .layout import check_writable_dir
+    from bids_ketdcm.bids.layout import check_writable_dir
 
     check_writable_dir(output_dir, "OUTPUT_DIR", [bids_dir])  # what permissions alone do not tell (root, /proc)
     if kw["analysis_level"] == "participant":
@@ -200,9 +200,9 @@ def bids_app(**kw) -> None:
 
 
 def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bids_filter: dict | None) -> None:
-    from .group.model_io import uses_dcm
-    from .layout import find_bold_runs, validate_bids
-    from .participant import ParticipantOptions, run_participant
+    from bids_ketdcm.bids.layout import find_bold_runs, validate_bids
+    from bids_ketdcm.config import ParticipantOptions, uses_dcm
+    from bids_ketdcm.participant.workflow import run_participant
 
     if not kw["skip_bids_validation"]:
         validate_bids(bids_dir)
@@ -230,7 +230,7 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
 
 
 def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
-    from .group.run import GroupOptions, run_group
+    from bids_ketdcm.group.run import GroupOptions, run_group
 
     opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=kw["nprocs"], seed=kw["seed"],
                         allow_missing=kw["allow_missing"], feature_session=kw["session_label"],
@@ -258,7 +258,7 @@ def synth_command(outdir: Path, n_subjects: int | None, network: str, link: str,
                   verbose: int) -> None:
     """Write a ds005917-shaped synthetic dataset (raw BIDS + fMRIPrep derivatives) to OUTDIR."""
     _setup_logging(verbose)
-    from .synth import make_synthetic_dataset
+    from bids_ketdcm.testing.synth import make_synthetic_dataset
 
     path = make_synthetic_dataset(outdir, n_subjects=n_subjects, network=network, link=link, seed=seed,
                                   n_scans=n_scans)
@@ -273,7 +273,7 @@ def synth_command(outdir: Path, n_subjects: int | None, network: str, link: str,
 def dpnn_synthetic_command(outdir: Path, repeats: int, seed: int, verbose: int) -> None:
     """Run the DPNN paper's synthetic treatment-selection experiment; write results to OUTDIR."""
     _setup_logging(verbose)
-    from .group.dpnn_synthetic import run_dpnn_synthetic
+    from bids_ketdcm.group.dpnn_synthetic import run_dpnn_synthetic
 
     result = run_dpnn_synthetic(outdir=outdir, repeats=repeats, seed=seed)
     click.echo(json.dumps(result.get("summary", {}), default=str))

@@ -1,25 +1,23 @@
 """Participant level: fMRIPrep BOLD -> ROI time series -> spectral DCM -> derivatives.
 
 With ``features`` holding ``gmv`` the regional gray-matter volumes are written too
-(:mod:`bids_ketdcm.structural`); with ``apply_model`` every participant is predicted by
-the saved models (:mod:`bids_ketdcm.prediction`) and the report gets a prediction section.
+(:mod:`bids_ketdcm.participant.structural`); with ``apply_model`` every participant is predicted by
+the saved models (:mod:`bids_ketdcm.participant.predict`) and the report gets a prediction section.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import __version__
-from .dcm import fit
-from .derivatives import (
+from bids_ketdcm import __version__
+from bids_ketdcm.bids.derivatives import (
     RunEntities,
     connectivity_paths,
     is_finished,
@@ -28,64 +26,24 @@ from .derivatives import (
     write_dataset_description,
     write_timeseries,
 )
-from .errors import InputError
-from .io import write_text
-from .networks import load_network, network_label
-from .report import (
+from bids_ketdcm.config import ParticipantOptions
+from bids_ketdcm.dcm import fit
+from bids_ketdcm.errors import InputError
+from bids_ketdcm.io import write_text
+from bids_ketdcm.participant.rois import load_network, network_label
+from bids_ketdcm.participant.timeseries import (
+    RoiTimeseries,
+    RunSkipped,
+    extract_timeseries,
+)
+from bids_ketdcm.report import (
     RunReport,
     citations_bibtex,
     update_participant_report,
     write_participant_report,
 )
-from .timeseries import RoiTimeseries, RunSkipped, extract_timeseries
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ParticipantOptions:
-    """Settings of the participant level (one field per CLI option)."""
-
-    bids_dir: Path
-    output_dir: Path
-    fmriprep_dir: Path | None = None
-    work_dir: Path | None = None
-    participant_labels: list[str] = field(default_factory=list)
-    session: str | None = "b0"
-    task: str = "rest"
-    space: str = "MNI152NLin2009cAsym"
-    networks: list[str] = field(default_factory=lambda: ["dmn4"])
-    denoise: str = "simple"
-    roi_summary: str = "eigenvariate"
-    bids_filter: dict | None = None
-    device: str = "auto"
-    seed: int = 0
-    overwrite: bool = False
-    jacobian: str = "analytic"
-    #: Predicted-CSD model of the DCM (:data:`bids_ketdcm.dcm.model.CSD_MODELS`).
-    csd_model: str = "spm12"
-    max_iterations: int = 128
-    batch_size: int = 32
-    #: ``dcm`` and/or ``gmv`` (``dcm+gmv``: both).
-    features: list[str] = field(default_factory=lambda: ["dcm"])
-    #: Whole-brain atlases of the GMV features, besides the networks.
-    gmv_atlases: list[str] = field(default_factory=lambda: ["power264"])
-    #: Folder of saved models to predict every participant with.
-    apply_model: Path | None = None
-
-    @property
-    def wants_dcm(self) -> bool:
-        """Whether spectral DCM is requested."""
-        from .group.model_io import uses_dcm
-
-        return uses_dcm(self.features)
-
-    @property
-    def wants_gmv(self) -> bool:
-        """Whether gray-matter volumes are requested."""
-        from .group.model_io import uses_gmv
-
-        return uses_gmv(self.features)
 
 
 @dataclass
@@ -104,13 +62,13 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
     opts
         Settings.
     runs
-        BOLD runs found by :func:`bids_ketdcm.layout.find_bold_runs`.
+        BOLD runs found by :func:`bids_ketdcm.bids.layout.find_bold_runs`.
 
     Returns
     -------
     dict
         Counts of inverted, skipped and already finished runs per network; with
-        ``gmv``, under ``"gmv"`` the counts of :func:`bids_ketdcm.structural.run_structural`;
+        ``gmv``, under ``"gmv"`` the counts of :func:`bids_ketdcm.participant.structural.run_structural`;
         with ``apply_model``, under ``"predicted"`` the number of participants predicted.
     """
     torch.manual_seed(opts.seed)
@@ -160,8 +118,8 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
 
 
 def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
-    from .layout import resolve_fmriprep_dir
-    from .structural import run_structural
+    from bids_ketdcm.bids.layout import resolve_fmriprep_dir
+    from bids_ketdcm.participant.structural import run_structural
 
     return run_structural(resolve_fmriprep_dir(opts.bids_dir, opts.fmriprep_dir), opts.output_dir,
                           opts.work_dir or opts.output_dir / "work", subjects or None, opts.session, opts.space,
@@ -170,8 +128,8 @@ def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
 
 def _predict(opts: ParticipantOptions, subjects: list[str]) -> dict[str, list[tuple[str, str, str]]]:
     """Predict every participant with the saved models; report sections by subject."""
-    from .group.model_io import load_models
-    from .prediction import report_section, run_predictions
+    from bids_ketdcm.group.model_io import load_models
+    from bids_ketdcm.participant.predict import report_section, run_predictions
 
     models = load_models(opts.apply_model)
     predictions = run_predictions(models, opts.output_dir, subjects, opts.session, space=opts.space, task=opts.task)
@@ -204,7 +162,7 @@ def _extract(work: _RunWork, network: pd.DataFrame, opts: ParticipantOptions) ->
         log.warning("skipping %s of sub-%s: %s", work.entities.label, work.entities.subject, skip)
         return None, str(skip)
     try:
-        from .dcm.csd import validate_timeseries
+        from bids_ketdcm.dcm.csd import validate_timeseries
 
         validate_timeseries(series.data)
     except ValueError as err:

@@ -54,8 +54,8 @@ from threadpoolctl import threadpool_limits
 from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
-from bids_ketdcm.networks import load_network
-from bids_ketdcm.timeseries import voxel_coordinates
+from bids_ketdcm.participant.rois import load_network
+from bids_ketdcm.participant.timeseries import voxel_coordinates
 
 log = logging.getLogger(__name__)
 
@@ -655,7 +655,7 @@ def make_synthetic_dataset(
         write_json(
             truth / "truth.json",
             {
-                "Generator": f"bids_ketdcm.synth.make_synthetic_dataset ({__version__})",
+                "Generator": f"bids_ketdcm.testing.synth.make_synthetic_dataset ({__version__})",
                 "Seed": seed,
                 "SimulationSeed": sim_seed,
                 "Network": table.attrs["label"],
@@ -854,7 +854,7 @@ def _write_top_level(root: Path, subjects: list[str]) -> None:
         {
             "Name": "bids-ketdcm",
             "Version": __version__,
-            "Description": "bids_ketdcm.synth.make_synthetic_dataset: simulated images; "
+            "Description": "bids_ketdcm.testing.synth.make_synthetic_dataset: simulated images; "
             "participants, phenotype and sidecars are the real ds005917 metadata",
         }
     ]

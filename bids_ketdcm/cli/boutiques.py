@@ -1,11 +1,11 @@
 """Boutiques descriptor of the BIDS-App, generated from the click command.
 
 The descriptor (``boutiques.json`` at the repository root) is built from
-``bids_ketdcm.cli.bids_app.params``, so it cannot drift from the command line:
+``bids_ketdcm.cli.app.bids_app.params``, so it cannot drift from the command line:
 tests/test_boutiques.py fails when the committed file differs from what this module
 builds. Regenerate it with::
 
-    python -m bids_ketdcm.boutiques boutiques.json
+    python -m bids_ketdcm.cli.boutiques boutiques.json
 
 The layout follows Boutiques' own BIDS-App template (``bosh validate --bids`` passes):
 ``mkdir -p [OUTPUT_DIR]; bids-ketdcm [BIDS_DIR] [OUTPUT_DIR] [ANALYSIS_LEVEL]
@@ -22,13 +22,13 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .cli import EXIT_FAILURE, EXIT_INPUT, EXIT_OK, bids_app
+from bids_ketdcm import __version__
+from bids_ketdcm.cli.app import EXIT_FAILURE, EXIT_INPUT, EXIT_OK, bids_app
 
 PROGRAM = "bids-ketdcm"
 CODE_URL = "https://github.com/bids-ketdcm/bids-ketdcm"
 IMAGE = "ghcr.io/bids-ketdcm/bids-ketdcm"
-REGENERATE = "python -m bids_ketdcm.boutiques boutiques.json"
+REGENERATE = "python -m bids_ketdcm.cli.boutiques boutiques.json"
 
 #: Parameters naming folders the app creates or writes: Boutiques ``String``, not ``File``
 #: (a ``File`` must exist before the run, and container runs mount it).
@@ -223,7 +223,7 @@ def _value_type(param: click.Parameter, ident: str) -> dict[str, Any]:
     if isinstance(kind, click.types.StringParamType):
         return {"type": "String"}
     raise ValueError(f"{ident}: click type {kind.name!r} has no Boutiques mapping; extend "
-                     "bids_ketdcm.boutiques._value_type")
+                     "bids_ketdcm.cli.boutiques._value_type")
 
 
 def _cast(value: Any, boutiques_type: str) -> Any:
@@ -240,7 +240,7 @@ def main(path: Path | None) -> None:
     if path is None:
         click.echo(text, nl=False)
         return
-    from .io import write_text
+    from bids_ketdcm.io import write_text
 
     write_text(path, text)
 

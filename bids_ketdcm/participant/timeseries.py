@@ -214,7 +214,7 @@ def roi_masks(
     Parameters
     ----------
     network
-        Table from :func:`bids_ketdcm.networks.load_network`.
+        Table from :func:`bids_ketdcm.participant.rois.load_network`.
     affine, mask
         Grid affine and 3D boolean brain mask.
 
@@ -432,7 +432,7 @@ def extract_timeseries(
         this path feeds the QC (framewise displacement, non-steady-state volumes) and
         error messages.
     network
-        ROI table from :func:`bids_ketdcm.networks.load_network`.
+        ROI table from :func:`bids_ketdcm.participant.rois.load_network`.
     tr
         Repetition time (s).
     denoise

@@ -48,7 +48,7 @@ from scipy import ndimage
 from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_json, write_tsv
-from bids_ketdcm.networks import load_network, network_label
+from bids_ketdcm.participant.rois import load_network, network_label
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def whole_brain_atlas(name: str) -> pd.DataFrame:
     -------
     pandas.DataFrame
         Columns ``name, x, y, z, radius_mm, network, source``; ``attrs`` as
-        :func:`bids_ketdcm.networks.load_network`.
+        :func:`bids_ketdcm.participant.rois.load_network`.
     """
     if name != "power264":
         raise InputError(f"--gmv-atlas {name}: unknown built-in atlas (choose from {', '.join(WHOLE_BRAIN_ATLASES)}, "
@@ -118,7 +118,7 @@ def _sphere_sums(values: np.ndarray, affine: np.ndarray, centres: np.ndarray, ra
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Sum of ``values`` and voxel count within each sphere (bounding-box search).
 
-    Same membership rule as :func:`bids_ketdcm.timeseries.sphere_voxels` on a full mask.
+    Same membership rule as :func:`bids_ketdcm.participant.timeseries.sphere_voxels` on a full mask.
     """
     inverse = np.linalg.inv(affine)
     shape = np.array(values.shape)

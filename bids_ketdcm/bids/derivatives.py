@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
-from .dcm import SPM_RELEASE, Posterior
-from .io import atomic_path, write_json, write_text, write_tsv
-from .provenance import command_line, container, software_versions
-from .timeseries import RoiTimeseries
+from bids_ketdcm import __version__
+from bids_ketdcm.dcm import SPM_RELEASE, Posterior
+from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
+from bids_ketdcm.provenance import command_line, container, software_versions
+from bids_ketdcm.participant.timeseries import RoiTimeseries
 
 BIDS_VERSION = "1.9.0"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import InputError
+from bids_ketdcm.errors import InputError
 
 log = logging.getLogger(__name__)
 

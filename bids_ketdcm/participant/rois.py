@@ -59,11 +59,11 @@ def builtin_path(name: str) -> Path:
     Returns
     -------
     Path
-        Path of ``bids_ketdcm/networks/<name>.tsv``.
+        Path of ``bids_ketdcm/data/networks/<name>.tsv``.
     """
     if name not in BUILTIN_NETWORKS:
         raise InputError(_unknown_message(name))
-    return Path(__file__).with_name(f"{name}.tsv")
+    return Path(__file__).resolve().parents[1] / "data" / "networks" / f"{name}.tsv"
 
 
 def network_label(name_or_path: str | os.PathLike) -> str:

@@ -1,0 +1,1 @@
+"""The BIDS contract: finding inputs (pybids layout), naming and reading/writing derivatives."""

@@ -1,0 +1,61 @@
+"""Settings of each level and the feature vocabulary: one definition each, shared by the CLI and the levels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: What a model can learn from: spectral DCM A matrices, gray-matter volumes, or both.
+FEATURE_SETS = ("dcm", "gmv", "dcm+gmv")
+
+
+def uses_dcm(feature_sets: str | tuple[str, ...] | list[str]) -> bool:
+    """Whether any of these feature sets (or this one) needs spectral DCM (``dcm``, ``dcm+gmv``)."""
+    return bool({"dcm", "dcm+gmv"} & ({feature_sets} if isinstance(feature_sets, str) else set(feature_sets)))
+
+
+def uses_gmv(feature_sets: str | tuple[str, ...] | list[str]) -> bool:
+    """Whether any of these feature sets (or this one) needs gray-matter volumes (``gmv``, ``dcm+gmv``)."""
+    return bool({"gmv", "dcm+gmv"} & ({feature_sets} if isinstance(feature_sets, str) else set(feature_sets)))
+
+
+@dataclass
+class ParticipantOptions:
+    """Settings of the participant level (one field per CLI option)."""
+
+    bids_dir: Path
+    output_dir: Path
+    fmriprep_dir: Path | None = None
+    work_dir: Path | None = None
+    participant_labels: list[str] = field(default_factory=list)
+    session: str | None = "b0"
+    task: str = "rest"
+    space: str = "MNI152NLin2009cAsym"
+    networks: list[str] = field(default_factory=lambda: ["dmn4"])
+    denoise: str = "simple"
+    roi_summary: str = "eigenvariate"
+    bids_filter: dict | None = None
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    jacobian: str = "analytic"
+    #: Predicted-CSD model of the DCM (:data:`bids_ketdcm.dcm.model.CSD_MODELS`).
+    csd_model: str = "spm12"
+    max_iterations: int = 128
+    batch_size: int = 32
+    #: ``dcm`` and/or ``gmv`` (``dcm+gmv``: both).
+    features: list[str] = field(default_factory=lambda: ["dcm"])
+    #: Whole-brain atlases of the GMV features, besides the networks.
+    gmv_atlases: list[str] = field(default_factory=lambda: ["power264"])
+    #: Folder of saved models to predict every participant with.
+    apply_model: Path | None = None
+
+    @property
+    def wants_dcm(self) -> bool:
+        """Whether spectral DCM is requested."""
+        return uses_dcm(self.features)
+
+    @property
+    def wants_gmv(self) -> bool:
+        """Whether gray-matter volumes are requested."""
+        return uses_gmv(self.features)

@@ -1,0 +1,1 @@
+"""Participant level: fMRIPrep BOLD -> ROI time series -> spectral DCM (and GMV, predictions) -> derivatives."""

@@ -1,0 +1,1 @@
+"""Test-data generators (synthetic datasets, simulation experiments); never imported by the runtime."""
