@@ -14,7 +14,7 @@ from bids_ketdcm.cli.app import main
 from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.model_io import fit_final, load_model, save_model
 from bids_ketdcm.participant.predict import DISCLAIMER, predict_patients, report_section, run_predictions
-from bids_ketdcm.report import RunReport, update_participant_report, write_participant_report
+from bids_ketdcm.report import RunResult, update_participant_report, write_participant_report
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_structural import labelled_atlas, spheres, write_anat  # noqa: E402
@@ -99,7 +99,7 @@ def test_report_section_is_labelled(tmp_path):
     preds = predict_patients(model, np.zeros((1, 4)), A_NAMES, ["sub-01"], "dmn2")
     section = report_section(preds)
     assert "research tool, not a clinical device" in section and DISCLAIMER in section
-    skipped = RunReport(
+    skipped = RunResult(
         run_label="ses-b0_task-rest", network="dmn4", roi_names=REGIONS, roi_coords=None, timeseries=None, tr=2.5,
         freqs=None, csd_observed=None, csd_predicted=None, A_hz=None, A_var=None, F_history=[],
         free_energy=float("nan"), iterations=0, converged=False, variance_explained=float("nan"), seconds=0.0,
@@ -142,7 +142,7 @@ def test_participant_cli_gmv_and_apply_model(tmp_path, capsys):
 def test_prediction_section_added_to_an_existing_report(tmp_path):
     """A later --apply-model run puts its section into the report of runs finished before, once."""
     model = _model(tmp_path / "m")
-    skipped = RunReport(
+    skipped = RunResult(
         run_label="ses-b0_task-rest", network="dmn4", roi_names=REGIONS, roi_coords=None, timeseries=None, tr=2.5,
         freqs=None, csd_observed=None, csd_predicted=None, A_hz=None, A_var=None, F_history=[],
         free_energy=float("nan"), iterations=0, converged=False, variance_explained=float("nan"), seconds=0.0,

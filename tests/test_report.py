@@ -12,13 +12,13 @@ import pytest
 from matplotlib.image import imread
 
 from bids_ketdcm.report import (
-    RunReport,
+    RunResult,
     citations_bibtex,
+    figures,
     methods_paragraph,
     run_warnings,
     write_participant_report,
 )
-from bids_ketdcm.report import figures
 
 NAMES = ["PCC&Prec", "mPFC", "LIPC", "RIPC"]  # '&' checks HTML escaping
 COORDS = np.array([[0, -52, 26], [2, 54, -2], [-46, -66, 30], [50, -62, 32]], dtype=float)
@@ -52,7 +52,7 @@ def _var1_csd(phi: np.ndarray, sigma: np.ndarray, freqs: np.ndarray, tr: float) 
     return out
 
 
-def _run(label: str, seed: int, *, converged: bool = True, qc: dict | None = None) -> RunReport:
+def _run(label: str, seed: int, *, converged: bool = True, qc: dict | None = None) -> RunResult:
     """A realistic run: a VAR(1) series, its fitted (observed) and true (predicted) CSD."""
     rng = np.random.default_rng(seed)
     coupling = np.array([[0, 1, 0, 0], [1, 0, 0, -1], [0, 1, 0, 0], [0, 0, 1, 0]])
@@ -65,7 +65,7 @@ def _run(label: str, seed: int, *, converged: bool = True, qc: dict | None = Non
     resid = y[1:] - y[:-1] @ phi_hat.T
     freqs = np.linspace(1 / 128, 1 / 8, 32)
     F_history = list(-400 + 300 * (1 - np.exp(-np.arange(12) / 3.0)))
-    return RunReport(
+    return RunResult(
         run_label=label,
         network="dmn4",
         roi_names=list(NAMES),
@@ -90,8 +90,8 @@ def _run(label: str, seed: int, *, converged: bool = True, qc: dict | None = Non
     )
 
 
-def _skipped() -> RunReport:
-    return RunReport(
+def _skipped() -> RunResult:
+    return RunResult(
         run_label="ses-b0_task-rest_run-03", network="dmn4", roi_names=list(NAMES),
         roi_coords=None, timeseries=None, tr=TR, freqs=None, csd_observed=None,
         csd_predicted=None, A_hz=None, A_var=None, F_history=[], free_energy=float("nan"),
@@ -100,7 +100,7 @@ def _skipped() -> RunReport:
     )
 
 
-def _runs() -> list[RunReport]:
+def _runs() -> list[RunResult]:
     return [
         _run("ses-b0_task-rest_run-01", 1),
         _run("ses-b0_task-rest_run-02", 2, converged=False, qc={"mean_fd": 0.61}),

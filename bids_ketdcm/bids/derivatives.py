@@ -17,8 +17,8 @@ import torch
 from bids_ketdcm import __version__
 from bids_ketdcm.dcm import SPM_RELEASE, Posterior
 from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
-from bids_ketdcm.provenance import command_line, container, software_versions
 from bids_ketdcm.participant.timeseries import RoiTimeseries
+from bids_ketdcm.provenance import command_line, container, software_versions
 
 BIDS_VERSION = "1.9.0"
 
@@ -78,6 +78,79 @@ class RunEntities:
         parts = ([f"ses-{self.session}"] if self.session else []) + [f"task-{self.task}"]
         return "_".join(parts + ([f"run-{self.run}"] if self.run else []))
 
+
+
+@dataclass
+class RunResult:
+    """One network on one BOLD run, as written to the derivatives: what the reports show.
+
+    Attributes
+    ----------
+    run_label
+        Entities identifying the run, e.g. ``"ses-b0_task-rest_run-01"``.
+    network
+        Name of the ROI set, e.g. ``"dmn4"``.
+    roi_names
+        Region names, in the order of every array's region axis.
+    roi_coords
+        (n, 3) MNI coordinates in mm.
+    timeseries
+        (T, n) extracted ROI series after denoising.
+    tr
+        Repetition time in seconds.
+    freqs
+        (F,) frequencies in Hz.
+    csd_observed, csd_predicted
+        (F, n, n) complex cross-spectral densities.
+    A_hz
+        (n, n) posterior effective connectivity in Hz, rows = targets, columns = sources.
+    A_var
+        (n, n) posterior variances of the A parameters.
+    F_history
+        Free energy per accepted iteration.
+    free_energy
+        Final free energy.
+    iterations
+        Number of Gauss-Newton iterations run.
+    converged
+        Whether the inversion met its convergence criterion.
+    variance_explained
+        Fraction (at most 1) of the CSD variance explained by the model.
+    seconds
+        Wall time of the inversion.
+    device
+        Where it ran, e.g. ``"cpu"`` or ``"cuda:0"``.
+    qc
+        QC measures. Scalars are listed; sequences with one value per ROI (or dicts keyed by
+        ROI name) become columns of the per-ROI table. Keys used for warnings: ``mean_fd``,
+        ``max_fd`` (mm), ``n_scrubbed``, ``n_volumes``, ``roi_voxels``, ``roi_tsnr``.
+    denoise_strategy
+        Name of the confound strategy.
+    skipped_reason
+        Why the run was not inverted; then the arrays may be None.
+    """
+
+    run_label: str
+    network: str
+    roi_names: list[str]
+    roi_coords: np.ndarray
+    timeseries: np.ndarray
+    tr: float
+    freqs: np.ndarray
+    csd_observed: np.ndarray
+    csd_predicted: np.ndarray
+    A_hz: np.ndarray
+    A_var: np.ndarray
+    F_history: list[float]
+    free_energy: float
+    iterations: int
+    converged: bool
+    variance_explained: float
+    seconds: float
+    device: str
+    qc: dict
+    denoise_strategy: str
+    skipped_reason: str | None = None
 
 def connectivity_paths(output_dir: Path, run: RunEntities, network_label: str) -> dict[str, Path]:
     """Paths of a run's DCM outputs: ``tsv``, ``json`` and ``npz`` (full posterior)."""

@@ -37,7 +37,7 @@ from bids_ketdcm.participant.timeseries import (
     extract_timeseries,
 )
 from bids_ketdcm.report import (
-    RunReport,
+    RunResult,
     citations_bibtex,
     update_participant_report,
     write_participant_report,
@@ -77,7 +77,7 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
     write_dataset_description(opts.output_dir)
     write_text(opts.output_dir / "logs" / "CITATION.bib", citations_bibtex())
     summary: dict[str, dict[str, int]] = {}
-    reports: dict[str, list[RunReport]] = defaultdict(list)
+    reports: dict[str, list[RunResult]] = defaultdict(list)
     for label, (spec, network) in networks.items():
         works = [_RunWork(r, _entities(r, opts.space)) for r in runs]
         todo = [w for w in works if opts.overwrite or not is_finished(opts.output_dir, w.entities, label)]
@@ -197,10 +197,10 @@ def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: 
     bar.close()
 
 
-def _run_report(w: _RunWork, label: str, post) -> RunReport:
+def _run_report(w: _RunWork, label: str, post) -> RunResult:
     s = w.series
     history = [v for v in post.F_history[0] if np.isfinite(v)]
-    return RunReport(
+    return RunResult(
         run_label=w.entities.label, network=label, roi_names=list(s.names), roi_coords=np.asarray(s.coords),
         timeseries=s.data, tr=s.tr, freqs=post.freqs, csd_observed=post.observed_csd,
         csd_predicted=post.predicted_csd, A_hz=post.A_hz, A_var=post.A_var, F_history=history,
@@ -219,8 +219,8 @@ def _report_qc(qc: dict, names: list[str]) -> dict:
     return out
 
 
-def _skipped_report(w: _RunWork, label: str, network: pd.DataFrame) -> RunReport:
-    return RunReport(
+def _skipped_report(w: _RunWork, label: str, network: pd.DataFrame) -> RunResult:
+    return RunResult(
         run_label=w.entities.label, network=label, roi_names=list(network["name"]), roi_coords=None, timeseries=None,
         tr=w.bold.tr, freqs=None, csd_observed=None, csd_predicted=None, A_hz=None, A_var=None,
         F_history=[], free_energy=float("nan"), iterations=0, converged=False, variance_explained=float("nan"),

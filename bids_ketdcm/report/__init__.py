@@ -3,7 +3,7 @@
 from bids_ketdcm.report.methods import citations_bibtex, methods_paragraph, software_versions
 from bids_ketdcm.report.participant import (
     DEFAULT_QC_THRESHOLDS,
-    RunReport,
+    RunResult,
     run_warnings,
     update_participant_report,
     write_participant_report,
@@ -11,7 +11,7 @@ from bids_ketdcm.report.participant import (
 
 __all__ = [
     "DEFAULT_QC_THRESHOLDS",
-    "RunReport",
+    "RunResult",
     "citations_bibtex",
     "methods_paragraph",
     "run_warnings",

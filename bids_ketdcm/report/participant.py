@@ -13,12 +13,12 @@ import html
 import logging
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from bids_ketdcm.bids.derivatives import RunResult
 from bids_ketdcm.io import write_text
 from bids_ketdcm.report import figures
 from bids_ketdcm.report.methods import citations_bibtex, formatted_references, methods_paragraph, software_versions
@@ -49,81 +49,10 @@ _QC_LABELS = {
 }
 
 
-@dataclass
-class RunReport:
-    """Everything the report shows about one run (one network inverted on one BOLD run).
-
-    Attributes
-    ----------
-    run_label
-        Entities identifying the run, e.g. ``"ses-b0_task-rest_run-01"``.
-    network
-        Name of the ROI set, e.g. ``"dmn4"``.
-    roi_names
-        Region names, in the order of every array's region axis.
-    roi_coords
-        (n, 3) MNI coordinates in mm.
-    timeseries
-        (T, n) extracted ROI series after denoising.
-    tr
-        Repetition time in seconds.
-    freqs
-        (F,) frequencies in Hz.
-    csd_observed, csd_predicted
-        (F, n, n) complex cross-spectral densities.
-    A_hz
-        (n, n) posterior effective connectivity in Hz, rows = targets, columns = sources.
-    A_var
-        (n, n) posterior variances of the A parameters.
-    F_history
-        Free energy per accepted iteration.
-    free_energy
-        Final free energy.
-    iterations
-        Number of Gauss-Newton iterations run.
-    converged
-        Whether the inversion met its convergence criterion.
-    variance_explained
-        Fraction (at most 1) of the CSD variance explained by the model.
-    seconds
-        Wall time of the inversion.
-    device
-        Where it ran, e.g. ``"cpu"`` or ``"cuda:0"``.
-    qc
-        QC measures. Scalars are listed; sequences with one value per ROI (or dicts keyed by
-        ROI name) become columns of the per-ROI table. Keys used for warnings: ``mean_fd``,
-        ``max_fd`` (mm), ``n_scrubbed``, ``n_volumes``, ``roi_voxels``, ``roi_tsnr``.
-    denoise_strategy
-        Name of the confound strategy.
-    skipped_reason
-        Why the run was not inverted; then the arrays may be None.
-    """
-
-    run_label: str
-    network: str
-    roi_names: list[str]
-    roi_coords: np.ndarray
-    timeseries: np.ndarray
-    tr: float
-    freqs: np.ndarray
-    csd_observed: np.ndarray
-    csd_predicted: np.ndarray
-    A_hz: np.ndarray
-    A_var: np.ndarray
-    F_history: list[float]
-    free_energy: float
-    iterations: int
-    converged: bool
-    variance_explained: float
-    seconds: float
-    device: str
-    qc: dict
-    denoise_strategy: str
-    skipped_reason: str | None = None
 
 
 def write_participant_report(
-    path: str | Path, subject: str, runs: list[RunReport], settings: Mapping[str, Any],
+    path: str | Path, subject: str, runs: list[RunResult], settings: Mapping[str, Any],
     extra_sections: list[tuple[str, str, str]] | None = None,
 ) -> Path:
     """Write the participant's self-contained HTML report atomically.
@@ -254,7 +183,7 @@ def update_participant_report(path: str | Path, subject: str, sections: list[tup
     return path
 
 
-def run_warnings(run: RunReport, thresholds: Mapping[str, float] | None = None) -> list[str]:
+def run_warnings(run: RunResult, thresholds: Mapping[str, float] | None = None) -> list[str]:
     """Human-readable QC and fit warnings for one run.
 
     Parameters
@@ -308,7 +237,7 @@ def run_warnings(run: RunReport, thresholds: Mapping[str, float] | None = None) 
 
 
 def _summary_section(
-    label: str, runs: list[RunReport], anchors: list[str], warnings_per_run: list[list[str]]
+    label: str, runs: list[RunResult], anchors: list[str], warnings_per_run: list[list[str]]
 ) -> str:
     n_skipped = sum(run.skipped_reason is not None for run in runs)
     networks = sorted({run.network for run in runs})
@@ -364,7 +293,7 @@ def _summary_section(
     )
 
 
-def _run_section(run: RunReport, anchor: str, warns: list[str]) -> str:
+def _run_section(run: RunResult, anchor: str, warns: list[str]) -> str:
     names = list(run.roi_names)
     parts = [
         f'<section id="{anchor}" class="run">',
@@ -433,7 +362,7 @@ def _run_section(run: RunReport, anchor: str, warns: list[str]) -> str:
     return "\n".join(parts)
 
 
-def _qc_tables(run: RunReport) -> str:
+def _qc_tables(run: RunResult) -> str:
     names = list(run.roi_names)
     qc = run.qc or {}
     scalars, per_roi = [], {}
@@ -458,7 +387,7 @@ def _qc_tables(run: RunReport) -> str:
     return "\n".join(out)
 
 
-def _skipped_section(runs: list[RunReport]) -> str:
+def _skipped_section(runs: list[RunResult]) -> str:
     skipped = [run for run in runs if run.skipped_reason is not None]
     out = ['<section id="skipped">', "<h2>Skipped runs</h2>"]
     if not skipped:
@@ -496,7 +425,7 @@ def _about_section(settings: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _check_run(run: RunReport) -> None:
+def _check_run(run: RunResult) -> None:
     """Raise ValueError naming the run and field when an inverted run is inconsistent."""
     n = len(run.roi_names)
     freqs = np.asarray(run.freqs)
@@ -528,7 +457,7 @@ def _check_run(run: RunReport) -> None:
         )
 
 
-def _settings_from_runs(runs: list[RunReport]) -> dict[str, Any]:
+def _settings_from_runs(runs: list[RunResult]) -> dict[str, Any]:
     """Defaults for the methods paragraph: the first inverted run's, else what skipped runs hold."""
     for run in runs:
         if run.skipped_reason is None:
