@@ -6,7 +6,7 @@ set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-demo_out}
 rm -rf "$OUT"
-"$PY" -m bids_ketdcm.cli.app synth "$OUT/bids" --network dmn4 --link planted --seed 0
+"$PY" -m bids_ketdcm.cli.tools synth "$OUT/bids" --network dmn4 --link planted --seed 0
 "$PY" run.py "$OUT/bids" "$OUT/derivatives" participant --network dmn4
 "$PY" run.py "$OUT/bids" "$OUT/derivatives" group --n-permutations 200 --allow-missing --treatment-selection
 reports=("$OUT"/derivatives/sub-*.html)

@@ -7,6 +7,7 @@ atomically; a run is finished when its connectivity TSV, JSON and posterior NPZ 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,3 +280,39 @@ def write_connectivity(output_dir: Path, run: RunEntities, network_label: str,
     write_json(paths["json"], sidecar)
     write_tsv(paths["tsv"], connectivity_frame(post.A_hz, names))
     return paths
+
+
+def read_run_result(output_dir: Path, run: RunEntities, network_label: str) -> RunResult:
+    """Read one finished run back from its derivatives (what ``--reports-only`` reports).
+
+    Parameters
+    ----------
+    output_dir
+        The derivatives folder.
+    run
+        The run's entities.
+    network_label
+        The network (``seg-`` label).
+
+    Returns
+    -------
+    RunResult
+        As the participant level built it when it inverted the run; ``qc`` holds the
+        time-series sidecar's QC as written (per-ROI values under ``rois``).
+    """
+    conn, series = connectivity_paths(output_dir, run, network_label), timeseries_paths(output_dir, run, network_label)
+    meta, ts_meta = json.loads(conn["json"].read_text()), json.loads(series["json"].read_text())
+    A_hz, names = read_connectivity(conn["tsv"])
+    with np.load(conn["npz"]) as posterior:
+        observed, predicted = posterior["observed_csd"], posterior["predicted_csd"]
+    history = [v for v in meta["FreeEnergyHistory"] if v is not None]
+    denoise = ts_meta.get("DenoiseStrategy") or {}
+    return RunResult(
+        run_label=run.label, network=network_label, roi_names=names, roi_coords=np.asarray(ts_meta["Coordinates"]),
+        timeseries=pd.read_csv(series["tsv"], sep="\t")[names].to_numpy(float), tr=float(ts_meta["RepetitionTime"]),
+        freqs=np.asarray(meta["Frequencies"]), csd_observed=observed, csd_predicted=predicted, A_hz=A_hz,
+        A_var=np.asarray(meta["PosteriorVarianceA"]), F_history=history, free_energy=float(meta["FreeEnergy"]),
+        iterations=int(meta["Iterations"]), converged=bool(meta["Converged"]),
+        variance_explained=float(meta["VarianceExplained"]), seconds=float(meta["Seconds"]), device=meta["Device"],
+        qc=dict(ts_meta.get("QC") or {}), denoise_strategy=str(denoise.get("Name", "")),
+    )

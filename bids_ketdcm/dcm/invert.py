@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,6 +209,8 @@ def invert(
     jacobian: str = "analytic",
     csd_model: str = "spm12",
     progress: bool = False,
+    on_subject_done: Callable[[int, int, bool], None] | None = None,
+    chunk_bytes: int | None = None,
 ) -> Posterior:
     """Invert spectral DCM on given cross-spectral features (SPM12's ``spm_nlsi_GN``).
 
@@ -235,6 +238,13 @@ def invert(
         :data:`bids_ketdcm.dcm.model.CSD_MODELS`.
     progress
         Log one line per iteration at INFO level.
+    on_subject_done
+        Called as ``on_subject_done(b, iterations, converged)`` when subject ``b`` of the
+        batch has converged, and for the others when the iteration cap is reached (a
+        progress bar can advance per subject inside a batch).
+    chunk_bytes
+        Memory budget of one chunk of subjects on the CPU (default
+        :data:`CPU_CHUNK_BYTES`); the numbers do not depend on it.
 
     Returns
     -------
@@ -275,7 +285,7 @@ def invert(
         jacobian,
         csd_model,
     )
-    state = _gauss_newton(problem, max_iterations, progress)
+    state = _gauss_newton(problem, max_iterations, progress, on_subject_done, chunk_bytes or CPU_CHUNK_BYTES)
     post = _posterior(problem, state, nf)
     post.seconds = time.perf_counter() - start
     post.device = str(dev)
@@ -286,7 +296,8 @@ def invert(
     return post
 
 
-def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dict:
+def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool,
+                  on_subject_done: Callable[[int, int, bool], None] | None, chunk_bytes: int) -> dict:
     """Run SPM's variational Laplace loop for every subject until each has converged.
 
     Each iteration updates the active subjects in chunks (:func:`_chunk_size`); subjects
@@ -312,7 +323,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dic
     converged = torch.zeros(B, dtype=torch.bool, device=dev)
     history: list[list[float]] = [[] for _ in range(B)]
     n_data = nf * K
-    chunk = _chunk_size(problem)
+    chunk = _chunk_size(problem, chunk_bytes)
     for k in range(1, max_iterations + 1):
         active = torch.nonzero(~converged).flatten()
         if active.numel() == 0:
@@ -370,10 +381,17 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dic
             p[idx] = best["p"][idx] + dp
             gain = (best["g"][idx] * dp).sum(-1)
             run[idx] = torch.where(gain < _CONVERGENCE_GAIN, run[idx] + 1, torch.zeros_like(run[idx]))
-            converged[idx] = run[idx] >= _CONVERGENCE_RUN
+            now = run[idx] >= _CONVERGENCE_RUN
+            converged[idx] = now
+            if on_subject_done is not None:
+                for b in idx[now].tolist():
+                    on_subject_done(b, k, True)
             if progress:
                 log.info("iteration %d: %d active, F = %s", k, idx.numel(),
                          np.array2string(best["F"][idx].cpu().numpy(), precision=2))
+    if on_subject_done is not None:
+        for b in torch.nonzero(~converged).flatten().tolist():
+            on_subject_done(b, int(iterations[b]), False)
     return {"best": best, "iterations": iterations, "converged": converged, "history": history}
 
 
@@ -385,13 +403,13 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dic
 CPU_CHUNK_BYTES = 64 * 2**20
 
 
-def _chunk_size(problem: _Problem) -> int:
-    """Subjects per chunk: all of them on a GPU; on the CPU as many as fit CPU_CHUNK_BYTES."""
+def _chunk_size(problem: _Problem, chunk_bytes: int = CPU_CHUNK_BYTES) -> int:
+    """Subjects per chunk: all of them on a GPU; on the CPU as many as fit ``chunk_bytes``."""
     B, _, n, _ = problem.y.shape
     if problem.y.device.type != "cpu":
         return B
     R = problem.ipc.shape[-1]
-    return max(1, min(B, CPU_CHUNK_BYTES // (n * n * R * R * 8)))
+    return max(1, min(B, chunk_bytes // (n * n * R * R * 8)))
 
 
 def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, jte: torch.Tensor, err2: torch.Tensor,

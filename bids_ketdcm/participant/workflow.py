@@ -8,6 +8,7 @@ the saved models (:mod:`bids_ketdcm.participant.predict`) and the report gets a 
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -21,15 +22,17 @@ from bids_ketdcm.bids.derivatives import (
     RunEntities,
     connectivity_paths,
     is_finished,
+    read_run_result,
     timeseries_paths,
     write_connectivity,
     write_dataset_description,
     write_timeseries,
 )
-from bids_ketdcm.config import ParticipantOptions
+from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions
 from bids_ketdcm.dcm import fit
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_text
+from bids_ketdcm.participant.denoise import load_strategy
 from bids_ketdcm.participant.rois import load_network, network_label
 from bids_ketdcm.participant.timeseries import (
     RoiTimeseries,
@@ -84,16 +87,23 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
         done_before = len(works) - len(todo)
         if done_before:
             log.info("%s: %d run(s) already finished, skipped (use --overwrite to redo)", label, done_before)
+        started = time.perf_counter()
         for work in tqdm(todo, desc=f"{label}: extracting ROI time series", unit="run", disable=None):
             work.series, work.skipped = _extract(work, network, opts)
             if work.series is not None:
                 write_timeseries(opts.output_dir, work.entities, label, network, work.series)
+                log.info("sub-%s %s %s: ROI time series, %d of %d volumes kept (%.0f s elapsed)",
+                         work.entities.subject, work.entities.label, label, work.series.data.shape[0],
+                         work.series.qc.get("n_volumes", work.series.data.shape[0]), time.perf_counter() - started)
         ready = [w for w in todo if w.series is not None]
-        _invert_all(ready, label, network, opts, device, reports)
+        iterations, n_converged = _invert_all(ready, label, network, opts, device, reports, started)
         for w in todo:
             if w.skipped:
                 reports[w.entities.subject].append(_skipped_report(w, label, network))
         summary[label] = {"inverted": len(ready), "skipped": len(todo) - len(ready), "finished_before": done_before}
+        log.info("%s: %d run(s) inverted (%d converged; iterations median %s, max %s), %d skipped, %d finished "
+                 "before (%.0f s)", label, len(ready), n_converged, int(np.median(iterations)) if iterations else "-",
+                 max(iterations, default="-"), len(todo) - len(ready), done_before, time.perf_counter() - started)
     if networks and not opts.wants_gmv and not any(c["inverted"] + c["finished_before"] for c in summary.values()):
         reasons = sorted({r.skipped_reason for rs in reports.values() for r in rs if r.skipped_reason})
         raise InputError("no run could be inverted:\n" + "\n".join(reasons))
@@ -105,16 +115,58 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
     if opts.apply_model is not None:
         sections = _predict(opts, subjects)
         summary["predicted"] = {"participants": sum(1 for v in sections.values() if v)}
-    for subject, run_reports in reports.items():
-        settings = {"roi_summary": opts.roi_summary, "radius_mm": _radius(networks), "space": opts.space,
-                    "denoise_strategy": opts.denoise, "device": str(device),
-                    "csd_model": opts.csd_model}
-        path = opts.output_dir / f"sub-{subject}.html"
-        write_participant_report(path, subject, run_reports, settings, extra_sections=sections.get(subject))
-        log.info("report: %s", path)
+    _write_reports(opts, networks, reports, sections, str(device))
     for subject in sorted(set(sections) - set(reports)):  # no run processed now: add to the report
         update_participant_report(opts.output_dir / f"sub-{subject}.html", subject, sections[subject])
     return summary
+
+
+def rewrite_reports(opts: ParticipantOptions, runs: list) -> list[str]:
+    """``--reports-only``: write the participant reports again from the derivatives in the output folder.
+
+    Parameters
+    ----------
+    opts
+        Settings (``output_dir``, ``networks``, ``space``).
+    runs
+        BOLD runs found by :func:`bids_ketdcm.bids.layout.find_bold_runs`; those whose
+        outputs are finished are reported.
+
+    Returns
+    -------
+    list of str
+        The participants whose report was written.
+
+    Raises
+    ------
+    InputError
+        When no run of these participants and networks is finished in the output folder.
+    """
+    networks = {network_label(n): (n, load_network(n)) for n in opts.networks}
+    reports: dict[str, list[RunResult]] = defaultdict(list)
+    for label in networks:
+        for bold in runs:
+            entities = _entities(bold, opts.space)
+            if is_finished(opts.output_dir, entities, label):
+                result = read_run_result(opts.output_dir, entities, label)
+                result.qc = _report_qc(result.qc, result.roi_names)
+                reports[entities.subject].append(result)
+    if not reports:
+        raise InputError(f"--reports-only: {opts.output_dir} holds no finished run of network(s) "
+                         f"{', '.join(networks)} for these participants; run the participant level first")
+    devices = sorted({r.device for rs in reports.values() for r in rs})
+    _write_reports(opts, networks, reports, {}, ", ".join(devices))
+    return sorted(reports)
+
+
+def _write_reports(opts: ParticipantOptions, networks: dict, reports: dict[str, list[RunResult]],
+                   sections: dict[str, list], device: str) -> None:
+    for subject, run_reports in reports.items():
+        settings = {"roi_summary": opts.roi_summary, "radius_mm": _radius(networks), "space": opts.space,
+                    "denoise_strategy": load_strategy(opts.denoise).name, "device": device,
+                    "csd_model": opts.csd_model}
+        path = opts.output_dir / f"sub-{subject}.html"
+        write_participant_report(path, subject, run_reports, settings, extra_sections=sections.get(subject))
 
 
 def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
@@ -171,30 +223,44 @@ def _extract(work: _RunWork, network: pd.DataFrame, opts: ParticipantOptions) ->
 
 
 def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: ParticipantOptions,
-                device: torch.device, reports: dict) -> None:
-    """Invert runs in batches of equal length and TR; write each run's outputs."""
+                device: torch.device, reports: dict, started: float) -> tuple[list[int], int]:
+    """Invert runs in batches of equal length and TR; write each run's outputs.
+
+    One log line per run as its inversion ends (the bar advances per run inside a batch),
+    with the elapsed time and iterations. Returns the iterations of every run and the
+    number that converged.
+    """
     groups: dict[tuple, list[_RunWork]] = defaultdict(list)
     for w in ready:
         groups[(w.series.data.shape[0], round(w.series.tr, 6))].append(w)
     bar = tqdm(total=len(ready), desc=f"{label}: spectral DCM", unit="run", disable=None)
+    iterations, n_converged = [], 0
     for (_, tr), members in groups.items():
         for start in range(0, len(members), opts.batch_size):
             chunk = members[start : start + opts.batch_size]
-            post = fit(np.stack([w.series.data for w in chunk]), tr, device=device,
-                       jacobian=opts.jacobian, csd_model=opts.csd_model,
-                       max_iterations=opts.max_iterations)
+
+            def done(b: int, n_iterations: int, converged: bool, chunk: list[_RunWork] = chunk) -> None:
+                entities = chunk[b].entities
+                log.log(logging.INFO if converged else logging.WARNING,
+                        "sub-%s %s %s: DCM %s after %d iterations (%.0f s elapsed)", entities.subject,
+                        entities.label, label, "converged" if converged else "did NOT converge", n_iterations,
+                        time.perf_counter() - started)
+                bar.update(1)
+
+            post = fit(np.stack([w.series.data for w in chunk]), tr, device=device, jacobian=opts.jacobian,
+                       csd_model=opts.csd_model, max_iterations=opts.max_iterations,
+                       progress=log.isEnabledFor(LOG_VERBOSE), on_subject_done=done, chunk_bytes=opts.chunk_bytes)
             for b, w in enumerate(chunk):
                 sub = post.subject(b)
                 sub.seconds = post.seconds / len(chunk)
-                settings = {"DenoiseStrategy": opts.denoise, "ROISummary": opts.roi_summary,
+                settings = {"DenoiseStrategy": w.series.denoise, "ROISummary": opts.roi_summary,
                             "Source": str(w.bold.bold), "Software": f"bids-ketdcm {__version__}"}
                 write_connectivity(opts.output_dir, w.entities, label, w.series, sub, settings)
                 reports[w.entities.subject].append(_run_report(w, label, sub))
-                if not sub.converged:
-                    log.warning("sub-%s %s %s: DCM did not converge in %d iterations",
-                                w.entities.subject, w.entities.label, label, sub.iterations)
-            bar.update(len(chunk))
+                iterations.append(int(sub.iterations))
+                n_converged += bool(sub.converged)
     bar.close()
+    return iterations, n_converged
 
 
 def _run_report(w: _RunWork, label: str, post) -> RunResult:
