@@ -52,8 +52,8 @@ class ParticipantOptions:
     gmv_atlases: list[str] = field(default_factory=lambda: ["power264"])
     #: Folder of saved models to predict every participant with.
     apply_model: Path | None = None
-    #: Memory budget of the DCM's CPU chunks in bytes (``--mem-mb``); None: the engine's default.
-    chunk_bytes: int | None = None
+    #: Memory the app may use in MB (``--mem-mb``): bounds the DCM's batch and chunk sizes; None: no bound.
+    mem_mb: int | None = None
 
     @property
     def wants_dcm(self) -> bool:

@@ -39,8 +39,6 @@ MIN_MEM_MB = 512
 #: Resident memory of one group-level worker process (measured: benchmarks/group_speed.py workers, sklearn
 #: and pandas loaded, about 300 MB; rounded up). ``--mem-mb`` allows one process per this many MB.
 WORKER_MB = 400
-#: Share of ``--mem-mb`` one chunk of the DCM's Gauss-Newton temporaries may take.
-DCM_MEMORY_SHARE = 0.25
 #: Libraries whose messages only ``-vv`` shows.
 _QUIET_LIBRARIES = ("nilearn", "bids", "bidsschematools")
 #: Libraries kept at WARNING even with ``-vv`` (their debug messages are about fonts and files).
@@ -273,7 +271,7 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
         networks=list(kw["networks"]), denoise=kw["denoise"], roi_summary=kw["roi_summary"],
         bids_filter=bids_filter, device=kw["device"], seed=kw["seed"], overwrite=kw["overwrite"],
         jacobian=kw["dcm_jacobian"], csd_model=kw["dcm_csd_model"], features=list(kw["features"]),
-        gmv_atlases=list(kw["gmv_atlases"]), apply_model=kw["apply_model"], chunk_bytes=dcm_chunk_bytes(kw["mem_mb"]),
+        gmv_atlases=list(kw["gmv_atlases"]), apply_model=kw["apply_model"], mem_mb=kw["mem_mb"],
     )
     if kw["reports_only"]:
         written = rewrite_reports(opts, runs)
@@ -283,27 +281,6 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
     for label, counts in summary.items():
         if "inverted" not in counts:  # the networks' lines were logged as each ended
             log.info("%s: %s", label, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
-
-
-def dcm_chunk_bytes(mem_mb: int | None) -> int | None:
-    """The DCM's CPU chunk budget under ``--mem-mb`` (None: the engine's default).
-
-    Parameters
-    ----------
-    mem_mb
-        ``--mem-mb``, or None.
-
-    Returns
-    -------
-    int or None
-        :data:`DCM_MEMORY_SHARE` of the budget, never more than the engine's default
-        (bigger chunks are slower on the CPU).
-    """
-    from bids_ketdcm.dcm.invert import CPU_CHUNK_BYTES
-
-    if mem_mb is None:
-        return None
-    return min(CPU_CHUNK_BYTES, int(mem_mb * 2**20 * DCM_MEMORY_SHARE))
 
 
 def group_processes(nprocs: int, mem_mb: int | None) -> int:

@@ -30,6 +30,8 @@ from bids_ketdcm.bids.derivatives import (
 )
 from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions
 from bids_ketdcm.dcm import fit
+from bids_ketdcm.dcm.invert import CPU_CHUNK_BYTES
+from bids_ketdcm.dcm.priors import ParamLayout
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_text
 from bids_ketdcm.participant.denoise import load_strategy
@@ -47,6 +49,12 @@ from bids_ketdcm.report import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Share of ``--mem-mb`` the DCM's batch state and its Gauss-Newton chunk may take (half each).
+DCM_MEMORY_SHARE = 0.25
+#: (R x R) float64 matrices the inversion keeps per subject of a batch (posterior and best covariance,
+#: Hessian, Gram sums, ...), R the parameters of the prior subspace; counted high.
+SUBJECT_MATRICES = 8
 
 
 @dataclass
@@ -235,9 +243,10 @@ def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: 
         groups[(w.series.data.shape[0], round(w.series.tr, 6))].append(w)
     bar = tqdm(total=len(ready), desc=f"{label}: spectral DCM", unit="run", disable=None)
     iterations, n_converged = [], 0
+    batch_size, chunk_bytes = dcm_batching(opts, len(network))
     for (_, tr), members in groups.items():
-        for start in range(0, len(members), opts.batch_size):
-            chunk = members[start : start + opts.batch_size]
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
 
             def done(b: int, n_iterations: int, converged: bool, chunk: list[_RunWork] = chunk) -> None:
                 entities = chunk[b].entities
@@ -249,7 +258,7 @@ def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: 
 
             post = fit(np.stack([w.series.data for w in chunk]), tr, device=device, jacobian=opts.jacobian,
                        csd_model=opts.csd_model, max_iterations=opts.max_iterations,
-                       progress=log.isEnabledFor(LOG_VERBOSE), on_subject_done=done, chunk_bytes=opts.chunk_bytes)
+                       progress=log.isEnabledFor(LOG_VERBOSE), on_subject_done=done, chunk_bytes=chunk_bytes)
             for b, w in enumerate(chunk):
                 sub = post.subject(b)
                 sub.seconds = post.seconds / len(chunk)
@@ -261,6 +270,33 @@ def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: 
                 n_converged += bool(sub.converged)
     bar.close()
     return iterations, n_converged
+
+
+def dcm_batching(opts: ParticipantOptions, n_regions: int) -> tuple[int, int | None]:
+    """Subjects per DCM call and the CPU chunk budget, under ``--mem-mb``.
+
+    Parameters
+    ----------
+    opts
+        Settings (``batch_size``, ``mem_mb``).
+    n_regions
+        Regions of the network.
+
+    Returns
+    -------
+    batch_size : int
+        ``opts.batch_size``, or fewer so that :data:`SUBJECT_MATRICES` R x R matrices per
+        subject fit half of :data:`DCM_MEMORY_SHARE` of the budget.
+    chunk_bytes : int or None
+        None without a budget (the engine's default), else the other half, at most
+        :data:`bids_ketdcm.dcm.invert.CPU_CHUNK_BYTES`.
+    """
+    if opts.mem_mb is None:
+        return opts.batch_size, None
+    half = opts.mem_mb * 2**20 * DCM_MEMORY_SHARE / 2
+    size = ParamLayout(n_regions).size
+    per_subject = SUBJECT_MATRICES * size * size * 8
+    return max(1, min(opts.batch_size, int(half // per_subject))), int(min(CPU_CHUNK_BYTES, half))
 
 
 def _run_report(w: _RunWork, label: str, post) -> RunResult:
