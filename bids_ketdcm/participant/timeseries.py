@@ -79,6 +79,11 @@ class RoiTimeseries:
     denoise
         Description of the denoising: strategy name, nilearn call, confound columns
         used, summary method.
+    fd
+        Framewise displacement (mm) of every BOLD volume (NaN where fMRIPrep has none),
+        for the report's motion figure; None without the column.
+    mean_bold
+        The run's mean BOLD image, for the report's figure of the ROIs on it.
     """
 
     data: np.ndarray
@@ -88,6 +93,8 @@ class RoiTimeseries:
     kept_volumes: np.ndarray
     qc: dict[str, Any] = field(default_factory=dict)
     denoise: dict[str, Any] = field(default_factory=dict)
+    fd: np.ndarray | None = None
+    mean_bold: nib.Nifti1Image | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """Return the series as a DataFrame (columns = ROI names)."""
@@ -249,7 +256,7 @@ def load_run_confounds(
     return confounds, sample_mask
 
 
-def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> dict:
+def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> tuple[dict, np.ndarray | None]:
     try:
         table = pd.read_csv(confounds_file, sep="\t", na_values=["n/a"])
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
@@ -260,13 +267,13 @@ def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> dict:
             f"has {n_volumes} volumes"
         )
     if "framewise_displacement" not in table.columns:
-        return {"mean_fd": None, "max_fd": None}
-    fd = pd.to_numeric(table["framewise_displacement"], errors="coerce").to_numpy(float)
-    fd = fd[np.isfinite(fd)]
+        return {"mean_fd": None, "max_fd": None}, None
+    trace = pd.to_numeric(table["framewise_displacement"], errors="coerce").to_numpy(float)
+    fd = trace[np.isfinite(trace)]
     return {
         "mean_fd": float(fd.mean()) if fd.size else None,
         "max_fd": float(fd.max()) if fd.size else None,
-    }
+    }, trace
 
 
 # --------------------------------------------------------------------------- extraction
@@ -307,7 +314,8 @@ def _load_mask(path: str | os.PathLike, bold_img) -> np.ndarray:
     return mask
 
 
-def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> np.ndarray:
+def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """The (T, V) series of the ``union`` voxels, and the run's mean image."""
     try:
         data = np.asarray(img.dataobj)
     except Exception as err:  # truncated gzip, wrong size ...
@@ -317,7 +325,7 @@ def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> np.ndarray:
     series = data[union].T.astype(float)  # (T, V)
     if not np.all(np.isfinite(series)):
         raise InputError(f"BOLD image {path} holds NaN or infinite values inside the ROIs")
-    return series
+    return series, nib.Nifti1Image(data.mean(axis=3, dtype=np.float32), img.affine)
 
 
 def extract_timeseries(
@@ -393,7 +401,7 @@ def extract_timeseries(
     union = np.logical_or.reduce(masks)
     position = np.full(brain.shape, -1)
     position[union] = np.arange(union.sum())
-    raw = _bold_voxels(bold, bold_img, union)
+    raw, mean_bold = _bold_voxels(bold, bold_img, union)
 
     selected, sample_mask = load_run_confounds(
         bold, denoise, confounds_file=confounds,
@@ -405,7 +413,8 @@ def extract_timeseries(
         )
     kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask, int)
     qc: dict[str, Any] = {"n_volumes": int(n_volumes)}
-    qc.update(_run_motion_qc(confounds, n_volumes))
+    motion, fd = _run_motion_qc(confounds, n_volumes)
+    qc.update(motion)
     n_non_steady = _count_non_steady(confounds)
     qc.update(
         n_non_steady_state=n_non_steady,
@@ -477,6 +486,8 @@ def extract_timeseries(
         kept_volumes=kept,
         qc=qc,
         denoise=description,
+        fd=fd,
+        mean_bold=mean_bold,
     )
 
 

@@ -47,6 +47,7 @@ from bids_ketdcm.report import (
     update_participant_report,
     write_participant_report,
 )
+from bids_ketdcm.report.participant import write_run_figures
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
             work.series, work.skipped = _extract(work, network, opts)
             if work.series is not None:
                 write_timeseries(opts.output_dir, work.entities, label, network, work.series)
+                write_run_figures(opts.output_dir, work.entities.subject, work.entities.label, label, work.series)
                 log.info("sub-%s %s %s: ROI time series, %d of %d volumes kept (%.0f s elapsed)",
                          work.entities.subject, work.entities.label, label, work.series.data.shape[0],
                          work.series.qc.get("n_volumes", work.series.data.shape[0]), time.perf_counter() - started)
