@@ -40,6 +40,7 @@ from bids_ketdcm.group.labels import (
     read_participants,
     read_scores,
 )
+from bids_ketdcm.group.qc import write_group_tables
 from bids_ketdcm.group.suite import (
     ALL_MODELS,
     COMPARATORS,
@@ -397,6 +398,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     write_tsv(group / "results.tsv", suite.results)
     write_tsv(group / "folds.tsv", suite.folds)
     write_tsv(group / "predictions.tsv", suite.predictions)
+    qc = write_group_tables(group, features)
     counts = {
         a: {s: labels.counts(a, s) for s in labels.schemes}
         for a in analyses
@@ -429,14 +431,14 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     }
     outputs = {name: str(group / name) for name in (
         "labels.tsv", "labels.json", "labels_excluded.tsv", "results.tsv", "folds.tsv",
-        "predictions.tsv", "results.json")}
+        "predictions.tsv", "results.json", *(f"seg-{n}_{kind}.tsv" for n in qc for kind in ("qc", "edges")))}
     if treatment is not None and treatment["skipped"] is None:
         outputs.update({Path(f).name: f for f in treatment["files"].values()})
     if options.report:
         from bids_ketdcm.group.report import write_report
 
         write_report(group / "report.html", info, suite, tasks, best, summary, nprocs=options.nprocs,
-                     treatment=treatment)
+                     treatment=treatment, qc=qc)
         log.info("report written at %.1f s", time.perf_counter() - start)
         outputs["report.html"] = str(group / "report.html")
     info["seconds"] = round(time.perf_counter() - start, 2)

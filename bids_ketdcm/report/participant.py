@@ -14,16 +14,17 @@ import html
 import logging
 import math
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from bids_ketdcm.bids.derivatives import RunResult
 from bids_ketdcm.io import atomic_path, write_text
 from bids_ketdcm.report import figures
-from bids_ketdcm.report.render import render_page
 from bids_ketdcm.report.methods import citations_bibtex, formatted_references, methods_paragraph, software_versions
+from bids_ketdcm.report.render import render_page
 
 log = logging.getLogger(__name__)
 
