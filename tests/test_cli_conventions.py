@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -130,3 +131,19 @@ def test_reports_only_rewrites_the_reports_from_the_derivatives(participant_out,
     empty = out.parent / "empty"
     assert main([str(bids), str(empty), "participant", "--reports-only", "--skip-bids-validation"]) == 2
     assert "holds no finished run" in capsys.readouterr().err
+
+
+def test_participant_report_holds_the_new_figures_and_readable_numbers(participant_out):
+    _, out, _ = participant_out
+    page = (out / "sub-MOA102.html").read_text()
+    for title in (r"ROIs on the participant&#x27;s mean BOLD", "Head motion"):
+        assert f"<h3>{title}</h3>" in page, title
+    assert page.count("data:image/png;base64,") == 7  # rois, motion, glass brain, series, CSD, A, convergence
+    ts = json.loads(next(out.glob("sub-MOA102/ses-b0/func/*_timeseries.json")).read_text())
+    conn = json.loads(next(out.glob("sub-MOA102/ses-b0/func/*_connectivity.json")).read_text())
+    assert f"<th>Mean framewise displacement (mm)</th><td>{ts['QC']['mean_fd']:.4g}</td>" in page
+    assert f"<th>Volumes kept</th><td>{ts['QC']['n_kept']}</td>" in page
+    assert f"<th>Free energy (nats)</th><td>{conn['FreeEnergy']:.2f}</td>" in page
+    assert "<th>Repetition time (s)</th><td>2.5</td>" in page
+    assert "n_kept" not in page and "<th>tr</th>" not in page
+    assert "table.data thead th" in page  # the one stylesheet, inlined from the base page

@@ -120,6 +120,7 @@ def glass_brain_figure(
         )
     if getattr(display, "_cbar", None) is not None:
         display._cbar.set_label("effective connectivity (Hz)", fontsize=9)
+        display._cbar.ax.yaxis.set_label_position("left")
     handles = [
         Line2D([], [], marker="o", linestyle="", markersize=8, color=colors[k]) for k in range(n)
     ]
