@@ -438,7 +438,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         return apply_models(options.apply_model, labels, output_dir,
                             session=options.feature_session or options.baseline_session, space=options.space,
                             task=options.task, run=options.run, n_permutations=options.n_permutations,
-                            seed=options.seed)
+                            seed=options.seed, allow_training_overlap=options.allow_training_overlap)
     features, missing = gather_features(
         output_dir, labelled, tuple(options.feature_sets), session=options.feature_session or options.baseline_session,
         networks=tuple(options.networks) if options.networks else None, run=options.run,
