@@ -626,6 +626,7 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
         seed=options.seed, score_column=options.score_column, baseline_session=options.baseline_session,
         ketamine_session=options.post_session, placebo_session=options.placebo_session,
         groups=tuple(options.include_group) if options.include_group else None,
+        n_repeats=options.treatment_repeats, target=options.treatment_target,
     )
     log.info("treatment selection on seg-%s", key)
     result = run_treatment_selection(table, participants.reset_index(), phenotype, output_dir, treatment_options)
