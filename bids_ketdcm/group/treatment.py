@@ -268,6 +268,8 @@ class CVResult:
 
     folds: pd.DataFrame
     oof: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Ties between predictions broken at random (seeded) instead of by column order.
+    random_ties: bool = False
 
 
 def make_model(
@@ -325,6 +327,7 @@ def cross_validate_selection(
     dpnn: DPNNSettings | None = None,
     knn_k: int | None = None,
     progress: bool = True,
+    random_ties: bool = False,
 ) -> CVResult:
     """Repeated stratified k-fold evaluation of treatment-selection methods.
 
@@ -344,6 +347,9 @@ def cross_validate_selection(
         Neighbours of the case-based reasoning baseline (None: square-root rule).
     progress
         Show a progress bar on stderr (only when it is a terminal).
+    random_ties
+        Break ties between predicted probabilities at random (seeded); False: by column
+        order (the DPNN paper's convention, which its ``mrr_column`` assumes).
 
     Returns
     -------
@@ -360,8 +366,9 @@ def cross_validate_selection(
     bar = tqdm(splits, total=n_splits * n_repeats, desc="treatment CV", disable=None if progress else True)
     with single_threaded():
         for i, (train, test) in enumerate(bar):
-            rows.extend(_run_fold(problem, methods, i, train, test, n_splits, seed, dpnn, knn_k, oof))
-    return CVResult(pd.DataFrame(rows), oof)
+            rows.extend(_run_fold(problem, methods, i, train, test, n_splits, seed, dpnn, knn_k, oof,
+                                  random_ties))
+    return CVResult(pd.DataFrame(rows), oof, random_ties)
 
 
 def _run_fold(
@@ -375,6 +382,7 @@ def _run_fold(
     dpnn: DPNNSettings,
     knn_k: int | None,
     oof: dict[str, np.ndarray],
+    random_ties: bool = False,
 ) -> list[dict]:
     """Fit and score every method on one split; fills ``oof`` in place."""
     rows = []
@@ -397,7 +405,8 @@ def _run_fold(
         oof[method][repeat, test] = pred
         truth = None if problem.truth is None else problem.truth[test]
         metrics = _named(selection_metrics(pred, problem.treatment[test], problem.outcome[test], truth,
-                                           seed=_seed(seed, repeat, fold, j, 1)), problem, method)
+                                           seed=_seed(seed, repeat, fold, j, 1) if random_ties else None),
+                         problem, method)
         rows.append(
             {"method": method, "repeat": repeat, "fold": fold, "n_test": len(test), **metrics, "seconds": seconds}
         )
@@ -410,7 +419,7 @@ def pooled_metrics(problem: SelectionProblem, result: CVResult) -> pd.DataFrame:
     for j, (method, preds) in enumerate(result.oof.items()):
         for repeat, pred in enumerate(preds):
             metrics = selection_metrics(pred, problem.treatment, problem.outcome, problem.truth,
-                                        seed=_seed(repeat, j, 2))
+                                        seed=_seed(repeat, j, 2) if result.random_ties else None)
             rows.append({"method": method, "repeat": repeat, **_named(metrics, problem, method)})
     return pd.DataFrame(rows)
 
@@ -715,7 +724,8 @@ def run_treatment_selection(
         treatment_names=list(TREATMENTS),
     )
     result = cross_validate_selection(
-        problem, options.methods, n_splits, options.n_repeats, options.seed, options.dpnn, options.knn_k
+        problem, options.methods, n_splits, options.n_repeats, options.seed, options.dpnn, options.knn_k,
+        random_ties=True,
     )
     pooled = pooled_metrics(problem, result)
     summary = _summary_table(pooled, len(cohort), options.methods)
