@@ -31,7 +31,8 @@ class ParticipantOptions:
     fmriprep_dir: Path | None = None
     work_dir: Path | None = None
     participant_labels: list[str] = field(default_factory=list)
-    session: str | None = "b0"
+    #: Session label(s) of the BOLD runs; None: every session with a run.
+    session: str | list[str] | None = None
     task: str = "rest"
     space: str = "MNI152NLin2009cAsym"
     networks: list[str] = field(default_factory=lambda: ["dmn4"])
@@ -54,6 +55,13 @@ class ParticipantOptions:
     apply_model: Path | None = None
     #: Memory the app may use in MB (``--mem-mb``): bounds the DCM's batch and chunk sizes; None: no bound.
     mem_mb: int | None = None
+
+    @property
+    def one_session(self) -> str | None:
+        """The session of the steps that take one (GMV, predictions): the first selected, or None."""
+        if isinstance(self.session, list):
+            return self.session[0] if self.session else None
+        return self.session
 
     @property
     def wants_dcm(self) -> bool:

@@ -100,7 +100,7 @@ def participant_out(tmp_path_factory) -> tuple[Path, Path, str]:
 
 def test_one_progress_line_per_run_and_network_and_no_duplicates(participant_out):
     _, out, log = participant_out
-    runs = sorted(out.glob("sub-*/ses-b0/func/*_desc-dcm_connectivity.tsv"))
+    runs = sorted(out.glob("sub-*/ses-b0/func/*_meas-dcm_relmat.tsv"))
     done = re.findall(r"sub-(\w+) (\S+) dmn4: DCM (?:converged|did NOT converge) after (\d+) iterations "
                       r"\((\d+) s elapsed\)", log)
     assert len(done) == len(runs) == 3  # sub-MOA101 has two runs
@@ -130,7 +130,7 @@ def test_reports_only_rewrites_the_reports_from_the_derivatives(participant_out,
     assert "--reports-only is a participant-level option" in capsys.readouterr().err
     empty = out.parent / "empty"
     assert main([str(bids), str(empty), "participant", "--reports-only", "--skip-bids-validation"]) == 2
-    assert "holds no finished run" in capsys.readouterr().err
+    assert "holds no finished result" in capsys.readouterr().err
 
 
 def test_participant_report_holds_the_new_figures_and_readable_numbers(participant_out):
@@ -140,7 +140,7 @@ def test_participant_report_holds_the_new_figures_and_readable_numbers(participa
         assert f"<h3>{title}</h3>" in page, title
     assert page.count("data:image/png;base64,") == 7  # rois, motion, glass brain, series, CSD, A, convergence
     ts = json.loads(next(out.glob("sub-MOA102/ses-b0/func/*_timeseries.json")).read_text())
-    conn = json.loads(next(out.glob("sub-MOA102/ses-b0/func/*_connectivity.json")).read_text())
+    conn = json.loads(next(out.glob("sub-MOA102/ses-b0/func/*_relmat.json")).read_text())
     assert f"<th>Mean framewise displacement (mm)</th><td>{ts['QC']['mean_fd']:.4g}</td>" in page
     assert f"<th>Volumes kept</th><td>{ts['QC']['n_kept']}</td>" in page
     assert f"<th>Free energy (nats)</th><td>{conn['FreeEnergy']:.2f}</td>" in page

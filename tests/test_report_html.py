@@ -13,6 +13,7 @@ import torch
 from test_group_run import FAST, make_cohort
 
 from bids_ketdcm.bids.derivatives import read_connectivity
+from bids_ketdcm.bids.naming import CONNECTIVITY_SUFFIX, RunEntities, parse_name, timeseries_paths
 from bids_ketdcm.group import GroupOptions, run_group
 
 
@@ -21,13 +22,13 @@ def group_run(tmp_path_factory):
     """The ds005917 cohort with sidecars as the participant level writes them (one run did not converge)."""
     bids, out = make_cohort(tmp_path_factory.mktemp("report"), effect=0.5)
     truth = {}
-    for k, path in enumerate(sorted(out.glob("sub-*/ses-b0/func/*_seg-dmn4_desc-dcm_connectivity.tsv"))):
+    for k, path in enumerate(sorted(out.glob(f"sub-*/ses-b0/func/*_seg-dmn4_meas-dcm_{CONNECTIVITY_SUFFIX}.tsv"))):
         participant = path.name.split("_")[0]
         meta = {"Converged": k != 3, "Iterations": 20 + k, "VarianceExplained": 0.5 + 0.01 * k, "Network": "dmn4"}
         path.with_suffix(".json").write_text(json.dumps(meta))
         qc = {"mean_fd": 0.1 + 0.002 * k, "n_kept": 190 - k % 3, "n_volumes": 192}
-        stem = path.name.split("_seg-dmn4")[0] + "_seg-dmn4"
-        (path.parent / f"{stem}_timeseries.json").write_text(json.dumps({"QC": qc}))
+        entities = parse_name(path)
+        timeseries_paths(out, RunEntities.from_mapping(entities), "dmn4")["json"].write_text(json.dumps({"QC": qc}))
         truth[participant] = {**meta, **qc, "A": read_connectivity(path)[0]}
     run_group(bids, out, GroupOptions(**{**FAST, "n_permutations": 19}, nprocs=1, require_converged=False))
     return out / "group", truth

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bids_ketdcm.bids.naming import RunEntities, parse_name, timeseries_paths
 from bids_ketdcm.group.feature_sets import split_key
 from bids_ketdcm.group.features import FeatureSet
 from bids_ketdcm.io import write_tsv
@@ -50,7 +51,7 @@ def qc_table(features: FeatureSet) -> pd.DataFrame:
     rows = []
     for participant, path in zip(features.participants, features.files, strict=True):
         meta = _sidecar(Path(path).with_suffix(".json"))
-        qc = _sidecar(_timeseries_sidecar(Path(path), features.network)).get("QC") or {}
+        qc = _sidecar(_timeseries_sidecar(Path(path))).get("QC") or {}
         rows.append({
             "participant_id": participant if participant.startswith("sub-") else f"sub-{participant}",
             "converged": meta.get("Converged"),
@@ -112,11 +113,10 @@ def write_group_tables(group_dir: Path, features: dict[str, FeatureSet]) -> dict
     return tables
 
 
-def _timeseries_sidecar(connectivity: Path, network: str) -> Path:
-    """The time-series sidecar of the same run and network (same name up to ``seg-<network>``)."""
-    stem = connectivity.name.split(f"_seg-{network}", 1)[0] + f"_seg-{network}"
-    found = sorted(connectivity.parent.glob(f"{stem}*_timeseries.json"))
-    return found[0] if found else connectivity.parent / f"{stem}_timeseries.json"
+def _timeseries_sidecar(connectivity: Path) -> Path:
+    """The time-series sidecar of the same run and network (the same folder)."""
+    entities = parse_name(connectivity)
+    return connectivity.parent / timeseries_paths(".", RunEntities.from_mapping(entities), entities["seg"])["json"].name
 
 
 def _sidecar(path: Path) -> dict:
