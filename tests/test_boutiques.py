@@ -67,7 +67,7 @@ def test_command_line_built_by_bosh_parses_back_to_the_same_values(tmp_path):
     invocation = {
         "bids_dir": "/data/my ds", "output_dir_name": "/out/derivs", "analysis_level": "participant",
         "participant_label": ["MOA101", "sub-MOA102"], "network": ["dmn4", "ket21"], "nprocs": 3,
-        "seed": -4, "device": "cpu", "skip_bids_validation": True, "verbose": True, "session_label": "d2",
+        "seed": -4, "device": "cpu", "skip_bids_validation": True, "verbose": True, "session_label": ["d2"],
     }
     path = tmp_path / "invocation.json"
     path.write_text(json.dumps(invocation))
@@ -82,7 +82,7 @@ def test_command_line_built_by_bosh_parses_back_to_the_same_values(tmp_path):
     assert str(params["bids_dir"]) == "/data/my ds" and str(params["output_dir"]) == "/out/derivs"
     assert params["participant_labels"] == ("MOA101", "sub-MOA102")
     assert params["networks"] == ("dmn4", "ket21")
-    assert (params["nprocs"], params["seed"], params["device"], params["session_label"]) == (3, -4, "cpu", "d2")
+    assert (params["nprocs"], params["seed"], params["device"], params["session_labels"]) == (3, -4, "cpu", ("d2",))
     assert params["skip_bids_validation"] is True and params["verbose"] == 1 and params["overwrite"] is False
     assert params["task_label"] == "rest"  # the descriptor's default-value, passed on by bosh
 
@@ -131,7 +131,8 @@ def test_bosh_launch_runs_the_group_level(tmp_path):
     invocation = tmp_path / "invocation.json"
     invocation.write_text(json.dumps({
         "bids_dir": str(bids), "output_dir_name": str(out), "participant_level_analysis_dir": str(out),
-        "analysis_level": "group", "n_permutations": 0, "allow_missing": True, "nprocs": 1,
+        "analysis_level": "group", "n_permutations": 0, "allow_missing": True, "nprocs": 1, "include_group": ["MDD"],
+        "nested_repeats": 0,
     }))
     done = _bosh("exec", "launch", "--no-container", "--skip-data-collection", str(DESCRIPTOR), str(invocation),
                  cwd=tmp_path, env=_run_env(tmp_path / "home"))

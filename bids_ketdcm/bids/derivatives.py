@@ -43,7 +43,7 @@ BIDS_VERSION = "1.10.0"
 #: Files BIDS has no place for: the full DCM posterior (NumPy archive), the HTML reports,
 #: the logs and the work folder. Folder names without a trailing slash: the validator
 #: (bids-validator-deno 3) matches them only so.
-BIDSIGNORE = "\n".join(["*_posterior.npz", "*.html", "logs", "work", ""])
+BIDSIGNORE = "\n".join(["*_posterior.npz", "*.html", "logs", "work", "figures", ""])
 
 CONNECTIVITY_DESCRIPTION = {
     "Measure": "Effective connectivity (spectral DCM posterior mean of A)",
