@@ -57,18 +57,20 @@ def test_every_run_of_the_examples_is_found(example, tmp_path, tiny_run):
         assert all(r.confounds.name.endswith("desc-confounds_regressors.tsv") for r in runs)  # before 20.2
 
 
-@pytest.mark.parametrize(("example", "labels", "n_runs"), [
-    ("volume_timing", ["01"], 6),   # six runs differing only in acq-
-    ("7t_trt", ["01"], 6),          # two sessions, acq-fullbrain run-1/2 and acq-prefrontal without run
-    ("ds000001-fmriprep", ["10"], 3),  # no sessions, res-2 in every name
+@pytest.mark.parametrize(("example", "selection", "n_runs"), [
+    ("volume_timing", [], 6),  # six runs differing only in acq-, no sessions
+    ("7t_trt", ["--session-label", "1"], 3),  # acq-fullbrain run-1/2 and acq-prefrontal without run
+    ("ds000001-fmriprep", [], 3),  # no sessions, res-2 in every name
 ])
-def test_every_run_is_kept_with_its_entities(example, labels, n_runs, tmp_path, tiny_run):
+def test_every_run_is_kept_with_its_entities(example, selection, n_runs, tmp_path, tiny_run):
     root = _build(example, tmp_path, tiny_run)
     task = EXAMPLES[example][0]
     out = tmp_path / "out"
+    labels = ["01" if example != "ds000001-fmriprep" else "10"]
     assert main([str(root), str(out), "participant", "--skip-bids-validation", "--task-label", task,
-                 "--participant-label", *labels]) == 0
-    bolds = sorted(root.glob(f"sub-{labels[0]}/**/func/*_space-{SPACE}*desc-preproc_bold.nii*"))
+                 "--participant-label", *labels, *selection]) == 0
+    session = f"ses-{selection[1]}/" if selection else ""
+    bolds = sorted(root.glob(f"sub-{labels[0]}/{session}func/*_space-{SPACE}*desc-preproc_bold.nii*"))
     assert len(bolds) == n_runs
     for bold in bolds:
         ent = parse_name(bold)

@@ -598,8 +598,8 @@ def _bold_run(layout, bold, fmriprep: Path, raw_dir: Path | None, labels: Sequen
     header = _header_tr(path)
     if header is not None and abs(header - tr) > 0.01 * tr:
         raise InputError(
-            f"{path}: RepetitionTime {tr:g} s in its sidecar but {header:g} s in the NIfTI header; "
-            "fix the one that is wrong"
+            f"RepetitionTime {tr:g} s in {_expected_name(path, True, '_desc-preproc_bold.json')} (or the raw "
+            f"sidecars) but {header:g} s in the NIfTI header of {path}; fix the one that is wrong"
         )
     entities = bold.get_entities()
     return BoldRun(
