@@ -7,6 +7,8 @@ spatial ``space``, ``res``, ``den``, in the order of the BIDS schema. The measur
 entities follow:
 
 * ROI time series (BEP012): ``<run>_space-S[_res-R]_seg-NET_desc-denoised_timeseries.tsv``;
+* the voxels of the network's regions on the BOLD grid (a BIDS mask):
+  ``<run>_space-S[_res-R]_desc-NET_mask.nii.gz``;
 * effective connectivity (BEP017): ``<run>_space-S[_res-R]_seg-NET_meas-dcm_relmat.tsv``
   (rows are targets, columns sources, in Hz), with the full posterior beside it
   (``..._meas-dcm_posterior.npz``, a file BIDS has no place for).
@@ -164,6 +166,15 @@ def timeseries_paths(output_dir: str | Path, run: RunEntities, seg: str) -> dict
     """Paths of a run's denoised ROI time series: ``tsv`` and ``json`` (BEP012)."""
     stem = run.folder(output_dir) / f"{run.stem(seg)}_desc-{TIMESERIES_DESC}_{TIMESERIES_SUFFIX}"
     return {"tsv": stem.with_name(stem.name + ".tsv"), "json": stem.with_name(stem.name + ".json")}
+
+
+def roi_mask_path(output_dir: str | Path, run: RunEntities, seg: str) -> Path:
+    """The voxels a network's series were made of, on the BOLD grid: ``<run>_space-S[_res-R]_desc-NET_mask.nii.gz``.
+
+    A BIDS ``func`` mask (the schema has no ``seg`` entity for masks: the network is the ``desc``).
+    """
+    head = [f"{k}-{v}" for k, v in run.entities if k in RUN_ENTITIES or k in ("space", "res")]
+    return run.folder(output_dir) / ("_".join([*head, f"desc-{seg}"]) + "_mask.nii.gz")
 
 
 def connectivity_glob(session: str | None = None) -> str:

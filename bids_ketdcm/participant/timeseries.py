@@ -146,6 +146,8 @@ class RoiTimeseries:
     denoise
         Description of the denoising: strategy name, nilearn call, confound columns
         used, summary method.
+    voxels
+        The voxels the series were made of (every ROI together), a 3D image on the BOLD grid.
     """
 
     data: np.ndarray
@@ -155,6 +157,7 @@ class RoiTimeseries:
     kept_volumes: np.ndarray
     qc: dict[str, Any] = field(default_factory=dict)
     denoise: dict[str, Any] = field(default_factory=dict)
+    voxels: nib.Nifti1Image | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """Return the series as a DataFrame (columns = ROI names)."""
@@ -528,6 +531,7 @@ def extract_timeseries(
     raw_kept = raw[kept]
 
     columns, roi_qc = [], {}
+    used = np.zeros(union.shape, np.uint8)
     for name, roi in zip(names, masks):
         index = position[roi]
         spread = raw_kept[:, index].std(axis=0)
@@ -537,6 +541,7 @@ def extract_timeseries(
                 f"ROI {name} has zero variance in every one of its {index.size} voxels "
                 f"of BOLD image {bold}"
             )
+        used[np.unravel_index(np.flatnonzero(union)[alive], union.shape)] = 1
         y = cleaned[:, alive]
         if not np.any(y.std(axis=0) > 1e-10 * np.abs(raw_kept[:, alive]).mean()):
             raise InputError(
@@ -587,6 +592,7 @@ def extract_timeseries(
         kept_volumes=kept,
         qc=qc,
         denoise=description,
+        voxels=nib.Nifti1Image(used, bold_img.affine),
     )
 
 
