@@ -313,6 +313,9 @@ def write_connectivity(output_dir: Path, run: RunEntities, network_label: str, s
         "Frequencies": post.freqs.tolist(),
         "Seconds": float(post.seconds),
         "Device": post.device,
+        "PathKept": {"exact": "exact Jacobian", "spm": "SPM12 path (finite differences)"}[str(post.extra["path"])],
+        "FreeEnergyPaths": {name: float(post.extra[key]) for name, key in
+                            (("exact Jacobian", "F_exact"), ("SPM12 path", "F_spm")) if key in post.extra},
         "SoftwareVersions": {"bids-ketdcm": __version__, "torch": torch.__version__,
                              "numpy": np.__version__},
         "Sources": sources,

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from bids_ketdcm import __version__
+from bids_ketdcm.cli.group_options import group_kwargs, group_options
 from bids_ketdcm.errors import InputError
 
 log = logging.getLogger("bids_ketdcm")
@@ -250,6 +251,7 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
 @click.option("--treatment-selection", is_flag=True,
               help="Group: also recommend ketamine or placebo per participant (DPNN and baselines on the "
               "crossover; needs participants.tsv infusion_1 and both post-infusion sessions).")
+@group_options
 @click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
 @click.version_option(__version__, "--version", prog_name="bids-ketdcm")
 def bids_app(**kw) -> None:
@@ -335,7 +337,8 @@ def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
                         allow_missing=kw["allow_missing"],
                         feature_session=kw["session_labels"][0] if kw["session_labels"] else "b0",
                         feature_sets=tuple(kw["features"]), save_model=kw["save_model"],
-                        apply_model=kw["apply_model"], treatment_selection=kw["treatment_selection"])
+                        apply_model=kw["apply_model"], treatment_selection=kw["treatment_selection"],
+                        **group_kwargs(kw))
     run_group(bids_dir, output_dir, opts)
     log.info("group results: %s", output_dir / "group")
 
