@@ -468,7 +468,7 @@ def extract_timeseries(
     from nilearn.signal import clean
 
     if summary not in SUMMARIES:
-        raise InputError(f"--summary {summary!r} is not one of {', '.join(SUMMARIES)}")
+        raise InputError(f"--roi-summary {summary!r} is not one of {', '.join(SUMMARIES)}")
     bold_img = _load_image(bold, "BOLD image")
     if len(bold_img.shape) != 4:
         raise InputError(f"BOLD image {bold} must be 4D (shape {bold_img.shape})")
