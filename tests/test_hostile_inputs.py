@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -135,7 +135,8 @@ CASES: dict[str, tuple[Callable, list[str]]] = {
     "unknown participant": (lambda r, t: "available: 01", ["--participant-label", "02"]),
     "unknown session": (lambda r, t: "no preprocessed BOLD", ["--session-label", "b0"]),
     "OUTPUT_DIR inside --fmriprep-dir": (lambda r, t: "is inside --fmriprep-dir", ["OUT=fmriprep/out"]),
-    "--work-dir inside --fmriprep-dir": (lambda r, t: f"--work-dir {r}/work is inside", ["--work-dir", "FMRIPREP/work"]),
+    "--work-dir inside --fmriprep-dir": (lambda r, t: f"--work-dir {r}/work is inside",
+                                         ["--work-dir", "FMRIPREP/work"]),
     "OUTPUT_DIR inside raw data": (lambda r, t: "inside the raw dataset", ["OUT=raw/sub-01/out"]),
     "unknown denoise strategy": (lambda r, t: "--denoise nope", ["--denoise", "nope"]),
 }

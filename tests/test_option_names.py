@@ -52,3 +52,20 @@ def test_every_option_a_message_names_exists():
                 if option not in known and not option.startswith("--no-"):
                     missing.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {option}")
     assert missing == []
+
+
+def test_label_options_take_several_values_as_in_fmriprep():
+    from bids_ketdcm.cli.app import _expand_multi
+
+    assert _expand_multi(["bids", "out", "participant", "--participant-label", "01", "02", "--session-label", "1",
+                          "2", "--nprocs", "2"]) == [
+        "bids", "out", "participant", "--participant-label", "01", "--participant-label", "02",
+        "--session-label", "1", "--session-label", "2", "--nprocs", "2"]
+    # positional arguments after the labels are given back to them
+    assert _expand_multi(["--participant-label", "01", "02", "bids", "out", "participant"]) == [
+        "--participant-label", "01", "--participant-label", "02", "bids", "out", "participant"]
+    assert _expand_multi(["bids", "out", "--participant-label", "01", "participant"]) == [
+        "bids", "out", "--participant-label", "01", "participant"]
+    params = bids_app.make_context("bids-ketdcm", _expand_multi(
+        ["bids", "out", "participant", "--participant-label", "01", "02"])).params
+    assert params["participant_labels"] == ("01", "02")

@@ -44,7 +44,8 @@ def _input_roots(kw: dict) -> list[tuple[str, Path]]:
     The fMRIPrep derivatives (``--fmriprep-dir``, ``BIDS_DIR/derivatives/fmriprep``) and ``--apply-model``.
     """
     bids_dir = kw["bids_dir"]
-    roots = [("--fmriprep-dir", kw["fmriprep_dir"]), ("the fMRIPrep derivatives", bids_dir / "derivatives" / "fmriprep"),
+    roots = [("--fmriprep-dir", kw["fmriprep_dir"]),
+             ("the fMRIPrep derivatives", bids_dir / "derivatives" / "fmriprep"),
              ("--apply-model", kw["apply_model"])]
     return [(name, Path(path)) for name, path in roots if path is not None and Path(path).exists()]
 
