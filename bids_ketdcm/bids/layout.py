@@ -454,7 +454,7 @@ def _select_sessions(session: str | Sequence[str] | None) -> list[str] | None:
     if session is None:
         return None
     labels = [session] if isinstance(session, str) else list(session)
-    return [s[4:] if s.startswith("ses-") else s for s in labels] or None
+    return [s[4:] if s.startswith("ses-") else s for s in labels if s] or None
 
 
 def find_bold_runs(
@@ -554,8 +554,10 @@ def find_bold_runs(
         log.error("%s; left out", message)
     if not found:
         hint = ""
-        if sessions is not None and layout.get_sessions():
-            hint = f" (sessions present: {', '.join(sorted(layout.get_sessions()))})"
+        if sessions is not None:
+            present = sorted(layout.get_sessions())
+            hint = (f" (sessions present: {', '.join(present)})" if present
+                    else " (the dataset has no sessions: leave out --session-label)")
         raise InputError(f"no preprocessed BOLD ({_describe(query)}, space {space}) in {fmriprep}{hint}")
 
     raw_dir = None if bids_dir.resolve() == fmriprep.resolve() else bids_dir
