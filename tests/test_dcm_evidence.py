@@ -11,12 +11,11 @@ import functools
 
 import numpy as np
 import pytest
+from conftest import SpmCase, inverted_spm_cases
 
 from bids_ketdcm.dcm import estimate_csd, invert, scale_timeseries
 from bids_ketdcm.dcm.invert import Posterior
 from bids_ketdcm.dcm.priors import MAX_NODES, projected_A_covariance
-
-from conftest import SpmCase, inverted_spm_cases
 
 #: SPM's iteration counts of the simulated cases (tests/data/spm-reference/README.md); the
 #: real cases record theirs in meta.json.
