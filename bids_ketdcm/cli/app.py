@@ -76,7 +76,8 @@ def _input_roots(kw: dict) -> list[tuple[str, Path]]:
     The fMRIPrep derivatives (``--fmriprep-dir``, ``BIDS_DIR/derivatives/fmriprep``) and ``--apply-model``.
     """
     bids_dir = kw["bids_dir"]
-    roots = [("--fmriprep-dir", kw["fmriprep_dir"]), ("the fMRIPrep derivatives", bids_dir / "derivatives" / "fmriprep"),
+    roots = [("--fmriprep-dir", kw["fmriprep_dir"]),
+             ("the fMRIPrep derivatives", bids_dir / "derivatives" / "fmriprep"),
              ("--apply-model", kw["apply_model"])]
     return [(name, Path(path)) for name, path in roots if path is not None and Path(path).exists()]
 
@@ -281,8 +282,11 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
 @option("--treatment-selection", is_flag=True, section=GROUP,
         help="Group: also recommend ketamine or placebo per participant (DPNN and baselines on the "
         "crossover; needs participants.tsv infusion_1 and both post-infusion sessions).")
-@option("--nprocs", type=click.IntRange(min=1), default=2, show_default=True, section=PERFORMANCE,
-        help="CPU threads/processes.")
+@option("--nprocs", type=click.IntRange(min=1), section=PERFORMANCE,
+        help="CPUs the app may keep busy (threads x processes). Default: every CPU of this process's affinity mask.")
+@option("--omp-nthreads", type=click.IntRange(min=1), section=PERFORMANCE,
+        help="Most threads one task (a DCM inversion, a model fit) uses: torch intra/inter-op and BLAS. Default: 1 "
+        "(fastest on busy machines; see README).")
 @option("--mem-mb", type=click.IntRange(min=MIN_MEM_MB), section=PERFORMANCE,
         help="Memory the app may use, in MB: bounds the DCM's CPU chunk of subjects and the number of "
         f"group-level processes (about {WORKER_MB} MB each). Default: no bound.")
@@ -310,10 +314,15 @@ def bids_app(**kw) -> None:
     ANALYSIS_LEVEL  participant (per subject) or group (prediction suite)
     """
     setup_logging(kw["verbose"])
-    import torch
+    from bids_ketdcm.threads import limit_threads, resolve
 
-    torch.set_num_threads(kw["nprocs"])
     problems: list[str] = []
+    try:
+        policy = resolve(kw["nprocs"], kw["omp_nthreads"])
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    limit_threads(policy.omp_nthreads)
+    kw["nprocs"], kw["omp_nthreads"] = policy.nprocs, policy.omp_nthreads
     bids_dir, output_dir = kw["bids_dir"], kw["output_dir"]
     work_dir = kw["work_dir"] or output_dir / "work"
     _caches_into(work_dir)
