@@ -24,7 +24,8 @@ STEP = re.compile(r"^demo: (\w+) took ([\d.]+) s$", re.M)
 def main() -> None:
     """Run the demo once and print its timing as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--keep", type=Path, help="Run the demo in this folder and keep its outputs.")
+    parser.add_argument("--keep", type=Path, help="Run the demo in this folder and keep its outputs and its log "
+                        "(DIR.log).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         out = args.keep or Path(scratch) / "demo_out"
@@ -33,6 +34,8 @@ def main() -> None:
         done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), str(out)], cwd=ROOT, capture_output=True,
                               text=True, env={**os.environ, "PYTHON": sys.executable})
         total = time.perf_counter() - start
+    if args.keep:
+        args.keep.with_suffix(".log").write_text(done.stderr)
     if done.returncode != 0:
         sys.exit(f"the demo failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     steps = {name: float(seconds) for name, seconds in STEP.findall(done.stderr)}
