@@ -32,9 +32,11 @@ class SpmCase:
     def __init__(self, name: str):
         self.name = name
         self.path = SPM_REFERENCE / name
-        self.n = int(name[1:3])
         self.ts = np.loadtxt(self.path / "ts.txt")
-        self.freqs = np.loadtxt(self.path / "Hz.txt")
+        self.n = self.ts.shape[1]
+        self.freqs = np.loadtxt(self.path / "Hz.txt") if self.has("Hz.txt") else None
+        #: repetition time: written by scripts/spm/make_real_cases.py for the real cases, 2.5 s otherwise
+        self.tr = float(self.text("source.txt").split()[1]) if self.has("source.txt") else 2.5
 
     def has(self, filename: str) -> bool:
         return (self.path / filename).exists()
@@ -45,17 +47,33 @@ class SpmCase:
     def array(self, filename: str) -> np.ndarray:
         return np.loadtxt(self.path / filename)
 
+    def text(self, filename: str) -> str:
+        return (self.path / filename).read_text()
+
+    @property
+    def spm_basis(self) -> np.ndarray | None:
+        """SPM's basis of the reduced parameter space, recorded above 8 regions by scripts/spm."""
+        return np.load(self.path / "spm_basis.npz")["basis"] if self.has("spm_basis.npz") else None
+
     @property
     def meta(self) -> dict:
         return json.loads((self.path / "meta.json").read_text())
 
 
-def spm_cases() -> list[str]:
-    """Names of the SPM12 reference cases; an empty list would parametrise to nothing, so fail loudly."""
-    cases = sorted(p.name for p in SPM_REFERENCE.iterdir() if p.is_dir())
+def spm_cases(real: bool = False) -> list[str]:
+    """Names of the simulated (or, with ``real``, the real-data) SPM12 reference cases.
+
+    An empty list would parametrise to nothing, so fail loudly.
+    """
+    cases = sorted(p.name for p in SPM_REFERENCE.iterdir() if p.is_dir() and (p / "source.txt").exists() == real)
     if not cases:
         raise RuntimeError(f"no SPM reference cases under {SPM_REFERENCE}")
     return cases
+
+
+def inverted_spm_cases() -> list[str]:
+    """Every reference case, simulated or real, with SPM12's full inversion (meta.json with F)."""
+    return [c for c in spm_cases() + spm_cases(real=True) if (SPM_REFERENCE / c / "meta.json").exists()]
 
 
 @pytest.fixture(scope="session")

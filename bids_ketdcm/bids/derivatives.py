@@ -38,6 +38,7 @@ from bids_ketdcm.dcm import SPM_RELEASE, Posterior
 from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
 from bids_ketdcm.participant.timeseries import RoiTimeseries
 from bids_ketdcm.provenance import command_line, container, software_versions
+from bids_ketdcm.threads import threads_in_force
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ def write_connectivity(output_dir: Path, run: RunEntities, network_label: str, s
         "Seconds": float(post.seconds),
         "Device": post.device,
         "PathKept": {"exact": "exact Jacobian", "spm": "SPM12 path (finite differences)"}[str(post.extra["path"])],
+        "Threads": threads_in_force(),
         "FreeEnergyPaths": {name: float(post.extra[key]) for name, key in
                             (("exact Jacobian", "F_exact"), ("SPM12 path", "F_spm")) if key in post.extra},
         "SoftwareVersions": {"bids-ketdcm": __version__, "torch": torch.__version__,
