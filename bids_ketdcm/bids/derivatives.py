@@ -46,12 +46,12 @@ BIDS_VERSION = "1.10.0"
 
 #: Files BIDS has no place for: time series (BEP012), relational matrices (BEP017) and
 #: morphometry tables, proposed but not in the specification the validator knows; the full
-#: DCM posterior (NumPy archive), predictions, the HTML reports, the logs and the work folder.
+#: DCM posterior (NumPy archive), predictions, the HTML reports and their figures, the logs and the work folder.
 #: The ROI masks (``desc-NET_mask.nii.gz``) are BIDS files: the validator sees every subject.
 #: Folder names without a trailing slash: the validator (bids-validator-deno 3) matches them only so.
 BIDSIGNORE = "\n".join([
     "*_timeseries.tsv", "*_timeseries.json", "*_relmat.tsv", "*_relmat.json", "*_morph.tsv", "*_morph.json",
-    "*_predictions.tsv", "*_predictions.json", "*_posterior.npz", "*.html", "logs", "work", "",
+    "*_predictions.tsv", "*_predictions.json", "*_posterior.npz", "*.html", "logs", "work", "figures", "",
 ])
 
 CONNECTIVITY_DESCRIPTION = {

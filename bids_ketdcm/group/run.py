@@ -42,6 +42,7 @@ from bids_ketdcm.group.labels import (
     read_scores,
 )
 from bids_ketdcm.group.primary import PrimaryInputs, load_plan, run_primary
+from bids_ketdcm.group.qc import write_group_tables
 from bids_ketdcm.group.suite import (
     ALL_MODELS,
     COMPARATORS,
@@ -475,6 +476,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     write_tsv(group / "results.tsv", suite.results)
     write_tsv(group / "folds.tsv", suite.folds)
     write_tsv(group / "predictions.tsv", suite.predictions)
+    qc = write_group_tables(group, features)
     flow = participant_flow(labels, participants, features, primary, options)
     if primary.get("skipped") is None:
         write_tsv(group / "primary_predictions.tsv", primary["predictions"])
@@ -521,7 +523,8 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     }
     outputs = {name: str(group / name) for name in (
         "labels.tsv", "labels.json", "labels_excluded.tsv", "results.tsv", "folds.tsv",
-        "predictions.tsv", "results.json", "primary.json")}
+        "predictions.tsv", "results.json", "primary.json",
+        *(f"seg-{n}_{kind}.tsv" for n in qc for kind in ("qc", "edges")))}
     if primary.get("skipped") is None:
         outputs["primary_predictions.tsv"] = str(group / "primary_predictions.tsv")
     if treatment is not None and treatment["skipped"] is None:
@@ -530,7 +533,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         from bids_ketdcm.group.report import write_report
 
         write_report(group / "report.html", info, suite, tasks, best, summary, nprocs=options.nprocs,
-                     treatment=treatment)
+                     treatment=treatment, qc=qc)
         log.info("report written at %.1f s", time.perf_counter() - start)
         outputs["report.html"] = str(group / "report.html")
     info["seconds"] = round(time.perf_counter() - start, 2)
