@@ -151,7 +151,7 @@ def paired_swap_test(y: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, seed
                 for m in ("balanced_accuracy", "roc_auc")}
     swap = np.random.default_rng(seed).random((n_swaps, len(y))) < 0.5
     null = {m: np.zeros(n_swaps) for m in observed}
-    for a, b in zip(prob_a, prob_b):
+    for a, b in zip(prob_a, prob_b, strict=True):
         pa, pb = np.where(swap, b, a), np.where(swap, a, b)
         yb = np.broadcast_to(y, pa.shape)
         null["balanced_accuracy"] += (balanced_accuracy_rows(yb, (pa >= 0.5).astype(int))
@@ -232,8 +232,12 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, offset: np.ndarray, slope: bool)
     return beta
 
 
+#: Risk thresholds of the decision curve.
+THRESHOLDS = np.round(np.arange(0.1, 0.71, 0.1), 2)
+
+
 def calibration(y: np.ndarray, prob: np.ndarray, prevalence_prob: np.ndarray,
-                thresholds: np.ndarray = np.arange(0.1, 0.71, 0.1)) -> dict:
+                thresholds: np.ndarray = THRESHOLDS) -> dict:
     """Calibration of out-of-fold probabilities.
 
     Parameters
@@ -304,9 +308,8 @@ def adjust_grid(p_values: np.ndarray, gains: np.ndarray, nulls: list[np.ndarray 
     out = {"p_holm": holm(p_values), "p_bh": benjamini_hochberg(p_values),
            "p_maxstat": np.full(len(p_values), np.nan)}
     family = [i for i, null in enumerate(nulls) if null is not None]
-    if family:
-        sizes = {len(nulls[i]) for i in family}  # type: ignore[arg-type]
-        if len(sizes) == 1:
-            stacked = np.vstack([nulls[i] for i in family])
-            out["p_maxstat"][family] = max_statistic_p(gains[family], stacked)
+    arrays = [null for null in nulls if null is not None]
+    if arrays and len({len(a) for a in arrays}) == 1:
+        stacked = np.vstack(arrays)
+        out["p_maxstat"][family] = max_statistic_p(gains[family], stacked)
     return out
