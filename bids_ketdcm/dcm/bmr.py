@@ -1,0 +1,282 @@
+"""Bayesian model reduction and comparison over group (PEB) parameters.
+
+A reduced model switches a set ``S`` of parameters off: their prior becomes a point mass at
+zero while every other parameter keeps its prior marginal ``N(pE_R, pC_RR)`` (SPM12's
+``rE = R pE``, ``rC = R pC R`` with ``R = diag(r)``). Its log evidence relative to the full
+model is exact, in two steps:
+
+1. Savage-Dickey: ``log q_S(0) - log p_S(0)`` with ``q_S``, ``p_S`` the posterior and prior
+   marginals of ``S``;
+2. when the prior couples ``S`` with the rest, the reduction, by
+   :func:`bids_ketdcm.dcm.peb.reduce_evidence`, of the posterior conditioned on
+   ``theta_S = 0`` from the prior conditioned on it to the prior marginal of the rest
+   (zero when the prior covariance does not couple ``S`` with the rest).
+
+The search is SPM12's ``spm_dcm_bmr_all``; the explicit model space comparison with
+commonality and difference probabilities is ``spm_dcm_peb_bmc(PEB, K)``. The Bayesian model
+average is computed exactly over Occam's window (models within 8 nats of the best), not by
+SPM's Monte Carlo (1000 draws).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .peb import PEBResult, reduce_evidence
+
+#: Occam's window of the Bayesian model average (nats below the best model).
+OCCAM_WINDOW = 8.0
+#: SPM's ``spm_dcm_bmr_all``: at most this many parameters are searched over exhaustively.
+EXHAUSTIVE_SEARCH = 8
+
+
+@dataclass
+class ModelAverage:
+    """Bayesian model average of the group parameters over a reduced model space.
+
+    Attributes
+    ----------
+    Ep, Vp
+        Averaged means and marginal variances (Np, Nx) in the layout of ``PEBResult.Ep``.
+    Pp
+        Posterior probability that each group parameter is present (Np, Nx).
+    F
+        Log evidence of every model compared, relative to the full model.
+    P
+        Posterior probability of each model compared.
+    K
+        (models, parameters) boolean: which parameters each compared model switches off.
+    """
+
+    Ep: np.ndarray
+    Vp: np.ndarray
+    Pp: np.ndarray
+    F: np.ndarray
+    P: np.ndarray
+    K: np.ndarray
+
+
+@dataclass
+class ModelComparison:
+    """An explicit model space compared over the first two covariates (``spm_dcm_peb_bmc``).
+
+    Attributes
+    ----------
+    F, P
+        (Nm, Nm) log evidence and posterior probability of each (commonality model i,
+        difference model j) pair.
+    Pw, Px
+        Posterior probability that each parameter switched by the model space is present in
+        the commonalities (first covariate) and in the differences (second covariate).
+    switched
+        Indices (within the modelled parameters) of the parameters the model space switches.
+    average
+        Bayesian model average over the pairs.
+    """
+
+    F: np.ndarray
+    P: np.ndarray
+    Pw: np.ndarray
+    Px: np.ndarray
+    switched: np.ndarray
+    average: ModelAverage
+
+
+def _gauss_logpdf_zero(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """log N(0; mean, cov), batched; padded dimensions must be (0 mean, unit variance)."""
+    chol = torch.linalg.cholesky(cov)
+    z = torch.cholesky_solve(mean[..., None], chol)[..., 0]
+    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (logdet + (mean * z).sum(-1) + mean.shape[-1] * math.log(2 * math.pi))
+
+
+def _marginal(E: torch.Tensor, C: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of the switched-off set, padded to full size with N(0, 1)."""
+    o = off.to(C.dtype)
+    return E * o, C * o[..., :, None] * o[..., None, :] + torch.diag_embed(1.0 - o)
+
+
+def _condition(E: torch.Tensor, C: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian conditioned on theta_S = 0 (S = ``off``); S rows and columns become zero."""
+    mS, cSS = _marginal(E, C, off)
+    o = off.to(C.dtype)
+    cRS = C * (1.0 - o)[..., :, None] * o[..., None, :]
+    gain = cRS @ torch.cholesky_inverse(torch.linalg.cholesky(cSS))
+    keep = 1.0 - o
+    mean = (E - (gain @ mS[..., None])[..., 0]) * keep
+    cov = (C - gain @ cRS.transpose(-1, -2)) * keep[..., :, None] * keep[..., None, :]
+    return mean, cov
+
+
+def reduce_off(
+    qE: torch.Tensor, qC: torch.Tensor, pE: torch.Tensor, pC: torch.Tensor, off: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log evidence and posterior of reduced models that switch parameters off.
+
+    Parameters
+    ----------
+    qE, qC, pE, pC
+        Full posterior and prior, (P,) and (P, P).
+    off
+        (M, P) boolean: the parameters each of M models switches off (prior fixed at 0).
+
+    Returns
+    -------
+    dF : torch.Tensor
+        (M,) log evidence relative to the full model.
+    sE, sC : torch.Tensor
+        (M, P) and (M, P, P) reduced posteriors (zero for switched-off parameters).
+    """
+    M = off.shape[0]
+    qE_b, qC_b = qE.expand(M, -1), qC.expand(M, -1, -1)
+    pE_b, pC_b = pE.expand(M, -1), pC.expand(M, -1, -1)
+    dF = _gauss_logpdf_zero(*_marginal(qE_b, qC_b, off)) - _gauss_logpdf_zero(*_marginal(pE_b, pC_b, off))
+    sE, sC = _condition(qE_b, qC_b, off)
+    keep = (~off).to(qC.dtype)
+    coupling = pC_b * keep[..., :, None] * (1.0 - keep)[..., None, :]
+    if bool(coupling.abs().max() > 0):
+        cE, cC = _condition(pE_b, pC_b, off)
+        rE = pE_b * keep
+        rC = pC_b * keep[..., :, None] * keep[..., None, :]
+        basis = torch.diag_embed(keep)
+        d2, sE, sC = reduce_evidence(sE, sC, cE, cC, rE, rC, basis, keep)
+        dF = dF + d2
+    return dF, sE, sC
+
+
+def _average(G: torch.Tensor, sE: torch.Tensor, sC: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Exact model average over Occam's window: mixture mean and marginal variances."""
+    window = G > G.max() - OCCAM_WINDOW
+    w = torch.softmax(torch.where(window, G, torch.full_like(G, -torch.inf)), 0)
+    mean = (w[:, None] * sE).sum(0)
+    second = (w[:, None] * (torch.diagonal(sC, dim1=-2, dim2=-1) + sE**2)).sum(0)
+    return mean.cpu().numpy(), (second - mean**2).clamp(min=0).cpu().numpy()
+
+
+def _tensors(peb: PEBResult, device: str | torch.device) -> tuple[torch.Tensor, ...]:
+    t = lambda a: torch.as_tensor(np.asarray(a, dtype=float), device=device)  # noqa: E731
+    return t(peb.Ep.T.ravel()), t(peb.Cp), t(peb.pE), t(peb.pC)
+
+
+def _evaluate(qE, qC, pE, pC, K: torch.Tensor, chunk: int = 64):
+    out = [reduce_off(qE, qC, pE, pC, K[i:i + chunk]) for i in range(0, K.shape[0], chunk)]
+    return tuple(torch.cat(parts) for parts in zip(*out))
+
+
+def search_reduced(peb: PEBResult, device: str | torch.device = "cpu") -> ModelAverage:
+    """Greedy search over reduced group models, as SPM12's ``spm_dcm_bmr_all(PEB)``.
+
+    While more than 8 candidates remain, the ``max(n/4, 8)`` parameters whose single
+    removal costs least are considered: all of them are removed when that beats keeping
+    them by more than their number of nats; otherwise the best of the ``2^8`` subsets of
+    the first 8 is removed. The final ``Pp`` of each of the last 8 candidates is the
+    posterior probability of the models keeping it; parameters removed earlier get 0, the
+    others 1 (they were never worth testing).
+
+    Parameters
+    ----------
+    peb
+        A fitted PEB model.
+    device
+        Torch device.
+
+    Returns
+    -------
+    ModelAverage
+        Over the last search step's models (F relative to the full model).
+    """
+    qE, qC, pE, pC = _tensors(peb, device)
+    P = qE.shape[0]
+    q = np.diag(peb.pC)
+    small = q[q < 1024]
+    present = q > (small.mean() / 1024 if small.size else 0.0)
+    removed = ~present
+    while True:
+        k = np.flatnonzero(~removed)
+        n_candidates = k.size
+        if n_candidates == 0:
+            raise ValueError("there are no free parameters in this PEB model")
+        n_max = max(n_candidates // 4, EXHAUSTIVE_SEARCH)
+        more = n_candidates > n_max
+        if more:
+            single = np.tile(removed, (n_candidates, 1))
+            single[np.arange(n_candidates), k] = True
+            Z = _evaluate(qE, qC, pE, pC, torch.as_tensor(single, device=qE.device))[0].cpu().numpy()
+            k = k[np.argsort(-Z, kind="stable")[:n_max]]
+        two = np.tile(removed, (2, 1))
+        two[0, k] = True
+        G2 = _evaluate(qE, qC, pE, pC, torch.as_tensor(two, device=qE.device))[0].cpu().numpy()
+        if more and G2[0] - G2[1] > n_max:
+            K_sub = np.array([[True] * k.size, [False] * k.size])
+            models = two
+        else:
+            k = k[:EXHAUSTIVE_SEARCH]
+            K_sub = np.array(list(itertools.product([False, True], repeat=k.size)), dtype=bool)[:, ::-1]
+            models = np.tile(removed, (K_sub.shape[0], 1))
+            models[:, k] |= K_sub
+        Kt = torch.as_tensor(models, device=qE.device)
+        G, sE, sC = _evaluate(qE, qC, pE, pC, Kt)
+        p = torch.softmax(G, 0).cpu().numpy()
+        best = int(np.argmax(p))
+        removed = models[best].copy()
+        n_removed = int(K_sub[best].sum())
+        if not (more and n_removed):
+            break
+    Pp = (~removed).astype(float)
+    keep_p = np.array([p[~K_sub[:, j]].mean() for j in range(k.size)])
+    drop_p = np.array([p[K_sub[:, j]].mean() for j in range(k.size)])
+    Pp[k] = keep_p / (keep_p + drop_p)
+    mean, var = _average(G, sE, sC)
+    Np, Nx = peb.Ep.shape
+    return ModelAverage(Ep=mean.reshape(Nx, Np).T, Vp=var.reshape(Nx, Np).T,
+                        Pp=Pp.reshape(Nx, Np).T, F=G.cpu().numpy(), P=p, K=models)
+
+
+def compare_models(peb: PEBResult, K: np.ndarray, device: str | torch.device = "cpu") -> ModelComparison:
+    """Compare an explicit model space over commonalities and differences (``spm_dcm_peb_bmc``).
+
+    Parameters
+    ----------
+    peb
+        A fitted PEB model with at least 2 covariates.
+    K
+        (Nm, Np) 0/1: which modelled parameters each model keeps (1) or switches off (0).
+        Every pair (i, j) is scored: model i on the first covariate's effects, model j on
+        the second's, all other covariates' effects kept.
+    device
+        Torch device.
+
+    Returns
+    -------
+    ModelComparison
+    """
+    K = np.asarray(K) > 0
+    Np, Nx = peb.Ep.shape
+    if Nx < 2:
+        raise ValueError("compare_models needs a design with at least 2 covariates")
+    if K.ndim != 2 or K.shape[1] != Np:
+        raise ValueError(f"model space has shape {K.shape}, expected (models, {Np})")
+    Nm = K.shape[0]
+    off = np.zeros((Nm, Nm, Np * Nx), dtype=bool)
+    off[:, :, :Np] = ~K[:, None, :]
+    off[:, :, Np:2 * Np] = ~K[None, :, :]
+    qE, qC, pE, pC = _tensors(peb, device)
+    G, sE, sC = _evaluate(qE, qC, pE, pC, torch.as_tensor(off.reshape(Nm * Nm, -1), device=qE.device))
+    Gm = G.cpu().numpy().reshape(Nm, Nm)
+    P = np.exp(Gm - Gm.max())
+    P /= P.sum()
+    switched = np.flatnonzero((~K).any(0))
+    Pw = np.array([P[K[:, j]].sum(1).mean() / (P[K[:, j]].sum(1).mean() + P[~K[:, j]].sum(1).mean())
+                   for j in switched])
+    Px = np.array([P[:, K[:, j]].sum(0).mean() / (P[:, K[:, j]].sum(0).mean() + P[:, ~K[:, j]].sum(0).mean())
+                   for j in switched])
+    mean, var = _average(G, sE, sC)
+    present = 1.0 - np.tensordot(P.ravel(), off.reshape(Nm * Nm, -1).astype(float), axes=1)
+    average = ModelAverage(Ep=mean.reshape(Nx, Np).T, Vp=var.reshape(Nx, Np).T,
+                           Pp=present.reshape(Nx, Np).T, F=Gm, P=P, K=off.reshape(Nm * Nm, -1))
+    return ModelComparison(F=Gm, P=P, Pw=Pw, Px=Px, switched=switched, average=average)
