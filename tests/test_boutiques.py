@@ -65,7 +65,8 @@ def test_command_line_built_by_bosh_parses_back_to_the_same_values(tmp_path):
     invocation = {
         "bids_dir": "/data/my ds", "output_dir_name": "/out/derivs", "analysis_level": "participant",
         "participant_label": ["MOA101", "sub-MOA102"], "network": ["dmn4", "ket21"], "nprocs": 3,
-        "seed": -4, "device": "cpu", "skip_bids_validation": True, "verbose": True, "session_label": "d2",
+        "seed": -4, "device": "cpu", "skip_bids_validation": True, "verbose": True, "session_label": ["d2"],
+        "include_group": ["MDD"],
     }
     path = tmp_path / "invocation.json"
     path.write_text(json.dumps(invocation))
@@ -80,7 +81,8 @@ def test_command_line_built_by_bosh_parses_back_to_the_same_values(tmp_path):
     assert str(params["bids_dir"]) == "/data/my ds" and str(params["output_dir"]) == "/out/derivs"
     assert params["participant_labels"] == ("MOA101", "sub-MOA102")
     assert params["networks"] == ("dmn4", "ket21")
-    assert (params["nprocs"], params["seed"], params["device"], params["session_label"]) == (3, -4, "cpu", "d2")
+    assert (params["nprocs"], params["seed"], params["device"], params["session_labels"]) == (3, -4, "cpu", ("d2",))
+    assert params["include_group"] == ("MDD",)
     assert params["skip_bids_validation"] is True and params["verbose"] == 1 and params["overwrite"] is False
     assert params["task_label"] == "rest"  # the descriptor's default-value, passed on by bosh
 
