@@ -8,9 +8,9 @@ tests, the primary analysis). A cohort counts as a false positive when any resul
 complete null it is the family-wise error), the max-statistic p of the best model, and the
 primary analysis alone (one pre-specified test).
 
-500 permutations per test: with 17 tests Holm's smallest reachable p is 17/501 = 0.034.
+400 permutations per test: with 17 tests Holm's smallest reachable p is 17/401 = 0.042.
 
-Usage: python benchmarks/group_fwer.py [--cohorts 200] [--permutations 500] [--nprocs 2]
+Usage: python benchmarks/group_fwer.py [--cohorts 200] [--permutations 400] [--nprocs 2]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _one(seed: int, permutations: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cohorts", type=int, default=200)
-    parser.add_argument("--permutations", type=int, default=500)
+    parser.add_argument("--permutations", type=int, default=400)
     parser.add_argument("--nprocs", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)

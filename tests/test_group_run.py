@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import DS005917
+
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group import GroupOptions, run_group
 from bids_ketdcm.group.features import write_connectivity

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DS005917
 
 import bids_ketdcm.group.run as group_run
-from conftest import DS005917
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.dpnn import DPNNSettings

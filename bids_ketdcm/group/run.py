@@ -44,7 +44,6 @@ from bids_ketdcm.group.labels import (
 from bids_ketdcm.group.primary import PrimaryInputs, load_plan, run_primary
 from bids_ketdcm.group.suite import (
     ALL_MODELS,
-    COMPARATORS,
     HEADLINE_DEFINITION,
     HEADLINE_METRIC,
     HEADLINE_MODEL,
