@@ -12,7 +12,7 @@
   nulls and the summary; ``report.html``: the group report;
 * with ``treatment_selection``: ``treatment_selection.tsv``, ``treatment_selection.png``,
   ``treatment_selection_participants.tsv`` and ``treatment_selection.json``
-  (:func:`bids_ketdcm.group.treatment.run_treatment_selection`), unless the cohort cannot
+  (:func:`bids_ketdcm.group.treatment.workflow.run_treatment_selection`), unless the cohort cannot
   support it, which is logged and recorded, and the rest of the group level goes on.
 """
 
@@ -601,11 +601,12 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
     Returns
     -------
     dict
-        :func:`~bids_ketdcm.group.treatment.run_treatment_selection`'s result plus
+        :func:`~bids_ketdcm.group.treatment.workflow.run_treatment_selection`'s result plus
         ``feature_set`` (its key); ``skipped`` holds the reason when the data cannot support
         the analysis (logged as a warning; nothing is written then).
     """
-    from bids_ketdcm.group.treatment import TreatmentOptions, run_treatment_selection
+    from bids_ketdcm.group.treatment.cohort import TreatmentOptions
+    from bids_ketdcm.group.treatment.workflow import run_treatment_selection
 
     key = next(iter(features))
     reason = None
