@@ -15,6 +15,8 @@ All functions are vectorised over resamples; none draws random numbers without a
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.special import expit, logit
 from scipy.stats import rankdata
@@ -74,8 +76,10 @@ def repeat_metrics(y: np.ndarray, prob: np.ndarray, index: np.ndarray | None = N
     """
     index = np.arange(len(y))[None] if index is None else index
     yb = y[index]
-    ba = np.nanmean([balanced_accuracy_rows(yb, (p >= 0.5)[index].astype(int)) for p in prob], axis=0)
-    auc = np.nanmean([auc_rows(yb, p[index]) for p in prob], axis=0)
+    with warnings.catch_warnings():  # a resample holding one class: NaN, left out of intervals
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ba = np.nanmean([balanced_accuracy_rows(yb, (p >= 0.5)[index].astype(int)) for p in prob], axis=0)
+        auc = np.nanmean([auc_rows(yb, p[index]) for p in prob], axis=0)
     return {"balanced_accuracy": ba, "roc_auc": auc}
 
 

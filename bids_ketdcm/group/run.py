@@ -282,7 +282,7 @@ def _adjust(suite: SuiteResult, tasks: list[Task], config: SuiteConfig) -> None:
                  and (row.network, row.target) in same)
         nulls.append(null - chance[i] if null is not None and joint else None)
     adjusted = adjust_grid(res.p_value.to_numpy(float), gains, nulls)
-    tail = [c for c in ("headline_repeat_sd", "params", "flags") if c in res]
+    tail = [c for c in ("headline_repeat_sd", "permutation_seconds", "params", "flags") if c in res]
     for name, values in adjusted.items():
         res[name] = values
     res["analysis"] = "exploratory"
@@ -452,8 +452,10 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     _adjust(suite, tasks, config)
     participants = read_participants(bids_dir)
     plan = load_plan(options.analysis_plan, options.primary_network, options.primary_target)
+    suite_done = time.perf_counter()
     primary = run_primary(plan, PrimaryInputs(labels, features, participants, options.clinical_columns,
                                               options.n_permutations, options.seed))
+    timings = {"suite": round(suite_done - start, 2), "primary": round(time.perf_counter() - suite_done, 2)}
     log.info("primary analysis done at %.1f s", time.perf_counter() - start)
     summary = summary_table(suite.results, config)
     best = _best_weights(tasks, suite, features, config)
@@ -462,7 +464,9 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
 
         save_group_models(options.save_model, tasks, suite, labels, options)
 
+    started = time.perf_counter()
     treatment = _treatment_selection(bids_dir, output_dir, features, options) if options.treatment_selection else None
+    timings["treatment_selection"] = round(time.perf_counter() - started, 2)
 
     group = output_dir / "group"
     sessions = {"ketamine": normalise_session(options.post_session)}
@@ -517,6 +521,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         "treatment_selection": treatment,
         "results": suite.results.to_dict(orient="records"),
         "seconds": round(time.perf_counter() - start, 2),
+        "timings": timings,
     }
     outputs = {name: str(group / name) for name in (
         "labels.tsv", "labels.json", "labels_excluded.tsv", "results.tsv", "folds.tsv",
@@ -539,7 +544,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         "outputs": outputs, "participants": n_part, "label_counts": counts, "skipped": skipped,
         "summary": summary.to_dict(orient="records"), "seconds": info["seconds"],
         "n_tasks": len(tasks), "treatment_selection": treatment, "primary": primary_record,
-        "participant_flow": flow,
+        "participant_flow": flow, "timings": timings,
     }
 
 

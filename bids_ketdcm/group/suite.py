@@ -37,6 +37,7 @@ draws the same permutations (joint nulls, for the max-statistic correction of
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 import zlib
 from collections import Counter
@@ -663,7 +664,7 @@ def run_task(task: Task, config: SuiteConfig) -> TaskResult:
                     "headline_metric": headline, "headline": row[headline],
                     "p_value": np.nan, "n_permutations": 0, **row,
                 }
-                null = None
+                null, started = None, time.perf_counter()
                 if model in permuted and protocol == config.permutation_protocol and config.n_permutations > 0:
                     null = permutation_null(task, model, config)
                 elif (model in permuted and protocol == "nested" and config.nested_permutations > 0
@@ -673,6 +674,7 @@ def run_task(task: Task, config: SuiteConfig) -> TaskResult:
                 if null is not None:
                     row["p_value"] = float((1 + np.sum(null >= row["headline"] - 1e-12)) / (1 + len(null)))
                     row["n_permutations"] = len(null)
+                    row["permutation_seconds"] = round(time.perf_counter() - started, 3)
                     nulls[f"{task.treatment}|{task.network}|{task.target}|{model}|{protocol}"] = null
                 results.append(row)
                 folds += [{**ident, **f} for f in fold_rows]
@@ -768,7 +770,8 @@ def run_suite(tasks: list[Task], config: SuiteConfig, nprocs: int = 1, progress:
         nulls.update(part.nulls)
         params.update(part.params)
     return SuiteResult(
-        results=_last(pd.DataFrame([r for p in parts for r in p.results]), ["headline_repeat_sd", "params", "flags"]),
+        results=_last(pd.DataFrame([r for p in parts for r in p.results]),
+                      ["headline_repeat_sd", "permutation_seconds", "params", "flags"]),
         folds=_last(pd.DataFrame([r for p in parts for r in p.folds]), ["undefined", "flags"]),
         predictions=pd.DataFrame([r for p in parts for r in p.predictions]),
         nulls=nulls,
