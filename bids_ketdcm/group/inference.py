@@ -317,3 +317,66 @@ def adjust_grid(p_values: np.ndarray, gains: np.ndarray, nulls: list[np.ndarray 
         stacked = np.vstack(arrays)
         out["p_maxstat"][family] = max_statistic_p(gains[family], stacked)
     return out
+
+
+def headline_rows(y: np.ndarray, pred: np.ndarray, kind: str, n_classes: int) -> np.ndarray:
+    """Headline metric of each resample: balanced accuracy (classes present) or R^2.
+
+    Parameters
+    ----------
+    y, pred
+        (B, n) observed and predicted class indices (classification) or values (regression).
+    kind
+        ``"classification"`` or ``"regression"``.
+    n_classes
+        Number of classes K.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B,) values; NaN where undefined (a single class, or a constant target).
+    """
+    if kind == "regression":
+        total = ((y - y.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(total > 0, 1 - ((y - pred) ** 2).sum(axis=1) / total, np.nan)
+    recalls = []
+    for c in range(n_classes):
+        size = (y == c).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recalls.append(np.where(size > 0, ((y == c) & (pred == c)).sum(axis=1) / size, np.nan))
+    stacked = np.array(recalls)
+    present = np.isfinite(stacked).sum(axis=0)
+    return np.where(present > 1, np.nansum(stacked, axis=0) / np.maximum(present, 1), np.nan)
+
+
+def bootstrap_headline(y: np.ndarray, preds: np.ndarray, kind: str, n_classes: int, index: np.ndarray,
+                       reference: np.ndarray | None = None) -> list[float]:
+    """95 % participant-bootstrap interval of the headline metric (mean over CV repeats).
+
+    Parameters
+    ----------
+    y
+        (n,) observed classes or values.
+    preds
+        (R, n) out-of-fold predictions of R repeats.
+    kind, n_classes
+        As :func:`headline_rows`.
+    index
+        (B, n) bootstrap indices.
+    reference
+        (R', n) a comparator's predictions on the same participants: the interval is then
+        that of the difference.
+
+    Returns
+    -------
+    list of float
+        ``[low, high]``.
+    """
+    def value(p: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean([headline_rows(y[index], r[index], kind, n_classes) for r in p], axis=0)
+
+    boot = value(preds) if reference is None else value(preds) - value(reference)
+    return _interval(boot)

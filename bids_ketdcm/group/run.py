@@ -30,7 +30,7 @@ from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.feature_sets import gather_features
 from bids_ketdcm.group.features import FeatureSet
-from bids_ketdcm.group.inference import adjust_grid
+from bids_ketdcm.group.inference import adjust_grid, bootstrap_headline, bootstrap_indices
 from bids_ketdcm.group.labels import (
     SCHEME_NAMES,
     TARGETS,
@@ -289,6 +289,46 @@ def _adjust(suite: SuiteResult, tasks: list[Task], config: SuiteConfig) -> None:
     suite.results = res[[c for c in res.columns if c not in tail] + tail]
 
 
+def _intervals(suite: SuiteResult, tasks: list[Task], config: SuiteConfig, seed: int) -> None:
+    """95 % bootstrap intervals of the headline model's headline metric (balanced accuracy or
+    R^2) and of its paired differences against the comparators (the chance model and the
+    baseline score alone), on the same out-of-fold predictions; columns ``ci95_low``,
+    ``ci95_high``, ``diff_<comparator>_ci95`` of the headline model's rows."""
+    res, pred = suite.results, suite.predictions
+    if res.empty or pred.empty:
+        return
+    groups = pred.groupby(["treatment", "network", "target", "model", "protocol"], sort=False)
+    for column in ("ci95_low", "ci95_high", "diff_chance_ci95", "diff_baseline_score_ci95"):
+        res[column] = np.nan if column.startswith("ci95") else None
+    for task in tasks:
+        head = HEADLINE_MODEL[task.kind]
+        index = bootstrap_indices(len(task.y), seed, 1000)
+        lookup = {p: i for i, p in enumerate(task.participants)}
+        for protocol in (config.permutation_protocol, "nested"):
+            arrays = {}
+            for model in (head, "majority" if task.kind == "classification" else "mean", "baseline_score"):
+                key = (task.treatment, task.network, task.target, model, protocol)
+                if key not in groups.groups:
+                    continue
+                rows = groups.get_group(key)
+                values = rows.predicted.map(task.classes.index) if task.kind == "classification" else rows.predicted
+                out = np.zeros((int(rows.repeat.max()) + 1, len(task.y)))
+                out[rows.repeat.to_numpy(int), rows.participant_id.map(lookup).to_numpy(int)] = values.to_numpy(float)
+                arrays[model] = out
+            if head not in arrays:
+                continue
+            sel = ((res.treatment == task.treatment) & (res.network == task.network) & (res.target == task.target)
+                   & (res.model == head) & (res.protocol == protocol))
+            low, high = bootstrap_headline(task.y, arrays[head], task.kind, task.n_classes, index)
+            res.loc[sel, "ci95_low"], res.loc[sel, "ci95_high"] = low, high
+            for name, model in (("chance", "majority" if task.kind == "classification" else "mean"),
+                                ("baseline_score", "baseline_score")):
+                if model in arrays:
+                    lo, hi = bootstrap_headline(task.y, arrays[head], task.kind, task.n_classes, index,
+                                                reference=arrays[model])
+                    res.loc[sel, f"diff_{name}_ci95"] = f"{lo:.3f} to {hi:.3f}"
+
+
 def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, FeatureSet],
                   config: SuiteConfig) -> dict | None:
     """Weights of the best ketamine imaging model of the permuted grid.
@@ -379,6 +419,8 @@ def summary_table(results: pd.DataFrame, config: SuiteConfig) -> pd.DataFrame:
             "network": network, "target": target, "model": model, "metric": HEADLINE_METRIC[kind],
             f"{proto}": None if head is None else round(float(head.headline), 3),
             "p_value": None if head is None or np.isnan(p) else round(float(p), 4),
+            "ci95": None if head is None or "ci95_low" not in head or np.isnan(head.ci95_low)
+            else f"{head.ci95_low:.3f} to {head.ci95_high:.3f}",
             "p_holm": None if np.isnan(p_holm) else round(float(p_holm), 4),
             "p_bh": None if head is None or "p_bh" not in head or np.isnan(head.p_bh) else round(float(head.p_bh), 4),
             "nested_mean": None if nested is None else round(float(nested.headline), 3),
@@ -450,6 +492,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     suite = run_suite(tasks, config, nprocs=options.nprocs, progress=options.progress)
     log.info("suite done in %.1f s", time.perf_counter() - start)
     _adjust(suite, tasks, config)
+    _intervals(suite, tasks, config, options.seed)
     participants = read_participants(bids_dir)
     plan = load_plan(options.analysis_plan, options.primary_network, options.primary_target)
     suite_done = time.perf_counter()
