@@ -118,7 +118,7 @@ def check_label_definition(model: SavedModel, labels: LabelSet) -> None:
     scheme = labels.schemes.get(want["scheme"])
     if scheme is None:
         raise InputError(f"saved model {model.path}: label scheme {want['scheme']!r} is not built for this dataset "
-                         f"(schemes: {', '.join(labels.schemes)}); add it with --schemes")
+                         f"(schemes: {', '.join(labels.schemes)}); add it to GroupOptions.schemes")
     mine = {"variable": scheme.variable, "edges": list(scheme.edges), "classes": list(scheme.classes)}
     theirs = {k: want.get(k) for k in mine}
     if mine != theirs:
