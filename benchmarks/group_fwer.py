@@ -71,10 +71,18 @@ def main() -> None:
     parser.add_argument("--cohorts", type=int, default=200)
     parser.add_argument("--permutations", type=int, default=400)
     parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--progress", type=Path, help="append each cohort's result to this JSON-lines file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     start = time.perf_counter()
-    rows = Parallel(n_jobs=args.nprocs)(delayed(_one)(1000 + s, args.permutations) for s in range(args.cohorts))
+    rows = []
+    jobs = Parallel(n_jobs=args.nprocs, return_as="generator")(
+        delayed(_one)(1000 + s, args.permutations) for s in range(args.cohorts))
+    for row in jobs:
+        rows.append(row)
+        if args.progress is not None:
+            with args.progress.open("a") as f:
+                f.write(json.dumps(row) + "\n")
     table = pd.DataFrame(rows)
     n = len(table)
     rate = {k: float(table[k].mean()) for k in ("raw", "holm", "bh", "maxstat_best", "primary")}
