@@ -370,7 +370,8 @@ def _crossover(X: np.ndarray, y: np.ndarray, order: np.ndarray | None, plan: Ana
     est = bootstrap_binary(yf, raw, bootstrap_indices(len(yf), _seed(inputs.seed, "first boot")))
     null = _permutation_null(Xf, yf, splits, sub.n_repeats, min(inputs.n_permutations, FIRST_PERIOD_PERMUTATIONS),
                              _seed(inputs.seed, "first perm"))
-    p = float((1 + np.sum(null >= est["balanced_accuracy"]["estimate"] - 1e-12)) / (1 + len(null)))
+    p = float((1 + np.sum(null >= est["balanced_accuracy"]["estimate"] - 1e-12)) / (1 + len(null))) \
+        if len(null) else float("nan")
     out["first_period"] = {"n": int(first.sum()), "responders": int(yf.sum()), "folds": rule, **est, "p_value": p}
     return out
 
