@@ -35,8 +35,8 @@ _OPTIONS = [
     _option("--nested-repeats", type=click.IntRange(min=0), default=10, show_default=True,
                  help="Group: repeats of the exploratory nested CV (0: no nested CV)."),
     _option("--nested-permutations", type=click.IntRange(min=0), default=100, show_default=True,
-                 help="Group: permutations of the nested CV of each headline model, the inner search redone "
-                 "in every permutation."),
+                 help="Group: permutations of the nested CV of the logistic model on the ketamine binary "
+                 "targets, the inner search redone in every permutation."),
     _option("--analysis-plan", type=click.Path(path_type=Path),
                  help="Group: JSON file naming the primary analysis (keys network, target, model, n_splits, "
                  "n_repeats, stratify_order); default: dmn4, binary25 (>= 25 % response), logistic, "
