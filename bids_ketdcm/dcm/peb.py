@@ -35,6 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .csd import scale_timeseries, validate_timeseries
+from .invert import Posterior
+from .priors import ParamLayout, prior_covariance, prior_mean
+
 #: SPM's threshold of the principal subspace in ``spm_svd`` (relative eigenvalue energy).
 SUBSPACE_TOLERANCE = 1e-6
 #: Ratio of the group prior covariance of the effects to the mean subject prior (SPM: alpha 1).
@@ -47,6 +51,8 @@ LOG_PRECISION_VARIANCE = 1.0 / 16.0
 PRECISION_FLOOR = math.exp(-8.0)
 #: Fraction of the prior precision SPM12 adds to each subject's posterior precision.
 POSTERIOR_PRECISION_BOOST = 1.0 / 16.0
+#: The log precisions are converged when a Newton step gains less than this (nats).
+CONVERGENCE_GAIN = 1e-7
 PRECISION_MODELS = ("single", "all")
 
 
@@ -140,6 +146,36 @@ class PEBResult:
     subject_Cp: np.ndarray
     subject_F: np.ndarray
     iterations: int
+
+
+def a_parameter_index(n: int) -> np.ndarray:
+    """Positions of the n x n A parameters in the flat parameter vector (SPM's order)."""
+    return np.arange(ParamLayout(n).slices()["A"].start, ParamLayout(n).slices()["A"].stop)
+
+
+def posteriors_from_fit(post: Posterior, y: np.ndarray, names: list[str]) -> SubjectPosteriors:
+    """The first-level posteriors of a batched :func:`bids_ketdcm.dcm.fit` and their priors.
+
+    Parameters
+    ----------
+    post
+        Batched posterior of B runs.
+    y
+        (B, T, n) the time series the runs were inverted from (the prior of models with more
+        than 8 regions depends on them, as in SPM).
+    names
+        Subject labels.
+
+    Returns
+    -------
+    SubjectPosteriors
+    """
+    y = np.asarray(y, dtype=float)
+    n = y.shape[-1]
+    pC = np.stack([prior_covariance(n, scale_timeseries(validate_timeseries(run))[0]) for run in y])
+    pE = np.tile(prior_mean(n), (y.shape[0], 1))
+    return SubjectPosteriors(Ep=ParamLayout(n).pack(post.params), Cp=np.asarray(post.cov, float), pE=pE,
+                             pC=pC, F=np.asarray(post.F, float), names=list(names))
 
 
 def principal_basis(cov: torch.Tensor, tol: float = SUBSPACE_TOLERANCE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +328,7 @@ def _newton(prob: _Problem, g0: torch.Tensor, max_iterations: int) -> tuple[torc
     value = f(g)
     for it in range(1, max_iterations + 1):
         grad = torch.autograd.functional.jacobian(f, g)
-        hess = torch.autograd.functional.hessian(f, g)
+        hess = torch.autograd.functional.hessian(f, g, vectorize=True)
         evals, evecs = torch.linalg.eigh((hess + hess.T) / 2)
         scale = evals.abs().clamp(min=1e-3 * float(evals.abs().max()) + 1e-9)
         step = evecs @ ((evecs.T @ grad) / scale)
@@ -304,8 +340,9 @@ def _newton(prob: _Problem, g0: torch.Tensor, max_iterations: int) -> tuple[torc
             step = step / 2
         else:
             return g, it
+        gain = float(new - value)
         g, value = g + step, new
-        if float(grad.abs().max()) < 1e-6 or float(step.abs().max()) < 1e-10:
+        if gain < CONVERGENCE_GAIN or float(step.abs().max()) < 1e-10:
             return g, it
     return g, max_iterations
 
