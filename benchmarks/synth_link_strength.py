@@ -40,7 +40,7 @@ def _estimate(root: Path, work: Path) -> dict:
     links = [(names.index(k["target"]), names.index(k["source"]), f"{k['source']}->{k['target']}")
              for k in truth["PlantedConnections"]]
 
-    runs = [r for r in find_bold_runs(root, work_dir=work) if r.run in (None, "01")]
+    runs = [r for r in find_bold_runs(root) if r.run in (None, "01")]
     network = load_network(truth["Network"])
     start = time.perf_counter()
     series = [extract_timeseries(r.bold, r.mask, r.confounds, network, r.tr).data for r in runs]

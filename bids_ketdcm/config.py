@@ -28,7 +28,8 @@ class ParticipantOptions:
     fmriprep_dir: Path | None = None
     work_dir: Path | None = None
     participant_labels: list[str] = field(default_factory=list)
-    session: str | None = "b0"
+    #: Session label(s) of the BOLD runs; None: every session with a run.
+    session: str | list[str] | None = None
     task: str = "rest"
     space: str = "MNI152NLin2009cAsym"
     networks: list[str] = field(default_factory=lambda: ["dmn4"])
@@ -49,6 +50,13 @@ class ParticipantOptions:
     gmv_atlases: list[str] = field(default_factory=lambda: ["power264"])
     #: Folder of saved models to predict every participant with.
     apply_model: Path | None = None
+
+    @property
+    def one_session(self) -> str | None:
+        """The session of the steps that take one (GMV, predictions): the first selected, or None."""
+        if isinstance(self.session, list):
+            return self.session[0] if self.session else None
+        return self.session
 
     @property
     def wants_dcm(self) -> bool:

@@ -111,7 +111,7 @@ def test_bosh_launch_runs_the_participant_level(dataset, tmp_path):
     done = _bosh("exec", "launch", "--no-container", "--skip-data-collection", str(DESCRIPTOR), str(invocation),
                  cwd=tmp_path, env=_run_env(tmp_path / "home"))
     assert done.returncode == 0, done.stdout + done.stderr
-    files = sorted(out.glob("sub-*/ses-b0/func/*_seg-dmn4_desc-dcm_connectivity.tsv"))
+    files = sorted(out.glob("sub-*/ses-b0/func/*_seg-dmn4_meas-dcm_relmat.tsv"))
     assert [f.name.split("_")[0] for f in files] == ["sub-MOA102"]
     A, names = read_connectivity(files[0])
     assert A.shape == (4, 4) and len(names) == 4

@@ -32,7 +32,7 @@ def participant_run(dataset, tmp_path_factory):
 
 
 def _connectivity_files(out: Path) -> list[Path]:
-    return sorted(out.glob("sub-*/ses-b0/func/*_seg-dmn4_desc-dcm_connectivity.tsv"))
+    return sorted(out.glob("sub-*/ses-b0/func/*_seg-dmn4_meas-dcm_relmat.tsv"))
 
 
 def test_participant_level_writes_bids_derivatives(participant_run, dataset):
@@ -45,11 +45,11 @@ def test_participant_level_writes_bids_derivatives(participant_run, dataset):
     n_bold = len(list(dataset.glob(f"derivatives/fmriprep/sub-*/ses-b0/func/*space-{SPACE}_desc-preproc_bold.nii.gz")))
     assert len(files) == n_bold >= 3
     for f in files:
-        assert f"_space-{SPACE}_seg-dmn4_desc-dcm_connectivity.tsv" in f.name
+        assert f.name.endswith(f"_space-{SPACE}_seg-dmn4_meas-dcm_relmat.tsv")
         sidecar = json.loads(f.with_suffix(".json").read_text())
         assert {"Converged", "FreeEnergy", "Iterations", "VarianceExplained"} <= sidecar.keys()
-        assert f.with_name(f.name.replace("connectivity.tsv", "posterior.npz")).exists()
-        ts = f.with_name(f.name.replace("_desc-dcm_connectivity", "_timeseries"))
+        assert f.with_name(f.name.replace("relmat.tsv", "posterior.npz")).exists()
+        ts = f.with_name(f.name.replace("_meas-dcm_relmat", "_desc-denoised_timeseries"))
         assert ts.exists() and ts.with_suffix(".json").exists()
     reports = sorted(out.glob("sub-*.html"))
     assert len(reports) == 3
@@ -103,7 +103,8 @@ def _fails_cleanly(args: list[str], out: Path, capsys, expect: str) -> None:
     err = capsys.readouterr().err
     assert expect in err, err
     assert "Traceback" not in err
-    assert not list(out.glob("sub-*/**/*_connectivity.tsv"))
+    assert not list(out.glob("**/sub-*/**/*_relmat.tsv"))
+    assert not list(out.glob("**/logs/CITATION.bib"))  # no stub of a failed run
 
 
 def test_missing_bids_dir(tmp_path, capsys):
@@ -128,8 +129,11 @@ def test_other_space_only(dataset, tmp_path, capsys):
 
 
 def test_output_inside_input_refused(dataset, tmp_path, capsys):
-    _fails_cleanly([str(dataset), str(dataset / "derivatives" / "ours"), "participant"], tmp_path, capsys,
-                   "inside the input dataset")
+    _fails_cleanly([str(dataset), str(dataset / "sub-MOA101" / "ours"), "participant"], tmp_path, capsys,
+                   "inside the raw dataset")
+    _fails_cleanly([str(dataset), str(tmp_path / "o"), "participant", "--work-dir",
+                    str(dataset / "derivatives" / "fmriprep" / "work")], tmp_path, capsys,
+                   "--work-dir " + str(dataset / "derivatives" / "fmriprep" / "work") + " is inside")
 
 
 def test_unwritable_output(dataset, tmp_path, capsys):
@@ -187,8 +191,9 @@ def test_corrupt_nifti(dataset, tmp_path, capsys):
     root = _copy(dataset, tmp_path)
     bold = sorted(root.glob(f"derivatives/fmriprep/sub-*/ses-b0/func/*space-{SPACE}_desc-preproc_bold.nii.gz"))[0]
     bold.write_bytes(b"not a nifti at all")
-    _fails_cleanly([str(root), str(tmp_path / "out"), "participant", "--skip-bids-validation"], tmp_path, capsys,
-                   bold.name)
+    subject = bold.name.split("_")[0]
+    _fails_cleanly([str(root), str(tmp_path / "out"), "participant", "--skip-bids-validation",
+                    "--participant-label", subject], tmp_path, capsys, bold.name)
 
 
 def test_missing_repetition_time(dataset, tmp_path, capsys):

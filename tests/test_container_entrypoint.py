@@ -176,7 +176,7 @@ def test_container_command_line_writes_only_to_the_output(sandbox):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    connectivity = sorted(out.glob("sub-*/ses-b0/func/*_seg-dmn4_desc-dcm_connectivity.tsv"))
+    connectivity = sorted(out.glob("sub-*/ses-b0/func/*_seg-dmn4_meas-dcm_relmat.tsv"))
     assert [p.name.split("_")[0] for p in connectivity] == ["sub-MOA102"]
     assert connectivity[0].with_suffix(".json").exists() and (out / "sub-MOA102.html").exists()
     assert not list(out.glob("sub-MOA101*"))

@@ -182,3 +182,23 @@ def test_refuses_another_label_definition(tmp_path):
                         feature_spec={}, bootstrap_seed=0)
     with pytest.raises(InputError, match="label definition .* differs"):
         check_label_definition(load_models(folder)[0], labels)
+
+
+def test_training_participants_are_refused_unless_overridden(tmp_path):
+    """Models applied to their own training participants: exit-2 error naming them, or a flagged run."""
+    bids, out = make_cohort(tmp_path / "train", 1, "planted")
+    models = tmp_path / "models"
+    run_group(bids, out, GroupOptions(**{**FAST, "schemes": ("binary25",)}, n_permutations=0, save_model=models))
+    options = dict(FAST, schemes=("binary25",), n_permutations=19, apply_model=models)
+    with pytest.raises(InputError, match="27 participant.*training list with the same features.*sub-MOA101.*"
+                                         "--allow-training-overlap"):
+        run_group(bids, out, GroupOptions(**options))
+    assert not (out / "group" / "external").exists()
+    result = run_group(bids, out, GroupOptions(**options, allow_training_overlap=True))
+    rows = pd.DataFrame(result["results"])
+    assert (rows.training_overlap == rows.n_participants).all()
+    assert rows.note.str.contains("NOT EXTERNAL").all()
+    # another cohort under the same participant labels (other features) is external: accepted
+    bids2, out2 = make_cohort(tmp_path / "other", 2, "planted")
+    rows2 = pd.DataFrame(run_group(bids2, out2, GroupOptions(**options))["results"])
+    assert (rows2.training_overlap == 0).all() and not rows2.note.str.contains("NOT EXTERNAL").any()

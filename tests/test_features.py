@@ -39,7 +39,7 @@ def test_feature_layout_and_first_valid_run(deriv):
     # column "src->tgt" holds A[tgt, src] (rows of the TSV are targets)
     col = fs.feature_names.index("PCC->mPFC")
     assert fs.X[0, col] == pytest.approx(_matrix(0)[1, 0])
-    assert fs.files[3].endswith("_run-2_space-MNI152NLin2009cAsym_seg-dmn3_desc-dcm_connectivity.tsv")
+    assert fs.files[3].endswith("_run-2_space-MNI152NLin2009cAsym_seg-dmn3_meas-dcm_relmat.tsv")
     np.testing.assert_allclose(fs.matrices[3], _matrix(41))
     # an explicit run, and drop_diagonal
     feats, _ = collect_features(deriv, ["sub-04"], networks=("dmn3",), run=2, drop_diagonal=True)

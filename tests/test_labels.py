@@ -144,10 +144,11 @@ def test_sessions_named_differently(tmp_path):
     path = root / "phenotype" / "phenotype.tsv"
     path.write_text(path.read_text().replace("ses-b0", "ses-baseline"))
     with pytest.raises(InputError, match="--baseline-session 'b0'.*ses-baseline"):
-        build_labels(root)
-    assert build_labels(root, baseline_session="ses-baseline").table.improvement.notna().sum() > 0
+        build_labels(root, include_group=("MDD",))
+    assert build_labels(root, baseline_session="ses-baseline",
+                        include_group=("MDD",)).table.improvement.notna().sum() > 0
     with pytest.raises(InputError, match="--post-session 'd3'"):
-        build_labels(root, baseline_session="baseline", post_session="d3")
+        build_labels(root, baseline_session="baseline", post_session="d3", include_group=("MDD",))
 
 
 def test_na_and_zero_baselines_are_excluded(tmp_path):

@@ -192,11 +192,12 @@ def test_cli_exit_code_2_on_other_data(saved, tmp_path, capsys, mismatch):
     bids, out = _bids(tmp_path), tmp_path / "out"
     regions = ["PCC", "mPFC", "lIPL", "rIPL"]
     rng = np.random.default_rng(0)
-    for pid in build_labels(bids).table.index:
+    for pid in build_labels(bids, include_group=("MDD",)).table.index:
         write_connectivity(out, pid, "b0", "dmn11" if mismatch == "network" else "dmn4",
                            rng.normal(size=(4, 4)), regions)
     capsys.readouterr()  # drop what was logged before the command
-    code = main([str(bids), str(out), "group", "--apply-model", str(saved.parent), "--n-permutations", "9"])
+    code = main([str(bids), str(out), "group", "--apply-model", str(saved.parent), "--n-permutations", "9",
+                 "--include-group", "MDD"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     if mismatch == "network":

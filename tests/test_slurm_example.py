@@ -139,7 +139,7 @@ def test_slurm_array_submits_one_task_per_participant_then_the_group_job(cluster
     task = [str(SCRIPT), *argv[script_at + 1:]]
     done = subprocess.run(["bash", *task], env=job_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    connectivity = sorted(out.glob("sub-*/ses-b0/func/*_seg-dmn4_desc-dcm_connectivity.tsv"))
+    connectivity = sorted(out.glob("sub-*/ses-b0/func/*_seg-dmn4_meas-dcm_relmat.tsv"))
     assert [p.name.split("_")[0] for p in connectivity] == ["sub-MOA102"]
     assert not (scratch / "work" / f"{array['id']}_2").exists(), "the task's work folder is left after success"
 

@@ -215,15 +215,45 @@ def test_run_treatment_selection_writes_table_and_figure(tmp_path, participants,
     assert out["skipped"] is None
     assert out["n_participants"] == 23 and out["excluded"]["sub-MOA101"] == "missing feature values"
     summary = pd.read_csv(tmp_path / "group" / "treatment_selection.tsv", sep="\t")
-    assert summary["method"].tolist() == ["dpnn", "tlearner", "cbr", "kmnn", "random"]
-    assert {"rpl_mean", "rpl_sd", "mrr_mean", "mrr_column_mean", "rr_mean", "auc_mean", "base_rate"} <= set(summary)
+    assert summary["method"].tolist() == ["dpnn", "tlearner", "cbr", "kmnn", "random", "always_ketamine",
+                                          "always_placebo"]
+    assert {"rpl_mean", "rpl_sd", "mrr_mean", "mrr_column_mean", "rr_mean", "auc_mean", "base_rate",
+            "auc_ketamine_mean", "auc_placebo_mean"} <= set(summary)
     assert summary["rpl_mean"].between(0, 1).all() and summary["mrr_mean"].between(0.5, 1).all()
     per = pd.read_csv(tmp_path / "group" / "treatment_selection_participants.tsv", sep="\t")
     assert len(per) == 23 and set(per["dpnn_recommended"]) <= {"ketamine", "placebo"}
     png = (tmp_path / "group" / "treatment_selection.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert out["tests"]["rpl"]["n_blocks"] == 10
-    assert set(out["tests"]["rpl"]["versus_reference"]) == {"dpnn", "tlearner", "cbr", "kmnn"}
+    # ds005917's real crossover (>= 50 % response): ketamine only 112 118 126 134; placebo only nobody
+    # (104 responds to both): always-ketamine is an oracle on RPL and no learner can beat it
+    assert out["informative"] == {"informative": 4, "ketamine_only": 4, "placebo_only": 0, "both": 1,
+                                  "neither": 18}
+    assert out["reference_policy"] == "always_ketamine"
+    rpl = summary.set_index("method")["rpl_mean"]
+    assert rpl["always_ketamine"] == 0 and (rpl >= rpl["always_ketamine"]).all()
+    assert set(out["tests"]["rpl"]["versus_reference"]) == {"dpnn", "tlearner", "cbr", "kmnn", "random",
+                                                           "always_placebo"}
+    assert all(p > 0.05 for p in out["tests"]["rpl"]["versus_reference"].values())
+    assert any("always-ketamine scores RPL 0 like an oracle" in n for n in out["notes"])
+    assert summary.set_index("method").loc["always_ketamine", ["auc_mean", "auc_ketamine_mean"]].isna().all()
+
+
+def test_no_informative_participant_means_no_p_values(tmp_path, participants, phenotype):
+    """Placebo outcomes equal to the ketamine outcomes: every policy ties, so no test is run."""
+    same = phenotype.copy()
+    d2 = same[same["session_id"] == "ses-d2"].set_index("participant_id")["MADRS_Total"]
+    p2 = same["session_id"] == "ses-p2"
+    same.loc[p2, "MADRS_Total"] = same.loc[p2, "participant_id"].map(d2).to_numpy()
+    options = TreatmentOptions(n_repeats=1, methods=("tlearner", "random", "always_ketamine", "always_placebo"),
+                               target="difference")
+    out = run_treatment_selection(_features(participants["participant_id"].tolist()), participants, same,
+                                  tmp_path, options)
+    assert out["informative"]["informative"] == 0 and out["tests"] is None
+    assert any("no p-values" in n for n in out["notes"])
+    summary = pd.read_csv(tmp_path / "group" / "treatment_selection.tsv", sep="\t")
+    assert (summary["rpl_mean"] == 0).all()
+    assert out["difference"]["improvement_loss"]["always_ketamine"] == 0
 
 
 def test_missing_infusion_column_is_a_logged_skip(tmp_path, participants, phenotype, caplog):
@@ -278,7 +308,8 @@ def test_cli_group_level_goes_on_when_treatment_selection_cannot_run(tmp_path, p
         k_values=(3,), nested_repeats=0, progress=False,
     )
     monkeypatch.setattr(group_run, "GroupOptions", quick)
-    rc = main([str(bids), str(out), "group", "--treatment-selection", "--n-permutations", "0", "--nprocs", "1"])
+    rc = main([str(bids), str(out), "group", "--treatment-selection", "--n-permutations", "0", "--nprocs", "1",
+               "--include-group", "MDD", "--nested-permutations", "0"])
     assert rc == 0
     assert "treatment selection skipped: participants.tsv lacks column(s) infusion_1" in capsys.readouterr().err
     group = out / "group"

@@ -1,36 +1,49 @@
 """BIDS-Derivatives writers: dataset description, time series, DCM connectivity.
 
-File names follow DESIGN.md section 3 and the Giga Connectome / XCP-D conventions
-(``seg-`` for the network, ``desc-dcm`` for the measure). Every file is written
-atomically; a run is finished when its connectivity TSV, JSON and posterior NPZ exist.
+File names come from :mod:`bids_ketdcm.bids.naming` (BEP012 time series, BEP017 ``relmat``
+with ``meas-dcm``). Every file is written atomically; a run is finished when its
+connectivity TSV, JSON and posterior NPZ exist, and it is the same result only when the
+``Settings`` recorded in its sidecar are those requested (:func:`settings_differences`).
+Inputs are named by BIDS URIs (``bids:fmriprep:sub-...``), never by host paths.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from bids_ketdcm import __version__
+from bids_ketdcm.bids.naming import (
+    CONNECTIVITY_MEASURE,
+    CONNECTIVITY_SUFFIX,
+    RunEntities,
+    connectivity_paths,
+    is_connectivity,
+    parse_name,
+    timeseries_paths,
+)
 from bids_ketdcm.dcm import SPM_RELEASE, Posterior
 from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
 from bids_ketdcm.participant.timeseries import RoiTimeseries
 from bids_ketdcm.provenance import command_line, container, software_versions
 
-BIDS_VERSION = "1.9.0"
+log = logging.getLogger(__name__)
 
-#: Outputs the BIDS validator does not know yet (timeseries and connectivity with ``seg-``,
-#: morphometry, predictions: BEP012/BEP017-style names, as XCP-D and Giga Connectome write)
-#: and folders that are not data. Folder names without a trailing slash: the validator
+BIDS_VERSION = "1.10.0"
+
+#: Files BIDS has no place for: the full DCM posterior (NumPy archive), the HTML reports,
+#: the logs and the work folder. Folder names without a trailing slash: the validator
 #: (bids-validator-deno 3) matches them only so.
-BIDSIGNORE = "\n".join([
-    "*_timeseries.tsv", "*_timeseries.json", "*_connectivity.tsv", "*_connectivity.json", "*_morph.tsv",
-    "*_morph.json", "*_predictions.tsv", "*_predictions.json", "*_posterior.npz", "*.html",
-    "logs", "figures", "group", "work", "",
-])
+BIDSIGNORE = "\n".join(["*_posterior.npz", "*.html", "logs", "work", ""])
 
 CONNECTIVITY_DESCRIPTION = {
     "Measure": "Effective connectivity (spectral DCM posterior mean of A)",
@@ -42,42 +55,6 @@ CONNECTIVITY_DESCRIPTION = {
     "Units": "Hz",
     "Method": "spectral DCM (Friston et al. 2014), SPM12 spm_dcm_fmri_csd equivalent",
 }
-
-
-@dataclass(frozen=True)
-class RunEntities:
-    """BIDS entities identifying one BOLD run."""
-
-    subject: str
-    session: str | None
-    task: str
-    run: str | None
-    space: str
-
-    def prefix(self, network_label: str) -> str:
-        """File-name stem up to and including ``seg-<network>``."""
-        parts = [f"sub-{self.subject}"]
-        if self.session:
-            parts.append(f"ses-{self.session}")
-        parts.append(f"task-{self.task}")
-        if self.run:
-            parts.append(f"run-{self.run}")
-        parts += [f"space-{self.space}", f"seg-{network_label}"]
-        return "_".join(parts)
-
-    def folder(self, output_dir: Path) -> Path:
-        """``OUTPUT_DIR/sub-X[/ses-Y]/func``."""
-        out = Path(output_dir) / f"sub-{self.subject}"
-        if self.session:
-            out = out / f"ses-{self.session}"
-        return out / "func"
-
-    @property
-    def label(self) -> str:
-        """Readable run label, e.g. ``ses-b0_task-rest_run-01``."""
-        parts = ([f"ses-{self.session}"] if self.session else []) + [f"task-{self.task}"]
-        return "_".join(parts + ([f"run-{self.run}"] if self.run else []))
-
 
 
 @dataclass
@@ -152,33 +129,26 @@ class RunResult:
     denoise_strategy: str
     skipped_reason: str | None = None
 
-def connectivity_paths(output_dir: Path, run: RunEntities, network_label: str) -> dict[str, Path]:
-    """Paths of a run's DCM outputs: ``tsv``, ``json`` and ``npz`` (full posterior)."""
-    stem = run.folder(output_dir) / f"{run.prefix(network_label)}_desc-dcm"
-    return {
-        "tsv": stem.with_name(stem.name + "_connectivity.tsv"),
-        "json": stem.with_name(stem.name + "_connectivity.json"),
-        "npz": stem.with_name(stem.name + "_posterior.npz"),
-    }
+def _dataset_link(dataset: Path, output_dir: Path) -> str:
+    """Where an input dataset is, without a host path: its DOI, else a path relative to OUTPUT_DIR."""
+    try:
+        doi = json.loads((dataset / "dataset_description.json").read_text(encoding="utf-8")).get("DatasetDOI")
+    except (OSError, ValueError, AttributeError):
+        doi = None
+    if isinstance(doi, str) and doi:
+        return doi if doi.startswith(("doi:", "http")) else f"doi:{doi}"
+    return Path(os.path.relpath(dataset.resolve(), output_dir.resolve())).as_posix()
 
 
-def timeseries_paths(output_dir: Path, run: RunEntities, network_label: str) -> dict[str, Path]:
-    """Paths of a run's ROI time series TSV and JSON."""
-    stem = run.folder(output_dir) / f"{run.prefix(network_label)}_timeseries"
-    return {"tsv": stem.with_suffix(".tsv"), "json": stem.with_suffix(".json")}
-
-
-def is_finished(output_dir: Path, run: RunEntities, network_label: str) -> bool:
-    """Whether every DCM output of this run and network exists (re-runs skip it)."""
-    return all(p.exists() for p in connectivity_paths(output_dir, run, network_label).values())
-
-
-def write_dataset_description(output_dir: Path, argv: list[str] | None = None) -> None:
-    """Write ``dataset_description.json`` (with ``GeneratedBy``) and ``.bidsignore``.
+def write_dataset_description(output_dir: Path, inputs: Mapping[str, Path], argv: list[str] | None = None) -> None:
+    """Write ``dataset_description.json`` (with ``GeneratedBy``), ``.bidsignore`` and the top-level sidecar.
 
     ``GeneratedBy`` holds the version, the exact command line (``argv``, default the
     words this process was started with), the library versions and, inside the
-    published image, the container.
+    published image, the container. ``inputs`` maps dataset names (``raw``, ``fmriprep``)
+    to their folders: they become ``DatasetLinks`` (a DOI or a path relative to OUTPUT_DIR,
+    never a host path) and ``SourceDatasets`` as BIDS URIs (``bids:fmriprep:``), the
+    names the ``Sources`` of every sidecar use.
     """
     output_dir = Path(output_dir)
     versions = ", ".join(f"{name} {number}" for name, number in software_versions().items())
@@ -196,19 +166,57 @@ def write_dataset_description(output_dir: Path, argv: list[str] | None = None) -
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [generated_by],
-        "SourceDatasets": [],
+        "SourceDatasets": [{"URL": f"bids:{name}:"} for name in inputs],
+        "DatasetLinks": {name: _dataset_link(Path(path), output_dir) for name, path in inputs.items()},
     })
     write_text(output_dir / ".bidsignore", BIDSIGNORE)
-    write_json(output_dir / "desc-dcm_connectivity.json", CONNECTIVITY_DESCRIPTION)
+    write_json(output_dir / f"meas-{CONNECTIVITY_MEASURE}_{CONNECTIVITY_SUFFIX}.json", CONNECTIVITY_DESCRIPTION)
+
+
+# --------------------------------------------------------------------------- settings identity
+
+
+def settings_differences(output_dir: Path, run: RunEntities, network_label: str,
+                         settings: Mapping[str, Any]) -> dict[str, tuple[Any, Any]] | None:
+    """Compare a finished run's recorded settings with the requested ones.
+
+    Parameters
+    ----------
+    output_dir, run, network_label
+        Which result.
+    settings
+        The settings that make a result's identity (``Settings`` of its sidecar).
+
+    Returns
+    -------
+    dict or None
+        None when the run is not finished (some output missing or unreadable: it is
+        redone); else ``{setting: (recorded, requested)}`` for every setting that
+        differs (empty when the result was made with these settings).
+    """
+    paths = connectivity_paths(output_dir, run, network_label)
+    if not all(p.exists() for p in paths.values()):
+        return None
+    try:
+        recorded = json.loads(paths["json"].read_text(encoding="utf-8")).get("Settings", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    requested = json.loads(json.dumps(dict(settings)))  # as JSON would give it back
+    return {key: (recorded.get(key), requested.get(key)) for key in sorted(set(recorded) | set(requested))
+            if recorded.get(key) != requested.get(key)}
+
+
+# --------------------------------------------------------------------------- writers
 
 
 def write_timeseries(output_dir: Path, run: RunEntities, network_label: str, network: pd.DataFrame,
-                     series: RoiTimeseries) -> None:
+                     series: RoiTimeseries, sources: list[str], settings: Mapping[str, Any]) -> None:
     """Write the denoised ROI time series (TSV: one column per ROI) and its sidecar."""
     paths = timeseries_paths(output_dir, run, network_label)
     write_tsv(paths["tsv"], series.to_frame())
     write_json(paths["json"], {
         "RepetitionTime": series.tr,
+        "SamplingFrequency": 1.0 / series.tr,
         "ROIs": list(series.names),
         "Coordinates": np.asarray(series.coords).round(2).tolist(),
         "CoordinateSpace": "MNI152 (mm)",
@@ -217,6 +225,8 @@ def write_timeseries(output_dir: Path, run: RunEntities, network_label: str, net
         "DenoiseStrategy": series.denoise,
         "KeptVolumes": np.asarray(series.kept_volumes).tolist(),
         "QC": series.qc,
+        "Sources": sources,
+        "Settings": dict(settings),
     })
 
 
@@ -234,11 +244,13 @@ def read_connectivity(path: Path) -> tuple[np.ndarray, list[str]]:
     return table[names].to_numpy(float), names
 
 
-def write_connectivity(output_dir: Path, run: RunEntities, network_label: str,
-                       series: RoiTimeseries, post: Posterior, settings: dict) -> dict[str, Path]:
+def write_connectivity(output_dir: Path, run: RunEntities, network_label: str, series: RoiTimeseries,
+                       post: Posterior, sources: list[str], settings: Mapping[str, Any]) -> dict[str, Path]:
     """Write one run's posterior: A in Hz (TSV), diagnostics (JSON), everything (NPZ).
 
-    The NPZ is written first and the TSV last, so an interrupted run never looks done.
+    The NPZ and JSON are written first and the TSV last, so an interrupted run never
+    looks done. ``sources`` are BIDS URIs of the inputs; ``settings`` the settings that
+    make the result's identity (compared on re-runs by :func:`settings_differences`).
     """
     paths = connectivity_paths(output_dir, run, network_label)
     names = list(series.names)
@@ -270,12 +282,78 @@ def write_connectivity(output_dir: Path, run: RunEntities, network_label: str,
         "Frequencies": post.freqs.tolist(),
         "Seconds": float(post.seconds),
         "Device": post.device,
-        "Jacobian": post.extra.get("jacobian", "autograd"),
-        "CSDModel": post.extra.get("csd_model", "spm12"),
+        "PathKept": {"exact": "exact Jacobian", "spm": "SPM12 path (finite differences)"}[str(post.extra["path"])],
+        "FreeEnergyPaths": {name: float(post.extra[key]) for name, key in
+                            (("exact Jacobian", "F_exact"), ("SPM12 path", "F_spm")) if key in post.extra},
         "SoftwareVersions": {"bids-ketdcm": __version__, "torch": torch.__version__,
                              "numpy": np.__version__},
-        **settings,
+        "Sources": sources,
+        "Settings": dict(settings),
     }
     write_json(paths["json"], sidecar)
     write_tsv(paths["tsv"], connectivity_frame(post.A_hz, names))
     return paths
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def _report_qc(qc: dict, names: list[str]) -> dict:
+    out = {k: v for k, v in qc.items() if k != "rois"}
+    rois = qc.get("rois", {})
+    if rois:
+        out["roi_voxels"] = [rois[n].get("n_voxels") for n in names]
+        out["roi_tsnr"] = [rois[n].get("tsnr") for n in names]
+    return out
+
+
+def finished_results(output_dir: Path, subject: str) -> list[RunResult]:
+    """Every finished result of a participant on disk, as the report shows them.
+
+    A result is finished when its connectivity TSV, JSON, posterior and time series
+    exist; unreadable leftovers of an interrupted run are passed over (they are redone).
+
+    Parameters
+    ----------
+    output_dir
+        OUTPUT_DIR.
+    subject
+        Participant label without ``sub-``.
+
+    Returns
+    -------
+    list of RunResult
+        Sorted by run and network.
+    """
+    out = []
+    for tsv in sorted(Path(output_dir).glob(f"sub-{subject}/**/func/*_{CONNECTIVITY_SUFFIX}.tsv")):
+        if not is_connectivity(tsv):
+            continue
+        entities = parse_name(tsv)
+        run = RunEntities.from_mapping(entities)
+        paths = connectivity_paths(output_dir, run, entities["seg"])
+        series_paths = timeseries_paths(output_dir, run, entities["seg"])
+        try:
+            meta = json.loads(paths["json"].read_text(encoding="utf-8"))
+            series_meta = json.loads(series_paths["json"].read_text(encoding="utf-8"))
+            series = pd.read_csv(series_paths["tsv"], sep="\t")
+            A_hz, names = read_connectivity(tsv)
+            with np.load(paths["npz"]) as npz:
+                observed, predicted = npz["observed_csd"], npz["predicted_csd"]
+        except (OSError, ValueError, KeyError):
+            log.warning("%s: incomplete result (redone on the next call)", tsv)
+            continue
+        out.append(RunResult(
+            run_label=run.label, network=entities["seg"], roi_names=names,
+            roi_coords=np.asarray(series_meta["Coordinates"], float), timeseries=series[names].to_numpy(float),
+            tr=float(meta["RepetitionTime"]), freqs=np.asarray(meta["Frequencies"], float),
+            csd_observed=observed, csd_predicted=predicted, A_hz=A_hz,
+            A_var=np.asarray(meta["PosteriorVarianceA"], float),
+            F_history=[v for v in meta["FreeEnergyHistory"] if v is not None],
+            free_energy=float(meta["FreeEnergy"]), iterations=int(meta["Iterations"]),
+            converged=bool(meta["Converged"]), variance_explained=float(meta["VarianceExplained"]),
+            seconds=float(meta["Seconds"]), device=str(meta["Device"]),
+            qc=_report_qc(series_meta.get("QC", {}), names),
+            denoise_strategy=str(series_meta.get("DenoiseStrategy", {}).get("Name", "")),
+        ))
+    return out

@@ -1,15 +1,14 @@
 """Find the inputs of the participant level: fMRIPrep BOLD runs and their companions.
 
 pybids indexes the fMRIPrep derivatives (validation off, as they are not raw BIDS) and,
-only when a derivative sidecar lacks ``RepetitionTime``, the raw dataset. The index
-database lives in the work folder, never in the (possibly read-only) inputs, and the
-folders of unselected participants, and every non-functional folder, are ignored so that
+only when a derivative sidecar lacks ``RepetitionTime``, the raw dataset. Each process
+indexes in memory (no database: concurrent jobs share nothing, the inputs are never
+written to), and the folders of unselected participants, and every non-functional folder, are ignored so that
 a one-participant job starts fast (27 participants index in about 3 s, one in about 1 s).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from bids_ketdcm.bids.naming import RunEntities, bids_uri
 from bids_ketdcm.errors import InputError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 DEFAULT_TASK = "rest"
-DEFAULT_SESSION = "b0"
 #: Entities of a BOLD file that its confounds TSV does not carry (fMRIPrep naming).
 _SPATIAL_ENTITIES = {"space", "res", "den", "cohort"}
 #: Entities that are not part of a file's identity when matching companions.
@@ -53,10 +52,13 @@ class BoldRun:
     space
         Template space of the BOLD image.
     bold, mask, confounds
-        Paths of ``desc-preproc_bold``, ``desc-brain_mask`` and
-        ``desc-confounds_timeseries.tsv``.
+        Paths of ``desc-preproc_bold``, the brain mask (``desc-brain_mask``, or
+        ``label-brain_mask`` of fMRIPrep 1.x) and the confounds
+        (``desc-confounds_timeseries.tsv``, or ``desc-confounds_regressors.tsv`` before 20.2).
     tr
         Repetition time (s).
+    root
+        The fMRIPrep dataset the files belong to.
     """
 
     subject: str
@@ -68,17 +70,23 @@ class BoldRun:
     mask: Path
     confounds: Path
     tr: float
+    root: Path | None = None
+
+    @property
+    def entities(self) -> RunEntities:
+        """Every entity that distinguishes this run (acq, ce, rec, dir, run, echo, res, den ...)."""
+        return RunEntities.from_path(self.bold, space=self.space)
 
     @property
     def prefix(self) -> str:
-        """``sub-X[_ses-Y]_task-Z[_run-N]``: the start of every output name of the run."""
-        parts = [f"sub-{self.subject}"]
-        if self.session is not None:
-            parts.append(f"ses-{self.session}")
-        parts.append(f"task-{self.task}")
-        if self.run is not None:
-            parts.append(f"run-{self.run}")
-        return "_".join(parts)
+        """``sub-X[_ses-Y]_task-Z[_acq-A...][_run-N]``: the run entities of every output name."""
+        return f"sub-{self.subject}_{self.entities.label}"
+
+    @property
+    def sources(self) -> list[str]:
+        """BOLD, mask and confounds as BIDS URIs of the fMRIPrep dataset (``bids:fmriprep:...``)."""
+        root = self.root or self.bold.parents[2 if self.session is None else 3]
+        return [bids_uri(p, root, "fmriprep") for p in (self.bold, self.mask, self.confounds)]
 
 
 # --------------------------------------------------------------------------- arguments
@@ -339,25 +347,13 @@ def _ignore_patterns(labels: Sequence[str] | None) -> list[re.Pattern]:
     return patterns
 
 
-def _index(root: Path, work_dir: Path, labels: Sequence[str] | None, kind: str):
+def _index(root: Path, labels: Sequence[str] | None, kind: str):
+    """Index a dataset in memory: each process has its own index (concurrent jobs share nothing)."""
     from bids import BIDSLayout, BIDSLayoutIndexer
 
-    key = json.dumps([str(root.resolve()), kind, list(labels or [])])
-    database = work_dir / "pybids" / hashlib.sha1(key.encode()).hexdigest()[:16]
-    try:
-        database.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"--work-dir {work_dir} cannot be written: {err.strerror or err}") from None
     indexer = BIDSLayoutIndexer(validate=False, ignore=_ignore_patterns(labels))
     try:
-        return BIDSLayout(
-            root,
-            validate=False,
-            is_derivative=kind == "derivative",
-            database_path=database,
-            reset_database=True,
-            indexer=indexer,
-        )
+        return BIDSLayout(root, validate=False, is_derivative=kind == "derivative", indexer=indexer)
     except Exception as err:  # pybids raises various errors on malformed datasets
         raise InputError(f"cannot index the dataset {root}: {err}") from None
 
@@ -369,27 +365,6 @@ def _identity(entities: dict[str, Any], drop: set[str]) -> dict[str, str]:
     return {k: str(v) for k, v in entities.items() if k not in drop}
 
 
-def _companion(layout, bold, suffix: str, desc: str, extensions: Sequence[str],
-               spatial: bool):
-    """The file beside the BOLD with the same identity, another desc and suffix.
-
-    ``spatial``: whether the companion carries the BOLD's space/res entities (the mask
-    does, the confounds TSV does not).
-    """
-    entities = bold.get_entities()
-    drop = _FILE_ENTITIES | (set() if spatial else _SPATIAL_ENTITIES)
-    want = _identity(entities, drop)
-    candidates = layout.get(
-        subject=entities["subject"], suffix=suffix, desc=desc, extension=list(extensions)
-    )
-    matches = [
-        f for f in candidates
-        if Path(f.path).parent == Path(bold.path).parent
-        and _identity(f.get_entities(), drop) == want
-    ]
-    return matches[0] if matches else None
-
-
 def _expected_name(bold: Path, spatial: bool, replacement: str) -> Path:
     head = bold.name.split("_desc-preproc_bold")[0]
     if not spatial:
@@ -397,7 +372,7 @@ def _expected_name(bold: Path, spatial: bool, replacement: str) -> Path:
     return bold.with_name(head + replacement)
 
 
-def _repetition_time(bold, raw_dir: Path | None, work_dir: Path,
+def _repetition_time(bold, raw_dir: Path | None,
                      labels: Sequence[str] | None, cache: dict) -> float:
     """RepetitionTime from the derivative's sidecars, else from the raw dataset's."""
     value = bold.get_metadata().get("RepetitionTime")
@@ -405,7 +380,7 @@ def _repetition_time(bold, raw_dir: Path | None, work_dir: Path,
     tried = [str(source)]
     if value is None and raw_dir is not None:
         if "raw" not in cache:
-            cache["raw"] = _index(raw_dir, work_dir, labels, "raw")
+            cache["raw"] = _index(raw_dir, labels, "raw")
         entities = _identity(bold.get_entities(), _FILE_ENTITIES | _SPATIAL_ENTITIES)
         raw = [
             f for f in cache["raw"].get(
@@ -434,17 +409,64 @@ def _repetition_time(bold, raw_dir: Path | None, work_dir: Path,
     return tr
 
 
+#: Brain masks and confounds across fMRIPrep versions, newest first: (suffix, entity, label).
+MASK_NAMES = (("mask", "desc", "brain"), ("mask", "label", "brain"))
+CONFOUNDS_NAMES = (("timeseries", "desc", "confounds"), ("regressors", "desc", "confounds"))
+
+
+def _companion(layout, bold, names: Sequence[tuple[str, str, str]], extensions: Sequence[str],
+               spatial: bool):
+    """The file beside the BOLD with the same identity and one of these (suffix, entity, label).
+
+    ``spatial``: whether the companion carries the BOLD's space/res entities (the mask
+    does, the confounds TSV does not).
+    """
+    entities = bold.get_entities()
+    drop = _FILE_ENTITIES | {"label"} | (set() if spatial else _SPATIAL_ENTITIES)
+    want = _identity(entities, drop)
+    for suffix, key, value in names:
+        candidates = layout.get(subject=entities["subject"], suffix=suffix, extension=list(extensions),
+                                **{"desc" if key == "desc" else key: value})
+        matches = [f for f in candidates if Path(f.path).parent == Path(bold.path).parent
+                   and _identity(f.get_entities(), drop) == want]
+        if matches:
+            return matches[0]
+    return None
+
+
+def _header_tr(path: Path) -> float | None:
+    """The repetition time in a NIfTI header (s), or None when the header holds none."""
+    import nibabel as nib
+
+    try:
+        header: Any = nib.load(str(path)).header
+        zooms = header.get_zooms()
+        unit = header.get_xyzt_units()[1]
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise InputError(f"BOLD image {path} cannot be read: {err}") from None
+    if len(zooms) < 4 or not zooms[3] or zooms[3] == 1.0 and unit == "unknown":
+        return None
+    return float(zooms[3]) / {"msec": 1000.0, "usec": 1e6}.get(unit, 1.0)
+
+
+def _select_sessions(session: str | Sequence[str] | None) -> list[str] | None:
+    if session is None:
+        return None
+    labels = [session] if isinstance(session, str) else list(session)
+    return [s[4:] if s.startswith("ses-") else s for s in labels] or None
+
+
 def find_bold_runs(
     bids_dir: str | os.PathLike,
     *,
-    work_dir: str | os.PathLike,
     fmriprep_dir: str | os.PathLike | None = None,
     participant_labels: Iterable[str] | None = None,
-    session: str | None = DEFAULT_SESSION,
+    session: str | Sequence[str] | None = None,
     task: str = DEFAULT_TASK,
     space: str = DEFAULT_SPACE,
     resolution: str | None = None,
     bids_filter: dict[str, Any] | None = None,
+    failures: dict[str, str] | None = None,
 ) -> list[BoldRun]:
     """Every preprocessed BOLD run matching the selection, with mask, confounds and TR.
 
@@ -452,38 +474,40 @@ def find_bold_runs(
     ----------
     bids_dir
         BIDS_DIR (raw dataset, or itself an fMRIPrep output).
-    work_dir
-        Work folder; the pybids index goes to ``work_dir/pybids``.
     fmriprep_dir
         ``--fmriprep-dir``; default ``BIDS_DIR/derivatives/fmriprep`` (see
         :func:`resolve_fmriprep_dir`).
     participant_labels
         Labels with or without ``sub-``; None or empty for every participant.
     session
-        Session label (with or without ``ses-``), or None for all sessions.
+        Session label(s) (with or without ``ses-``); None for every session with a run
+        (and for datasets without sessions).
     task, space
         Task and template space of the BOLD runs.
     resolution
-        The ``res`` entity, needed only when the space exists at several resolutions.
+        The ``res`` entity, to keep one resolution where the space exists at several
+        (by default every resolution is processed, with ``res-`` in the output names).
     bids_filter
         Extra pybids filters for the BOLD query (:func:`load_bids_filters`: ``null``
         for "absent", ``"*"`` for "any"); they override ``session`` and ``task``.
+    failures
+        When given, a participant whose runs cannot be used (missing mask, confounds,
+        RepetitionTime; TR disagreeing with the header) is recorded here
+        (``{subject: message}``) and left out instead of stopping everything.
 
     Returns
     -------
     list of BoldRun
-        Sorted by participant, session and run.
+        Sorted by participant, session and run entities.
 
     Raises
     ------
     InputError
         Unknown participant, BOLD missing or only in other spaces, missing mask,
-        confounds or RepetitionTime, ambiguous resolution; each message names the
-        file or option.
+        confounds or RepetitionTime; each message names the file or option.
     """
     bids_dir = Path(bids_dir)
     fmriprep = resolve_fmriprep_dir(bids_dir, fmriprep_dir)
-    work = Path(work_dir)
     labels = normalise_labels(participant_labels)
     available = _subject_folders(fmriprep)
     if not available:
@@ -495,11 +519,12 @@ def find_bold_runs(
                 f"participant label(s) {', '.join(unknown)} not found in {fmriprep}; "
                 f"available: {', '.join(available)}"
             )
-    layout = _index(fmriprep, work, labels, "derivative")
+    layout = _index(fmriprep, labels, "derivative")
     query: dict[str, Any] = {"task": task, "suffix": "bold", "desc": "preproc",
                              "extension": [".nii.gz", ".nii"]}
-    if session is not None:
-        query["session"] = session[4:] if session.startswith("ses-") else session
+    sessions = _select_sessions(session)
+    if sessions is not None:
+        query["session"] = sessions if len(sessions) > 1 else sessions[0]
     if resolution is not None:
         query["res"] = resolution
     query.update(_pybids_filters(bids_filter or {}, "--bids-filter-file"))
@@ -515,54 +540,80 @@ def find_bold_runs(
         other = layout.get(subject=subject, **query)
         if other:
             spaces = sorted({str(f.entities.get("space", "native")) for f in other})
-            raise InputError(
-                f"sub-{subject}: no desc-preproc_bold in space {space} in {fmriprep}; "
-                f"spaces found: {', '.join(spaces)} (use --space)"
-            )
-        if labels:
-            raise InputError(
-                f"sub-{subject}: no preprocessed BOLD ({_describe(query)}) in {fmriprep}"
-            )
-        log.warning("sub-%s: no preprocessed BOLD (%s); skipped", subject, _describe(query))
+            message = (f"sub-{subject}: no desc-preproc_bold in space {space} in {fmriprep}; "
+                       f"spaces found: {', '.join(spaces)} (use --space)")
+        elif labels:
+            message = f"sub-{subject}: no preprocessed BOLD ({_describe(query)}) in {fmriprep}"
+        else:
+            log.warning("sub-%s: no preprocessed BOLD (%s); skipped", subject, _describe(query))
+            continue
+        if failures is None or not found:
+            raise InputError(message)
+        failures[subject] = message
+        log.error("%s; left out", message)
     if not found:
-        raise InputError(f"no preprocessed BOLD ({_describe(query)}, space {space}) in {fmriprep}")
-    _check_unique_resolution(found)
+        hint = ""
+        if sessions is not None and layout.get_sessions():
+            hint = f" (sessions present: {', '.join(sorted(layout.get_sessions()))})"
+        raise InputError(f"no preprocessed BOLD ({_describe(query)}, space {space}) in {fmriprep}{hint}")
 
     raw_dir = None if bids_dir.resolve() == fmriprep.resolve() else bids_dir
     cache: dict = {}
     runs = []
     for bold in found:
-        path = Path(bold.path)
-        mask = _companion(layout, bold, "mask", "brain", [".nii.gz", ".nii"], spatial=True)
-        if mask is None:
-            raise InputError(
-                f"{path}: no brain mask beside it "
-                f"(expected {_expected_name(path, True, '_desc-brain_mask.nii.gz')})"
-            )
-        confounds = _companion(layout, bold, "timeseries", "confounds", [".tsv"],
-                               spatial=False)
-        if confounds is None:
-            raise InputError(
-                f"{path}: no confounds file for this run "
-                f"(expected {_expected_name(path, False, '_desc-confounds_timeseries.tsv')})"
-            )
-        entities = bold.get_entities()
-        runs.append(
-            BoldRun(
-                subject=str(entities["subject"]),
-                session=str(entities["session"]) if "session" in entities else None,
-                task=str(entities["task"]),
-                run=_run_label(path),
-                space=str(entities["space"]),
-                bold=path,
-                mask=Path(mask.path),
-                confounds=Path(confounds.path),
-                tr=_repetition_time(bold, raw_dir, work, labels, cache),
-            )
-        )
+        subject = str(bold.entities["subject"])
+        if failures is not None and subject in failures:
+            continue
+        try:
+            runs.append(_bold_run(layout, bold, fmriprep, raw_dir, labels, cache))
+        except InputError as err:
+            if failures is None:
+                raise
+            failures[subject] = str(err)
+            log.error("sub-%s left out: %s", subject, err)
+    if failures:
+        runs = [r for r in runs if r.subject not in failures]
     log.info("found %d BOLD run(s) of %d participant(s) in %s", len(runs),
              len({r.subject for r in runs}), fmriprep)
-    return sorted(runs, key=lambda r: (r.subject, r.session or "", r.run or "", str(r.bold)))
+    return sorted(runs, key=lambda r: (r.subject, r.session or "", r.entities.label, str(r.bold)))
+
+
+def _bold_run(layout, bold, fmriprep: Path, raw_dir: Path | None, labels: Sequence[str] | None,
+              cache: dict) -> BoldRun:
+    path = Path(bold.path)
+    mask = _companion(layout, bold, MASK_NAMES, [".nii.gz", ".nii"], spatial=True)
+    if mask is None:
+        raise InputError(
+            f"{path}: no brain mask beside it "
+            f"(expected {_expected_name(path, True, '_desc-brain_mask.nii.gz')}, or label-brain_mask)"
+        )
+    confounds = _companion(layout, bold, CONFOUNDS_NAMES, [".tsv"], spatial=False)
+    if confounds is None:
+        raise InputError(
+            f"{path}: no confounds file for this run "
+            f"(expected {_expected_name(path, False, '_desc-confounds_timeseries.tsv')}, "
+            "or desc-confounds_regressors.tsv before fMRIPrep 20.2)"
+        )
+    tr = _repetition_time(bold, raw_dir, labels, cache)
+    header = _header_tr(path)
+    if header is not None and abs(header - tr) > 0.01 * tr:
+        raise InputError(
+            f"{path}: RepetitionTime {tr:g} s in its sidecar but {header:g} s in the NIfTI header; "
+            "fix the one that is wrong"
+        )
+    entities = bold.get_entities()
+    return BoldRun(
+        subject=str(entities["subject"]),
+        session=str(entities["session"]) if "session" in entities else None,
+        task=str(entities["task"]),
+        run=_run_label(path),
+        space=str(entities["space"]),
+        bold=path,
+        mask=Path(mask.path),
+        confounds=Path(confounds.path),
+        tr=tr,
+        root=fmriprep,
+    )
 
 
 def _run_label(path: Path) -> str | None:
@@ -573,16 +624,3 @@ def _run_label(path: Path) -> str | None:
 def _describe(query: dict[str, Any]) -> str:
     shown = {k: v for k, v in query.items() if k not in ("suffix", "desc", "extension")}
     return ", ".join(f"{k} {getattr(v, 'name', v)}" for k, v in shown.items())
-
-
-def _check_unique_resolution(found) -> None:
-    groups: dict[tuple, list[str]] = {}
-    for f in found:
-        ident = tuple(sorted(_identity(f.get_entities(), _FILE_ENTITIES | {"res", "den"}).items()))
-        groups.setdefault(ident, []).append(f.path)
-    for paths in groups.values():
-        if len(paths) > 1:
-            raise InputError(
-                "several preprocessed BOLD files for one run (different resolutions): "
-                f"{', '.join(sorted(paths))}; choose one with --res"
-            )

@@ -15,12 +15,15 @@ from pathlib import Path
 import click
 
 from bids_ketdcm import __version__
+from bids_ketdcm.cli.group_options import group_kwargs, group_options
 from bids_ketdcm.errors import InputError
 
 log = logging.getLogger("bids_ketdcm")
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
 SUBCOMMANDS = ("synth", "dpnn-synthetic")
+#: Options that take several space-separated values, as in fMRIPrep (see :func:`_expand_multi`).
+MULTI_VALUED = ("--participant-label", "--session-label")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -35,18 +38,44 @@ def _strip_sub(label: str) -> str:
     return label[4:] if label.startswith("sub-") else label
 
 
-def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path | None, problems: list[str]) -> None:
+def _input_roots(kw: dict) -> list[tuple[str, Path]]:
+    """Input folders nothing may be written into.
+
+    The fMRIPrep derivatives (``--fmriprep-dir``, ``BIDS_DIR/derivatives/fmriprep``) and ``--apply-model``.
+    """
+    bids_dir = kw["bids_dir"]
+    roots = [("--fmriprep-dir", kw["fmriprep_dir"]), ("the fMRIPrep derivatives", bids_dir / "derivatives" / "fmriprep"),
+             ("--apply-model", kw["apply_model"])]
+    return [(name, Path(path)) for name, path in roots if path is not None and Path(path).exists()]
+
+
+def _check_paths(kw: dict, problems: list[str]) -> None:
+    """OUTPUT_DIR and --work-dir must be writable and outside every input.
+
+    Inside BIDS_DIR only ``BIDS_DIR/derivatives/<name>`` (the BIDS convention) is allowed,
+    where ``<name>`` is not an input itself; raw data are never written to.
+    """
+    bids_dir = kw["bids_dir"]
     if not bids_dir.is_dir():
         problems.append(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
         return
     root = bids_dir.resolve()
-    for name, path in (("OUTPUT_DIR", output_dir), ("--work-dir", work_dir)):
+    inputs = _input_roots(kw)
+    for name, path in (("OUTPUT_DIR", kw["output_dir"]), ("--work-dir", kw["work_dir"])):
         if path is None:
             continue
         resolved = path.resolve()
-        if resolved == root or root in resolved.parents:
-            problems.append(f"{name} {path} is inside the input dataset {bids_dir}; choose a folder outside it")
+        inside = [(what, src) for what, src in inputs if resolved == src.resolve() or src.resolve() in resolved.parents]
+        if inside:
+            what, src = inside[0]
+            problems.append(f"{name} {path} is inside {what} {src}, an input; choose a folder outside it")
             continue
+        if resolved == root or root in resolved.parents:
+            parts = resolved.relative_to(root).parts
+            if len(parts) < 2 or parts[0] != "derivatives":
+                problems.append(f"{name} {path} is inside the raw dataset {bids_dir}; choose a folder outside it "
+                                f"or {bids_dir / 'derivatives' / 'bids-ketdcm'} (the BIDS convention)")
+                continue
         probe = resolved
         while not probe.exists():
             probe = probe.parent
@@ -54,6 +83,66 @@ def _check_paths(bids_dir: Path, output_dir: Path, work_dir: Path | None, proble
             problems.append(f"{name} {path} cannot be created: {probe} is a file, not a folder")
         elif not os.access(probe, os.W_OK):
             problems.append(f"{name} {path} is not writable (no write permission on {probe})")
+
+
+def _caches_into(work_dir: Path) -> None:
+    """Send matplotlib's and fontconfig's caches to the work folder: nothing is written under $HOME.
+
+    Must run before matplotlib is first imported (it reads MPLCONFIGDIR then).
+    """
+    cache = Path(work_dir).resolve() / "cache"
+    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
+    os.environ.setdefault("XDG_CACHE_HOME", str(cache))
+
+
+def _value_options() -> set[str]:
+    """Option words of the BIDS-App that take a value (the word after them is not positional)."""
+    return {o for p in bids_app.params if isinstance(p, click.Option) and not p.is_flag and not p.count
+            for o in p.opts}
+
+
+def _expand_multi(argv: list[str]) -> list[str]:
+    """``--participant-label A B`` and ``--session-label A B`` (as fMRIPrep): one option per value.
+
+    Values are taken up to the next option word; when that would leave fewer than the
+    three positional arguments (``--participant-label A B BIDS_DIR OUTPUT_DIR participant``),
+    the last values are given back to them.
+    """
+    out: list[str] = []
+    last: tuple[str, list[str]] | None = None
+    positional = 0
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word in MULTI_VALUED:
+            values = []
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            last = (word, values)
+            out.append((word, values))  # type: ignore[arg-type]
+            continue
+        out.append(word)
+        if word.startswith("-"):
+            if word in _value_options() and i < len(argv):
+                out.append(argv[i])
+                i += 1
+        else:
+            positional += 1
+    if last is not None and positional < 3:
+        give = min(3 - positional, len(last[1]) - 1)
+        if give > 0:
+            moved = last[1][-give:]
+            del last[1][-give:]
+            out += moved
+    flat: list[str] = []
+    for item in out:
+        if isinstance(item, tuple):
+            flat += [x for v in item[1] for x in (item[0], v)] if item[1] else [item[0]]
+        else:
+            flat.append(item)
+    return flat
 
 
 def _read_filter(path: Path | None, problems: list[str]) -> dict | None:
@@ -114,8 +203,12 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.argument("analysis_level", type=click.Choice(["participant", "group"]))
 @click.option("--participant-label", "participant_labels", multiple=True,
-              help="Subject label(s), with or without 'sub-' (repeatable). Default: all.")
-@click.option("--session-label", default="b0", show_default=True, help="Session to analyse.")
+              help="Subject label(s), with or without 'sub-', space-separated (--participant-label 01 02). "
+              "Default: all.")
+@click.option("--session-label", "session_labels", multiple=True,
+              help="Session label(s), with or without 'ses-', space-separated. Participant default: every "
+              "session with a run of --task-label (and datasets without sessions). Group: the session of the "
+              "features (default b0).")
 @click.option("--task-label", default="rest", show_default=True, help="Task of the resting BOLD runs.")
 @click.option("--fmriprep-dir", type=click.Path(path_type=Path),
               help="fMRIPrep derivatives. Default: BIDS_DIR/derivatives/fmriprep (or BIDS_DIR itself).")
@@ -158,6 +251,7 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
 @click.option("--treatment-selection", is_flag=True,
               help="Group: also recommend ketamine or placebo per participant (DPNN and baselines on the "
               "crossover; needs participants.tsv infusion_1 and both post-infusion sessions).")
+@group_options
 @click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
 @click.version_option(__version__, "--version", prog_name="bids-ketdcm")
 def bids_app(**kw) -> None:
@@ -175,7 +269,8 @@ def bids_app(**kw) -> None:
     problems: list[str] = []
     bids_dir, output_dir = kw["bids_dir"], kw["output_dir"]
     work_dir = kw["work_dir"] or output_dir / "work"
-    _check_paths(bids_dir, output_dir, kw["work_dir"], problems)
+    _caches_into(work_dir)
+    _check_paths(kw, problems)
     bids_filter = _read_filter(kw["bids_filter_file"], problems)
     from bids_ketdcm.participant.rois import load_network
     from bids_ketdcm.participant.timeseries import DENOISE_STRATEGIES
@@ -192,7 +287,7 @@ def bids_app(**kw) -> None:
         raise InputError("\n".join(problems))
     from bids_ketdcm.bids.layout import check_writable_dir
 
-    check_writable_dir(output_dir, "OUTPUT_DIR", [bids_dir])  # what permissions alone do not tell (root, /proc)
+    check_writable_dir(output_dir, "OUTPUT_DIR")  # what permissions alone do not tell (root, /proc)
     if kw["analysis_level"] == "participant":
         _participant(kw, bids_dir, output_dir, work_dir, bids_filter)
     else:
@@ -207,35 +302,43 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
     if not kw["skip_bids_validation"]:
         validate_bids(bids_dir)
     labels = [_strip_sub(x) for x in kw["participant_labels"]]
+    sessions = list(kw["session_labels"]) or None
+    failures: dict[str, str] = {}
     runs = []
     if uses_dcm(kw["features"]):
-        runs = find_bold_runs(bids_dir, fmriprep_dir=kw["fmriprep_dir"], work_dir=work_dir, participant_labels=labels,
-                              session=kw["session_label"], task=kw["task_label"], space=kw["space"],
-                              bids_filter=bids_filter)
+        runs = find_bold_runs(bids_dir, fmriprep_dir=kw["fmriprep_dir"], participant_labels=labels,
+                              session=sessions, task=kw["task_label"], space=kw["space"],
+                              bids_filter=bids_filter, failures=failures)
     opts = ParticipantOptions(
         bids_dir=bids_dir, output_dir=output_dir, fmriprep_dir=kw["fmriprep_dir"], work_dir=work_dir,
-        participant_labels=labels, session=kw["session_label"], task=kw["task_label"], space=kw["space"],
+        participant_labels=labels, session=sessions, task=kw["task_label"], space=kw["space"],
         networks=list(kw["networks"]), denoise=kw["denoise"], roi_summary=kw["roi_summary"],
         bids_filter=bids_filter, device=kw["device"], seed=kw["seed"], overwrite=kw["overwrite"],
         jacobian=kw["dcm_jacobian"], csd_model=kw["dcm_csd_model"], features=list(kw["features"]),
         gmv_atlases=list(kw["gmv_atlases"]), apply_model=kw["apply_model"],
     )
-    summary = run_participant(opts, runs)
+    summary = run_participant(opts, runs, failures)
     for label, counts in summary.items():
         if "inverted" in counts:
             log.info("%s: %d inverted, %d skipped, %d finished before", label, counts["inverted"],
                      counts["skipped"], counts["finished_before"])
         else:
             log.info("%s: %s", label, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+    if failures:
+        done = len({r.subject for r in runs} - set(failures))
+        raise InputError(f"{len(failures)} participant(s) failed ({done} processed):\n"
+                         + "\n".join(f"sub-{s}: {m}" for s, m in sorted(failures.items())))
 
 
 def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
     from bids_ketdcm.group.run import GroupOptions, run_group
 
     opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=kw["nprocs"], seed=kw["seed"],
-                        allow_missing=kw["allow_missing"], feature_session=kw["session_label"],
+                        allow_missing=kw["allow_missing"],
+                        feature_session=kw["session_labels"][0] if kw["session_labels"] else "b0",
                         feature_sets=tuple(kw["features"]), save_model=kw["save_model"],
-                        apply_model=kw["apply_model"], treatment_selection=kw["treatment_selection"])
+                        apply_model=kw["apply_model"], treatment_selection=kw["treatment_selection"],
+                        **group_kwargs(kw))
     run_group(bids_dir, output_dir, opts)
     log.info("group results: %s", output_dir / "group")
 
@@ -283,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: dispatch, map errors to exit codes, never show a traceback for bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = tools if argv and argv[0] in SUBCOMMANDS else bids_app
+    if command is bids_app:
+        argv = _expand_multi(argv)
     try:
         command.main(args=argv, prog_name="bids-ketdcm", standalone_mode=False)
     except click.exceptions.Exit as done:

@@ -27,6 +27,7 @@ from .priors import (
     HYPER_MEAN,
     HYPER_PRECISION,
     ParamLayout,
+    basis_variances,
     prior_mean,
     prior_variance,
     principal_subspace,
@@ -117,7 +118,8 @@ class Posterior:
             converged=self.converged[b], predicted_csd=self.predicted_csd[b],
             observed_csd=self.observed_csd[b], freqs=self.freqs, F_history=[self.F_history[b]],
             variance_explained=self.variance_explained[b], seconds=self.seconds,
-            device=self.device, scale=pick(self.scale), extra=dict(self.extra),
+            device=self.device, scale=pick(self.scale),
+            extra={k: v[b] if isinstance(v, np.ndarray) else v for k, v in self.extra.items()},
         )
 
 
@@ -192,7 +194,7 @@ class _Problem:
         mean, basis = mean.repeat_interleave(R, 0), basis.repeat_interleave(R, 0)
         theta = mean + (basis @ shifted[..., None])[..., 0]
         clamp_shifted = clamped_subjects(unpack(theta, self.n))
-        shifted_pred = predict_csd_tensor(theta, self.freqs, self.n, clamp_shifted, self.grid)
+        shifted_pred = predict_csd_tensor(theta, self.freqs, self.n, clamp_shifted, self.grid, self.csd_model)
         pred = self.predict(p, idx)
         jac = (shifted_pred.reshape((b, R) + pred.shape[1:]) - pred[:, None]) / step
         return pred, jac.transpose(1, 2)
@@ -203,9 +205,11 @@ def invert(
     freqs: torch.Tensor | np.ndarray,
     *,
     prior_cov_A: np.ndarray | torch.Tensor | None = None,
+    basis: np.ndarray | None = None,
     max_iterations: int = MAX_ITERATIONS,
     device: str | torch.device | None = None,
     jacobian: str = "analytic",
+    spm_path_check: bool = True,
     csd_model: str = "spm12",
     progress: bool = False,
 ) -> Posterior:
@@ -221,6 +225,11 @@ def invert(
     prior_cov_A
         (n^2, n^2) or (B, n^2, n^2) prior covariance of vec(A) replacing the default
         (needed to reproduce SPM when n > 8; :func:`bids_ketdcm.dcm.fit` builds it).
+    basis
+        (P, R) or (B, P, R) orthonormal eigenbasis of the prior covariance spanning the
+        reduced parameter space, e.g. the ``spm_svd(pC, 0)`` that one SPM run used
+        (``scripts/spm/run_spm_csd.m`` records it). Default: :func:`principal_subspace`.
+        Above 8 regions the finite-difference path depends on it (DESIGN.md section 7).
     max_iterations
         Iteration cap (SPM: 128).
     device
@@ -229,6 +238,11 @@ def invert(
         ``"analytic"`` (exact structured forward mode, default), ``"autograd"`` (exact,
         ``torch.func`` over every direction; slower) or ``"finite-difference"`` (SPM12's
         forward differences with step exp(-8), to reproduce SPM's optimisation path exactly).
+    spm_path_check
+        With an exact Jacobian, also run SPM's path (finite differences) and keep, per
+        subject, the one with the higher free energy: the result is never below SPM's
+        optimum. ``extra["path"]`` says which path each subject kept (``"exact"`` or
+        ``"spm"``), ``extra["F_exact"]`` and ``extra["F_spm"]`` give both free energies.
     csd_model
         ``"spm12"`` (default: SPM12's prediction with its AR(7) round trip) or ``"direct"``
         (the transfer-function CSD without it; fits 1/f-like data better, not SPM12); see
@@ -257,13 +271,18 @@ def invert(
     pca = None if prior_cov_A is None else np.asarray(torch.as_tensor(prior_cov_A).cpu(), dtype=float)
     if pca is None and n > 8:
         raise ValueError(f"a {n}-region model needs prior_cov_A (SPM's projected prior); use fit()")
+    given = None if basis is None else np.asarray(basis, dtype=float)
     bases, variances = [], []
     for b in range(B):
         cov = np.diag(prior_variance(n))
         if pca is not None:
             cov[: n * n, : n * n] = pca[b] if pca.ndim == 3 else pca
-        basis, var = principal_subspace(cov)
-        bases.append(basis)
+        if given is None:
+            vec, var = principal_subspace(cov)
+        else:
+            vec = given[b] if given.ndim == 3 else given
+            var = basis_variances(cov, vec)
+        bases.append(vec)
         variances.append(var)
     if len({v.size for v in variances}) > 1:
         raise ValueError("subjects of one batch have prior subspaces of different sizes; invert them separately")
@@ -276,14 +295,38 @@ def invert(
         csd_model,
     )
     state = _gauss_newton(problem, max_iterations, progress)
+    path = np.full(B, "spm" if jacobian == "finite-difference" else "exact")
+    F_exact = F_spm = None
+    if spm_path_check and jacobian != "finite-difference":
+        problem.jacobian = "finite-difference"
+        spm_state = _gauss_newton(problem, max_iterations, progress)
+        F_exact, F_spm = state["best"]["F"].cpu().numpy(), spm_state["best"]["F"].cpu().numpy()
+        state = _keep_higher_evidence(state, spm_state)
+        path = np.where(F_spm > F_exact, "spm", "exact")
     post = _posterior(problem, state, nf)
     post.seconds = time.perf_counter() - start
     post.device = str(dev)
+    post.extra["path"] = path
+    if F_exact is not None:
+        post.extra["F_exact"], post.extra["F_spm"] = F_exact, F_spm
     post.extra["jacobian"] = jacobian
     post.extra["csd_model"] = csd_model
     if not batched:
         post = post.subject(0)
     return post
+
+
+def _keep_higher_evidence(exact: dict, spm: dict) -> dict:
+    """Per subject, the state (of :func:`_gauss_newton`) whose free energy is higher."""
+    take = spm["best"]["F"] > exact["best"]["F"]
+    best = {key: torch.where(_expand(take, value), spm["best"][key], value) for key, value in exact["best"].items()}
+    pick = take.tolist()
+    return {
+        "best": best,
+        "iterations": torch.where(take, spm["iterations"], exact["iterations"]),
+        "converged": torch.where(take, spm["converged"], exact["converged"]),
+        "history": [s if t else e for e, s, t in zip(exact["history"], spm["history"], pick)],
+    }
 
 
 def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool) -> dict:

@@ -156,7 +156,14 @@ def prior_covariance(n: int, y: np.ndarray | None = None) -> np.ndarray:
 def principal_subspace(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Orthonormal basis of the prior's principal subspace, as SPM's ``spm_svd(pC, 0)``.
 
-    Keeps eigenvectors whose eigenvalue s satisfies ``s^2 N / sum(s^2) > 64 eps``.
+    Keeps the directions whose variance s satisfies ``s^2 N / sum(s^2) > 64 eps``, in order
+    of decreasing variance (ties in their original order, as MATLAB's ``sort``). A diagonal
+    prior (n <= 8 regions) gives SPM's basis exactly: unit vectors. Above 8 regions the
+    projected A prior shares its variance 1/64 with 63 other A modes and the spectral
+    parameters: inside such an eigenspace any rotation is a valid basis, and SPM's is
+    whatever its LAPACK's ``dgesvd`` returns (under Octave 7.3 with OpenBLAS it changed with
+    the number of OpenBLAS threads on the same matrix). This function returns numpy's; pass
+    SPM's recorded basis to :func:`bids_ketdcm.dcm.invert` to follow one SPM run exactly.
 
     Parameters
     ----------
@@ -172,9 +179,30 @@ def principal_subspace(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     if np.count_nonzero(cov - np.diag(np.diag(cov))) == 0:
         s = np.diag(cov).copy()
-        keep = s**2 * s.size / np.sum(s**2) > 64 * np.finfo(float).eps
-        return np.eye(cov.shape[0])[:, keep], s[keep]
-    s, vec = np.linalg.eigh((cov + cov.T) / 2)
+        vec = np.eye(cov.shape[0])
+    else:
+        s, vec = np.linalg.eigh((cov + cov.T) / 2)
     keep = s**2 * s.size / np.sum(s**2) > 64 * np.finfo(float).eps
     order = np.argsort(-s[keep], kind="stable")
     return vec[:, keep][:, order], s[keep][order]
+
+
+def basis_variances(cov: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Prior variances along the columns of a given orthonormal ``basis`` (P, R) of ``cov``.
+
+    Raises
+    ------
+    ValueError
+        When the columns are not orthonormal or do not diagonalise ``cov`` (a basis recorded
+        for another prior).
+    """
+    basis = np.asarray(basis, dtype=float)
+    if basis.ndim != 2 or basis.shape[0] != cov.shape[0]:
+        raise ValueError(f"basis has shape {basis.shape}; expected ({cov.shape[0]}, R)")
+    reduced = basis.T @ cov @ basis
+    variances = np.diag(reduced).copy()
+    scale = np.abs(variances).max()
+    if (np.abs(basis.T @ basis - np.eye(basis.shape[1])).max() > 1e-8
+            or np.abs(reduced - np.diag(variances)).max() > 1e-8 * scale):
+        raise ValueError("basis is not an orthonormal eigenbasis of this prior covariance")
+    return variances

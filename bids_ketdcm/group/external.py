@@ -35,7 +35,7 @@ from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.feature_sets import model_features
 from bids_ketdcm.group.labels import LabelSet
 from bids_ketdcm.group.metrics import balanced_accuracy_batch, classification_metrics
-from bids_ketdcm.group.model_io import SavedModel, load_models
+from bids_ketdcm.group.model_io import SavedModel, feature_fingerprint, load_models
 from bids_ketdcm.io import finite_json, write_json, write_text, write_tsv
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def _calibration_figure(curves: dict[str, pd.DataFrame], title: str):
 
 def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path, *, session: str,
                  space: str | None = None, task: str = "rest", run: int | None = None,
-                 n_permutations: int = 1000, seed: int = 0) -> dict:
+                 n_permutations: int = 1000, seed: int = 0, allow_training_overlap: bool = False) -> dict:
     """Evaluate every saved model of ``model_dir`` on this dataset; write the outputs.
 
     Parameters
@@ -161,6 +161,9 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
         Which derivatives give the features (the model's own settings otherwise).
     n_permutations, seed
         Permutation test.
+    allow_training_overlap
+        Evaluate even participants the model was trained on (with the same features);
+        their number is then recorded in ``training_overlap`` and flagged in the report.
 
     Returns
     -------
@@ -171,7 +174,9 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
     ------
     InputError
         A model that fails to load or whose label definition or features do not match
-        this dataset, or no model that could be evaluated.
+        this dataset; participants of the model's training list with the same features
+        (not an external validation) unless ``allow_training_overlap``; or no model that
+        could be evaluated.
     """
     models = load_models(model_dir)
     for model in models:
@@ -195,6 +200,19 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
             X = np.column_stack([X, labels.table.loc[fs.participants, "baseline"].to_numpy(float)])
             names.append(baseline_name)
         X = model.align(X, names, model.network, where=f"the features of {output_dir}")
+        overlap, relabelled = training_overlap(model, fs.participants, X)
+        if overlap and not allow_training_overlap:
+            shown = ", ".join(overlap[:10]) + (" ..." if len(overlap) > 10 else "")
+            raise InputError(
+                f"--apply-model {model.path}: {len(overlap)} participant(s) of {output_dir} are in the model's "
+                f"training list with the same features ({shown}): that is not an external validation. "
+                "Give --allow-training-overlap to evaluate anyway (flagged in the report)")
+        if overlap:
+            log.warning("%s: %d training participant(s) evaluated (--allow-training-overlap): NOT external",
+                        model.model_id, len(overlap))
+        if relabelled:
+            log.warning("%s: %d participant label(s) also in the training list, with other features (another "
+                        "dataset reusing the labels?)", model.model_id, len(relabelled))
         proba = model.predict_proba(X)
         curves = {}
         for treatment in ("ketamine", "placebo"):
@@ -217,7 +235,10 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
                 "n_permutations": ev.n_permutations, "brier": ev.brier,
                 "train_cv_balanced_accuracy": model.train_cv_balanced_accuracy,
                 "undefined": ";".join(sorted(ev.undefined)),
-                "note": _power_note(y, len(model.classes)),
+                "training_overlap": len(set(overlap) & set(ids)),
+                "note": _power_note(y, len(model.classes)) + (
+                    " NOT EXTERNAL: includes training participants (--allow-training-overlap)."
+                    if set(overlap) & set(ids) else ""),
             })
             calib += [{"model_id": model.model_id, "treatment": treatment, **r}
                       for r in ev.calibration.to_dict("records")]
@@ -250,6 +271,30 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
     write_text(folder / "report.html", _report(results, figures))
     log.info("external validation: %d model(s) evaluated, results in %s", results.model_id.nunique(), folder)
     return {"results": results.to_dict("records"), "outputs": outputs, "skipped": skipped}
+
+
+def training_overlap(model: SavedModel, participants: list[str], X: np.ndarray) -> tuple[list[str], list[str]]:
+    """Participants the model was trained on.
+
+    Returns
+    -------
+    same, relabelled
+        Labels in the training list whose features are the training features (or any
+        listed label, for a model saved without fingerprints); labels in the list whose
+        features differ.
+    """
+    training = model.manifest.get("training", {})
+    listed = set(training.get("participants", []))
+    prints = training.get("feature_fingerprints")
+    same, relabelled = [], []
+    for pid, row in zip(participants, X):
+        if pid not in listed:
+            continue
+        if prints is None or prints.get(pid) == feature_fingerprint(row):
+            same.append(pid)
+        else:
+            relabelled.append(pid)
+    return same, relabelled
 
 
 #: A class with fewer participants than this makes balanced accuracy and AUC jump by large steps.

@@ -28,7 +28,8 @@ from bids_ketdcm.group.features import (
 )
 from bids_ketdcm.group.labels import normalise_participant, normalise_session
 from bids_ketdcm.config import FEATURE_SETS, uses_dcm, uses_gmv
-from bids_ketdcm.participant.structural import GMV_SUFFIX, read_gmv
+from bids_ketdcm.bids.naming import GMV_SUFFIX
+from bids_ketdcm.participant.structural import read_gmv
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Feature tables from the DCM derivatives: one A matrix per participant and network.
 
-Reads ``sub-X/ses-Y/func/sub-X_ses-Y_task-T[_run-N]_space-S_seg-NET_desc-dcm_connectivity.tsv``
+Reads ``sub-X/ses-Y/func/sub-X_ses-Y_task-T[_acq-A][_run-N]_space-S_seg-NET_meas-dcm_relmat.tsv``
+(names from :mod:`bids_ketdcm.bids.naming`)
 (rows = targets, first column ``target``, then one column per source; Hz) and its JSON
 sidecar. For each participant and network the first *valid* run of the chosen session is
 used: valid means the sidecar says ``Converged: true`` and every value is finite (both
@@ -17,12 +18,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bids_ketdcm.bids.naming import (
+    CONNECTIVITY_MEASURE,
+    CONNECTIVITY_SUFFIX,
+    RunEntities,
+    connectivity_paths,
+    parse_name,
+)
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.labels import normalise_participant, normalise_session
 
 log = logging.getLogger(__name__)
 
-SUFFIX = "_desc-dcm_connectivity.tsv"
+SUFFIX = f"_meas-{CONNECTIVITY_MEASURE}_{CONNECTIVITY_SUFFIX}.tsv"
 
 
 @dataclass
@@ -89,13 +97,7 @@ class FeatureSet:
 
 def parse_entities(path: str | Path) -> dict[str, str]:
     """BIDS entities of a file name (``sub``, ``ses``, ``run``, ``seg`` ...)."""
-    stem = Path(path).name.split(".")[0]
-    out = {}
-    for part in stem.split("_")[:-1]:
-        if "-" in part:
-            key, value = part.split("-", 1)
-            out[key] = value
-    return out
+    return {k: v for k, v in parse_name(path).items() if k not in ("suffix", "extension")}
 
 
 def find_connectivity(
@@ -128,10 +130,7 @@ def find_connectivity(
             continue
         if space is not None and ent.get("space") != space:
             continue
-        try:
-            run = int(ent.get("run", "0"))
-        except ValueError:
-            continue
+        run = int(ent["run"]) if ent.get("run", "").isdigit() else 0
         rows.append(
             {
                 "participant_id": normalise_participant(ent["sub"]),
@@ -376,11 +375,10 @@ def write_connectivity(
 
     sub = normalise_participant(participant)
     ses = normalise_session(session)
-    run_part = f"_run-{run}" if run is not None else ""
-    name = f"{sub}_ses-{ses}_task-{task}{run_part}_space-{space}_seg-{network}_desc-dcm_connectivity"
-    folder = Path(deriv_dir) / sub / f"ses-{ses}" / "func"
+    entities = RunEntities.from_mapping({"sub": sub[4:], "ses": ses, "task": task, "run": run, "space": space})
+    paths = connectivity_paths(deriv_dir, entities, network)
     table = pd.DataFrame(np.asarray(A, dtype=float), columns=regions)
     table.insert(0, "target", regions)
-    write_tsv(folder / f"{name}.tsv", table)
-    write_json(folder / f"{name}.json", {"Converged": bool(converged), "Network": network, "SPMRelease": "SPM12"})
-    return folder / f"{name}.tsv"
+    write_tsv(paths["tsv"], table)
+    write_json(paths["json"], {"Converged": bool(converged), "Network": network, "SPMRelease": "SPM12"})
+    return paths["tsv"]

@@ -355,6 +355,35 @@ def read_participants(bids_dir: str | Path) -> pd.DataFrame | None:
     return table.drop_duplicates("participant_id").set_index("participant_id")
 
 
+def check_single_group(participants: pd.DataFrame | None, path: Path) -> None:
+    """Refuse a cohort that mixes several participants.tsv groups when none was chosen.
+
+    Parameters
+    ----------
+    participants
+        participants.tsv indexed by participant_id (None when absent: nothing to check).
+    path
+        Its path, for the message.
+
+    Raises
+    ------
+    InputError
+        The ``group`` column holds more than one value: patients and controls are never
+        analysed together silently; the message lists the groups and their counts and
+        names ``--include-group``.
+    """
+    if participants is None or "group" not in participants:
+        return
+    counts = participants["group"].dropna().value_counts()
+    if len(counts) > 1:
+        listed = ", ".join(f"{g} ({n})" for g, n in counts.items())
+        raise InputError(
+            f"{path}: column 'group' holds {len(counts)} groups: {listed}. Choose the cohort with "
+            f"--include-group (repeatable), e.g. --include-group {counts.index[0]}; patients and "
+            "controls are never analysed together without it"
+        )
+
+
 def _check_session(scores: pd.DataFrame, session: str, option: str, folder: Path) -> None:
     present = sorted(scores["session"].unique())
     if session not in present:
@@ -420,6 +449,8 @@ def build_labels(
             )
 
     participants = read_participants(bids_dir)
+    if not include_group:
+        check_single_group(participants, bids_dir / "participants.tsv")
     listed = set(participants.index) if participants is not None else set()
     everyone = sorted(set(scores["participant_id"]) | listed)
     excluded: list[tuple[str, str, str]] = []

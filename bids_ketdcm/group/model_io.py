@@ -531,6 +531,15 @@ def load_models(directory: str | os.PathLike) -> list[SavedModel]:
     return [load_model(f) for f in folders]
 
 
+def feature_fingerprint(row: np.ndarray) -> str:
+    """A short hash of one participant's feature vector (rounded to 1e-6).
+
+    Saved models record it per training participant, so that external validation can tell
+    a training participant's own data (refused) from another dataset that reuses its label.
+    """
+    return hashlib.sha256(np.round(np.asarray(row, dtype="<f8"), 6).tobytes()).hexdigest()[:16]
+
+
 def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, options,
                       n_bootstrap: int = DEFAULT_BOOTSTRAP) -> list[Path]:
     """``group --save-model``: save the final headline classifier of every ketamine label scheme.
@@ -604,6 +613,7 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
                    "selection": "C chosen most often by the nested CV's inner search" if chosen
                    else "default C (no nested CV)"},
             training={"n_participants": len(task.participants), "participants": list(task.participants),
+                      "feature_fingerprints": {p: feature_fingerprint(x) for p, x in zip(task.participants, task.X)},
                       "class_counts": {c: int((task.y == i).sum()) for i, c in enumerate(task.classes)},
                       "cv_metrics": cv,
                       "apparent_metrics": {k: float(v) for k, v in apparent.items()},

@@ -274,11 +274,29 @@ def _treatment_section(treatment: dict) -> list[str]:
         "infusion matches the recommendation, against the base rate. Means and SDs over repeats of the "
         "pooled out-of-fold metrics. " + " ".join(html.escape(n) for n in treatment["notes"]) + "</p>"
     )
+    info = treatment["informative"]
+    parts.append(
+        f"<p><b>Informative participants</b> (response under one infusion only): {info['informative']} of "
+        f"{treatment['n_participants']} ({info['ketamine_only']} ketamine only, {info['placebo_only']} placebo "
+        f"only; {info['both']} respond to both, {info['neither']} to neither). Only informative participants "
+        "can separate a policy from another.</p>")
     parts.append(_table(pd.DataFrame(treatment["summary"])))
-    tests = treatment["tests"]["rpl"].get("versus_reference", {})
-    if tests:
-        parts.append("<p class='note'>RPL lower than random (one-sided Wilcoxon over fold-repeats): "
+    reference = treatment["reference_policy"]
+    tests = (treatment["tests"] or {}).get("rpl", {}).get("versus_reference", {})
+    if treatment["tests"] is None:
+        parts.append("<p class='note'>No p-values: with no informative participant every policy scores the "
+                     "same.</p>")
+    elif tests:
+        parts.append(f"<p class='note'>RPL lower than the best fixed policy, {html.escape(reference)} "
+                     "(one-sided Wilcoxon over fold-repeats; descriptive, the folds share participants): "
                      + ", ".join(f"{html.escape(m)} p = {p:.3g}" for m, p in tests.items()) + ".</p>")
+    diff = treatment.get("difference")
+    if diff:
+        loss = ", ".join(f"{html.escape(k)} {v:.3f}" for k, v in diff["improvement_loss"].items())
+        parts.append(f"<p class='note'>Continuous target ({html.escape(diff['target'])}, {html.escape(diff['model'])}): "
+                     f"out-of-fold R^2 {diff['r2']:.3f}; improvement lost against each participant's better arm: "
+                     f"{loss}; versus {html.escape(diff['reference_policy'])}: p = {diff['p_versus_reference']:.3g} "
+                     f"({html.escape(diff['note'])}).</p>")
     figure = Path(treatment["files"]["figure"])
     image = base64.b64encode(figure.read_bytes()).decode("ascii")
     return parts + [f"<img src='data:image/png;base64,{image}'>"]

@@ -30,6 +30,7 @@ from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.feature_sets import gather_features
 from bids_ketdcm.group.features import FeatureSet
+from bids_ketdcm.group.inference import adjust_grid
 from bids_ketdcm.group.labels import (
     SCHEME_NAMES,
     TARGETS,
@@ -40,6 +41,7 @@ from bids_ketdcm.group.labels import (
     read_participants,
     read_scores,
 )
+from bids_ketdcm.group.primary import PrimaryInputs, load_plan, run_primary
 from bids_ketdcm.group.suite import (
     ALL_MODELS,
     COMPARATORS,
@@ -111,11 +113,26 @@ class GroupOptions:
     apply_model: Path | None = None
     #: Also recommend ketamine or placebo per participant (crossover treatment selection).
     treatment_selection: bool = False
+    #: Permutations of the nested CV of the headline logistic model (inner search redone).
+    nested_permutations: int = 100
+    #: JSON analysis plan of the primary analysis (None: the default plan).
+    analysis_plan: Path | None = None
+    #: Overrides of the plan's network and target.
+    primary_network: str | None = None
+    primary_target: str | None = None
+    #: participants.tsv columns of the clinical model (None: age, sex, infusion_1 where present).
+    clinical_columns: tuple[str, ...] | None = None
+    #: Repeats of the treatment-selection cross-validation.
+    treatment_repeats: int = 10
+    #: Treatment-selection target: "response" per arm or the within-subject "difference".
+    treatment_target: str = "response"
+    #: External validation: accept participants the models were trained on (flagged).
+    allow_training_overlap: bool = False
 
     def __post_init__(self) -> None:
         # a single name given as a string means a one-element list, not its characters
         for name in ("include_group", "networks", "schemes", "targets", "models", "permutation_models",
-                     "feature_sets"):
+                     "feature_sets", "clinical_columns"):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, (value,))
@@ -147,6 +164,16 @@ class GroupOptions:
             problems.append("--nested-outer-k and --inner-k must be >= 2")
         if self.n_permutations < 0:
             problems.append(f"--n-permutations: must be >= 0 (got {self.n_permutations})")
+        if self.nested_permutations < 0:
+            problems.append(f"--nested-permutations: must be >= 0 (got {self.nested_permutations})")
+        if self.treatment_repeats < 1:
+            problems.append(f"--treatment-repeats: must be >= 1 (got {self.treatment_repeats})")
+        if self.treatment_target not in ("response", "difference"):
+            problems.append(f"--treatment-target: 'response' or 'difference' (got {self.treatment_target!r})")
+        try:
+            load_plan(self.analysis_plan, self.primary_network, self.primary_target)
+        except InputError as err:
+            problems.append(str(err))
         if self.rf_trees < 1:
             problems.append(f"--rf-trees: must be >= 1 (got {self.rf_trees})")
         if self.nprocs < 1:
@@ -177,6 +204,7 @@ class GroupOptions:
             n_permutations=self.n_permutations,
             permutation_models=tuple(self.permutation_models) if self.permutation_models else None,
             rf_trees=self.rf_trees,
+            nested_permutations=self.nested_permutations,
             seed=self.seed,
             engine=self.engine,
         )
@@ -227,21 +255,57 @@ def _tasks(labels: LabelSet, features: dict[str, FeatureSet], options: GroupOpti
     return tasks, skipped
 
 
-def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, FeatureSet],
-                  config: SuiteConfig) -> dict | None:
-    """Weights of the best ketamine imaging model.
+def _chance(results: pd.DataFrame) -> np.ndarray:
+    """Chance level of each row's headline metric: 1/K for K classes, 0 for R^2."""
+    n_classes = results.classes.fillna("").map(lambda c: len(c.split(";")) if c else 0)
+    return np.where(n_classes > 0, 1.0 / np.maximum(n_classes, 1), 0.0)
 
-    Best = the largest gain of the headline metric over chance (balanced accuracy - 1/K
-    for K classes, R^2 - 0) under nested CV (else the headline k-fold protocol).
+
+def _adjust(suite: SuiteResult, tasks: list[Task], config: SuiteConfig) -> None:
+    """Add ``p_holm``, ``p_bh`` (every tested row) and ``p_maxstat`` to the results.
+
+    The max-statistic family is the grid a "best model" is chosen from: every ketamine
+    row tested under the permutation protocol whose task holds the same participants (so
+    that the permutations are joint).
     """
     res = suite.results
-    rows = res[(res.treatment == "ketamine") & ~res.model.isin(COMPARATORS)]
+    if res.empty:
+        return
+    chance = _chance(res)
+    gains = res.headline.to_numpy(float) - chance
+    ket = [t for t in tasks if t.treatment == "ketamine"]
+    reference = ket[0].participants if ket else None
+    same = {(t.network, t.target) for t in ket if t.participants == reference}
+    nulls = []
+    for i, row in enumerate(res.itertuples()):
+        null = suite.nulls.get(f"{row.treatment}|{row.network}|{row.target}|{row.model}|{row.protocol}")
+        joint = (row.treatment == "ketamine" and row.protocol == config.permutation_protocol
+                 and (row.network, row.target) in same)
+        nulls.append(null - chance[i] if null is not None and joint else None)
+    adjusted = adjust_grid(res.p_value.to_numpy(float), gains, nulls)
+    tail = [c for c in ("headline_repeat_sd", "params", "flags") if c in res]
+    for name, values in adjusted.items():
+        res[name] = values
+    res["analysis"] = "exploratory"
+    suite.results = res[[c for c in res.columns if c not in tail] + tail]
+
+
+def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, FeatureSet],
+                  config: SuiteConfig) -> dict | None:
+    """Weights of the best ketamine imaging model of the permuted grid.
+
+    Best = the largest gain of the headline metric over chance (balanced accuracy - 1/K
+    for K classes, R^2 - 0) among the rows of the max-statistic family (ketamine, headline
+    models, permutation protocol); its ``p_maxstat`` accounts for the choice.
+    """
+    res = suite.results
+    if res.empty or "p_maxstat" not in res:
+        return None
+    rows = res[res.p_maxstat.notna()]
     if rows.empty:
         return None
-    protocol = "nested" if (rows.protocol == "nested").any() else config.permutation_protocol
-    rows = rows[rows.protocol == protocol]
-    n_classes = rows.classes.fillna("").map(lambda c: len(c.split(";")) if c else 0)
-    gain = rows.headline - np.where(n_classes > 0, 1.0 / np.maximum(n_classes, 1), 0.0)
+    protocol = config.permutation_protocol
+    gain = rows.headline - _chance(rows)
     best = rows.loc[gain.idxmax()]
     task = next(t for t in tasks if (t.treatment, t.network, t.target) == ("ketamine", best.network, best.target))
     chosen = suite.params[f"ketamine|{best.network}|{best.target}|{best.model}|{protocol}"]
@@ -261,7 +325,9 @@ def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, Fea
     return {
         "network": best.network, "target": best.target, "model": best.model, "protocol": protocol,
         "headline_metric": best.headline_metric, "headline": float(best.headline), "params": params,
-        "selection": "largest nested-CV gain of the headline metric over chance (1/K or R^2 = 0)",
+        "selection": (f"largest gain of the headline metric over chance (1/K or R^2 = 0) among {len(rows)} "
+                      f"permuted ketamine models ({protocol}); max-statistic p over that grid"),
+        "p_value": float(best.p_value), "p_maxstat": float(best.p_maxstat), "grid_size": int(len(rows)),
         "regions": fs.regions, "weights": matrix, "extra_weights": extra,
         "kind": "importance" if best.model == "random_forest" else "coefficient",
         "class": task.classes[-1] if task.classes else None,
@@ -269,11 +335,12 @@ def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, Fea
 
 
 def summary_table(results: pd.DataFrame, config: SuiteConfig) -> pd.DataFrame:
-    """Plain-language summary: one row per network x target (headline model, ketamine).
+    """Plain-language summary of the exploratory grid: one row per network x target
+    (headline model, ketamine).
 
     Columns: network, target, headline model and metric, k-fold (headline protocol)
-    value and p, nested mean +- sd, the comparators' values, the placebo value and p,
-    and a verdict.
+    value, raw, Holm- and BH-adjusted p, nested mean +- sd, the comparators' values, the
+    placebo value and p, and a verdict (judged on the Holm-adjusted p).
     """
     if results.empty:
         return pd.DataFrame()
@@ -295,10 +362,13 @@ def summary_table(results: pd.DataFrame, config: SuiteConfig) -> pd.DataFrame:
         plc = results[(results.treatment == "placebo") & (results.network == network) & (results.target == target)]
         plc_row = pick(plc, model, proto)
         p = head.p_value if head is not None else np.nan
+        p_holm = head.p_holm if head is not None and "p_holm" in head else np.nan
         if head is None:
             verdict = "not run"
         elif np.isnan(p):
             verdict = "no permutation test"
+        elif p < 0.05 and not p_holm < 0.05:
+            verdict = "p < 0.05 before correction only (Holm-adjusted p >= 0.05)"
         elif p < 0.05:
             beats = all(c is None or head.headline > c.headline for c in (dummy, base))
             verdict = "above chance" + ("" if beats else ", but not above a comparator")
@@ -310,6 +380,8 @@ def summary_table(results: pd.DataFrame, config: SuiteConfig) -> pd.DataFrame:
             "network": network, "target": target, "model": model, "metric": HEADLINE_METRIC[kind],
             f"{proto}": None if head is None else round(float(head.headline), 3),
             "p_value": None if head is None or np.isnan(p) else round(float(p), 4),
+            "p_holm": None if np.isnan(p_holm) else round(float(p_holm), 4),
+            "p_bh": None if head is None or "p_bh" not in head or np.isnan(head.p_bh) else round(float(head.p_bh), 4),
             "nested_mean": None if nested is None else round(float(nested.headline), 3),
             "nested_fold_sd": None if nested is None else round(float(nested[f"{HEADLINE_METRIC[kind]}_fold_sd"]), 3),
             "chance_model": None if dummy is None else round(float(dummy.headline), 3),
@@ -366,7 +438,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         return apply_models(options.apply_model, labels, output_dir,
                             session=options.feature_session or options.baseline_session, space=options.space,
                             task=options.task, run=options.run, n_permutations=options.n_permutations,
-                            seed=options.seed)
+                            seed=options.seed, allow_training_overlap=options.allow_training_overlap)
     features, missing = gather_features(
         output_dir, labelled, tuple(options.feature_sets), session=options.feature_session or options.baseline_session,
         networks=tuple(options.networks) if options.networks else None, run=options.run,
@@ -378,6 +450,12 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     log.info("group suite: %d tasks (%s), %d networks", len(tasks), ", ".join(analyses), len(features))
     suite = run_suite(tasks, config, nprocs=options.nprocs, progress=options.progress)
     log.info("suite done in %.1f s", time.perf_counter() - start)
+    _adjust(suite, tasks, config)
+    participants = read_participants(bids_dir)
+    plan = load_plan(options.analysis_plan, options.primary_network, options.primary_target)
+    primary = run_primary(plan, PrimaryInputs(labels, features, participants, options.clinical_columns,
+                                              options.n_permutations, options.seed))
+    log.info("primary analysis done at %.1f s", time.perf_counter() - start)
     summary = summary_table(suite.results, config)
     best = _best_weights(tasks, suite, features, config)
     if options.save_model is not None:
@@ -397,6 +475,11 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     write_tsv(group / "results.tsv", suite.results)
     write_tsv(group / "folds.tsv", suite.folds)
     write_tsv(group / "predictions.tsv", suite.predictions)
+    flow = participant_flow(labels, participants, features, primary, options)
+    if primary.get("skipped") is None:
+        write_tsv(group / "primary_predictions.tsv", primary["predictions"])
+    primary_record = {k: v for k, v in primary.items() if k != "predictions"}
+    write_json(group / "primary.json", finite_json({**primary_record, "participant_flow": flow}))
     counts = {
         a: {s: labels.counts(a, s) for s in labels.schemes}
         for a in analyses
@@ -420,6 +503,15 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         "missing_features": missing.to_dict(orient="records"),
         "networks": {n: {"regions": fs.regions, "participants": len(fs.participants)} for n, fs in features.items()},
         "skipped": skipped,
+        "primary": primary_record,
+        "participant_flow": flow,
+        "multiplicity": {
+            "family": f"{int(suite.results.p_value.notna().sum()) if len(suite.results) else 0} exploratory "
+                      "permutation tests (every analysis, network, target and protocol with a p-value)",
+            "p_holm": "Holm step-down (family-wise error)", "p_bh": "Benjamini-Hochberg (false discovery rate)",
+            "p_maxstat": "single-step max-statistic over the ketamine rows of the permutation protocol "
+                         "(joint permutations): the grid a best model is chosen from",
+        },
         "summary": summary.to_dict(orient="records"),
         "best_model": None if best is None else {**best, "weights": best["weights"]},
         "nulls": suite.nulls,
@@ -429,7 +521,9 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     }
     outputs = {name: str(group / name) for name in (
         "labels.tsv", "labels.json", "labels_excluded.tsv", "results.tsv", "folds.tsv",
-        "predictions.tsv", "results.json")}
+        "predictions.tsv", "results.json", "primary.json")}
+    if primary.get("skipped") is None:
+        outputs["primary_predictions.tsv"] = str(group / "primary_predictions.tsv")
     if treatment is not None and treatment["skipped"] is None:
         outputs.update({Path(f).name: f for f in treatment["files"].values()})
     if options.report:
@@ -445,8 +539,48 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     return {
         "outputs": outputs, "participants": n_part, "label_counts": counts, "skipped": skipped,
         "summary": summary.to_dict(orient="records"), "seconds": info["seconds"],
-        "n_tasks": len(tasks), "treatment_selection": treatment,
+        "n_tasks": len(tasks), "treatment_selection": treatment, "primary": primary_record,
+        "participant_flow": flow,
     }
+
+
+def participant_flow(labels: LabelSet, participants: pd.DataFrame | None, features: dict[str, FeatureSet],
+                     primary: dict, options: GroupOptions) -> list[dict]:
+    """Participant flow of the primary analysis (TRIPOD+AI): each step, who was left out, why.
+
+    Returns
+    -------
+    list of dict
+        Steps in order, each with ``step``, ``n`` (participants remaining) and ``excluded``
+        (reason -> count).
+    """
+    steps = []
+    listed = set(participants.index) if participants is not None else set()
+    known = listed | set(labels.table.index) | set(labels.excluded.participant_id)
+    steps.append({"step": "in participants.tsv or the phenotype", "n": len(known), "excluded": {}})
+    ket = labels.excluded[labels.excluded.analysis == "ketamine"]
+    group_rule = ket.reason.str.contains("--include-group", regex=False)
+    by_group = {}
+    if participants is not None and "group" in participants and options.include_group:
+        dropped = participants.loc[[p for p in ket.participant_id[group_rule] if p in participants.index], "group"]
+        by_group = {f"group {g} not included": int(n) for g, n in dropped.fillna("n/a").value_counts().items()}
+    n = len(known) - int(group_rule.sum())
+    steps.append({"step": f"in the chosen group ({', '.join(options.include_group or ()) or 'all'})", "n": n,
+                  "excluded": by_group})
+    other = ket[~group_rule].reason.value_counts()
+    n -= int(other.sum())
+    steps.append({"step": f"with {labels.score_column} at baseline and after ketamine", "n": n,
+                  "excluded": {str(r): int(c) for r, c in other.items()}})
+    plan_network = primary.get("plan", {}).get("network")
+    if plan_network in features:
+        scored = set(labels.target("ketamine", "improvement").index)
+        have = scored & set(features[plan_network].participants)
+        steps.append({"step": f"with usable {plan_network} features", "n": len(have),
+                      "excluded": {"no usable features (missing, failed or not converged)": n - len(have)}
+                      if n - len(have) else {}})
+    if primary.get("skipped") is None:
+        steps.append({"step": "analysed in the primary analysis", "n": int(primary["n"]), "excluded": {}})
+    return steps
 
 
 def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, FeatureSet],
@@ -492,6 +626,7 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
         seed=options.seed, score_column=options.score_column, baseline_session=options.baseline_session,
         ketamine_session=options.post_session, placebo_session=options.placebo_session,
         groups=tuple(options.include_group) if options.include_group else None,
+        n_repeats=options.treatment_repeats, target=options.treatment_target,
     )
     log.info("treatment selection on seg-%s", key)
     result = run_treatment_selection(table, participants.reset_index(), phenotype, output_dir, treatment_options)

@@ -26,7 +26,11 @@ continuous targets. For nested CV, "pooled" is the mean over repeats of each rep
 pooled value. Permutation test: the feature rows are shuffled relative to the labels
 (the folds, stratified on the real labels, stay fixed), the headline model is refitted
 under the headline protocol (``kfold{max k}``) and
-``p = (1 + #{null >= observed}) / (1 + n_permutations)``.
+``p = (1 + #{null >= observed}) / (1 + n_permutations)``. Every task of an analysis
+draws the same permutations (joint nulls, for the max-statistic correction of
+:mod:`bids_ketdcm.group.inference`). The nested CV of the models in
+``nested_permuted`` gets its own permutation p-value (``nested_permutations``), the inner
+search redone in every permutation (:func:`nested_permutation_null`).
 """
 
 from __future__ import annotations
@@ -108,6 +112,10 @@ class SuiteConfig:
     #: Models given permutation p-values; None = the headline model of each task.
     permutation_models: tuple[str, ...] | None = None
     rf_trees: int = 25
+    #: Permutations of the nested CV (inner search redone in each) of the models below.
+    nested_permutations: int = 0
+    #: Models whose nested CV is permuted (the elastic net's inner search costs ~10 x more).
+    nested_permuted: tuple[str, ...] = ("logistic",)
     C: float = 1.0
     alpha: float = 0.5
     l1_ratio: float = 0.5
@@ -325,8 +333,16 @@ def _batched_spec(task: Task, model: str) -> tuple[str, np.ndarray, dict]:
 
 def _tune_batched(task: Task, model: str, outer: list[tuple], config: SuiteConfig, seed: int) -> list[dict]:
     """Inner-CV choice of hyper-parameters for each outer split (batched fits)."""
+    _, X, _ = _batched_spec(task, model)
+    return _tune_many(task, model, outer, config, seed, [X])[0]
+
+
+def _tune_many(task: Task, model: str, outer: list[tuple], config: SuiteConfig, seed: int,
+               Xs: list[np.ndarray]) -> list[list[dict]]:
+    """Inner-CV choice of hyper-parameters for each outer split, for several feature matrices
+    at once (the real one, or row-permuted copies for a nested permutation test)."""
     grid = _grid(model, config)
-    name, X, _ = _batched_spec(task, model)
+    name = _batched_spec(task, model)[0]
     problems, params, index = [], [], []
     for o, (_, _, train, _) in enumerate(outer):
         inner = _inner_splits(task.y[train], task.kind, config.inner_k, seed + o)
@@ -335,21 +351,27 @@ def _tune_batched(task: Task, model: str, outer: list[tuple], config: SuiteConfi
                 problems.append((train[tr], train[te]))
                 params.append(cand)
                 index.append((o, g))
-    preds = _predict_chunked(name, [X] * len(problems), task.y, problems, params, task.n_classes) if problems else []
+    default = default_params(model, config, task.kind)  # outer sets too small for an inner CV
+    if not problems:
+        return [[default] * len(outer) for _ in Xs]
+    preds = _predict_chunked(name, [X for X in Xs for _ in problems], task.y, problems * len(Xs),
+                             params * len(Xs), task.n_classes)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, key in enumerate(index):
         groups.setdefault(key, []).append(i)
-    score = np.full((len(outer), len(grid)), -np.inf)
-    for (o, g), sel in groups.items():
-        rows = np.concatenate([problems[i][1] for i in sel])
-        out = np.concatenate([preds[i] for i in sel])
-        if task.kind == "classification":
-            score[o, g] = balanced_accuracy_batch(task.y[rows], out.argmax(1)[None], task.n_classes)[0]
-        else:
-            score[o, g] = -np.mean((task.y[rows] - out) ** 2)
-    default = default_params(model, config, task.kind)  # outer sets too small for an inner CV
-    return [grid[int(np.argmax(score[o]))] if np.isfinite(score[o]).any() else default
-            for o in range(len(outer))]
+    chosen = []
+    for x in range(len(Xs)):
+        score = np.full((len(outer), len(grid)), -np.inf)
+        for (o, g), sel in groups.items():
+            rows = np.concatenate([problems[i][1] for i in sel])
+            out = np.concatenate([preds[x * len(problems) + i] for i in sel])
+            if task.kind == "classification":
+                score[o, g] = balanced_accuracy_batch(task.y[rows], out.argmax(1)[None], task.n_classes)[0]
+            else:
+                score[o, g] = -np.mean((task.y[rows] - out) ** 2)
+        chosen.append([grid[int(np.argmax(score[o]))] if np.isfinite(score[o]).any() else default
+                       for o in range(len(outer))])
+    return chosen
 
 
 def _predict_chunked(model, Xs, y, splits, params, n_classes, budget: float = 3e7) -> list[np.ndarray]:
@@ -549,7 +571,7 @@ def permutation_null(task: Task, model: str, config: SuiteConfig) -> np.ndarray:
     """
     splits, _ = make_splits(task, config.permutation_protocol, config)
     splits = [(tr, te) for _, _, tr, te in splits]
-    rng = np.random.default_rng(_seed(config, task.treatment, task.target, task.network, model, "permutation"))
+    all_perms = _permutations(task, config, "permutation", config.n_permutations)
     name, X, extra = _batched_spec(task, model)
     params = {**default_params(model, config, task.kind), **extra}
     n = len(task.y)
@@ -557,7 +579,7 @@ def permutation_null(task: Task, model: str, config: SuiteConfig) -> np.ndarray:
     size = max(len(s[0]) for s in splits) * X.shape[1] * max(task.n_classes, 1) * len(splits)
     per_chunk = max(1, int(3e7 // size))
     for start in range(0, config.n_permutations, per_chunk):
-        perms = [rng.permutation(n) for _ in range(min(per_chunk, config.n_permutations - start))]
+        perms = all_perms[start:start + per_chunk]
         Xs = [X[p] for p in perms for _ in splits]
         outs = batched.predict_splits(name, Xs, task.y, splits * len(perms), [params] * len(Xs), task.n_classes)
         if task.kind == "classification":
@@ -570,6 +592,48 @@ def permutation_null(task: Task, model: str, config: SuiteConfig) -> np.ndarray:
             for i, out in enumerate(outs):
                 pred[i // len(splits), splits[i % len(splits)][1]] = out
             null[start:start + len(perms)] = r2_batch(task.y, pred)
+    return null
+
+
+def _permutations(task: Task, config: SuiteConfig, stream: str, count: int) -> list[np.ndarray]:
+    """Row permutations, the same for every task of an analysis with the same participants
+    (joint permutations: what the max-statistic correction over the grid needs)."""
+    rng = np.random.default_rng(_seed(config, task.treatment, stream))
+    return [rng.permutation(len(task.y)) for _ in range(count)]
+
+
+def nested_permutation_null(task: Task, model: str, config: SuiteConfig) -> np.ndarray:
+    """Headline metric of the repeated nested CV of ``model`` with feature rows shuffled.
+
+    Every permutation redoes the whole nested CV: the inner search of the hyper-parameters
+    on each outer training set, then the outer fits, so the null includes the optimism of
+    the search. ``config.nested_permutations`` values.
+    """
+    splits, _ = make_splits(task, "nested", config)
+    seed = _seed(config, task.treatment, task.target, task.network, model, "nested")
+    name, X, extra = _batched_spec(task, model)
+    n_rep = max(s[0] for s in splits) + 1
+    perms = _permutations(task, config, "nested permutation", config.nested_permutations)
+    null = np.empty(len(perms))
+    problems = [(tr, te) for _, _, tr, te in splits]
+    per_chunk = 8
+    for start in range(0, len(perms), per_chunk):
+        chunk = perms[start:start + per_chunk]
+        Xs = [X[p] for p in chunk]
+        chosen = _tune_many(task, model, splits, config, seed, Xs)
+        outs = _predict_chunked(name, [x for x in Xs for _ in problems], task.y, problems * len(chunk),
+                                [{**c, **extra} for ch in chosen for c in ch], task.n_classes)
+        for j in range(len(chunk)):
+            values = []
+            for rep in range(n_rep):
+                sel = [i for i, sp in enumerate(splits) if sp[0] == rep]
+                rows = np.concatenate([problems[i][1] for i in sel])
+                out = np.concatenate([outs[j * len(problems) + i] for i in sel])
+                if task.kind == "classification":
+                    values.append(balanced_accuracy_batch(task.y[rows], out.argmax(1)[None], task.n_classes)[0])
+                else:
+                    values.append(r2_batch(task.y[rows], out[None])[0])
+            null[start + j] = np.mean(values)
     return null
 
 
@@ -597,8 +661,13 @@ def run_task(task: Task, config: SuiteConfig) -> TaskResult:
                     "headline_metric": headline, "headline": row[headline],
                     "p_value": np.nan, "n_permutations": 0, **row,
                 }
+                null = None
                 if model in permuted and protocol == config.permutation_protocol and config.n_permutations > 0:
                     null = permutation_null(task, model, config)
+                elif (model in permuted and protocol == "nested" and config.nested_permutations > 0
+                      and model in config.nested_permuted):
+                    null = nested_permutation_null(task, model, config)
+                if null is not None:
                     row["p_value"] = float((1 + np.sum(null >= row["headline"] - 1e-12)) / (1 + len(null)))
                     row["n_permutations"] = len(null)
                     nulls[f"{task.treatment}|{task.network}|{task.target}|{model}|{protocol}"] = null

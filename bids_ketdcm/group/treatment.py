@@ -11,7 +11,13 @@ assignment only and recommends the treatment with the highest predicted probabil
 * ``kmnn``: k-means on the training features (as many clusters as DPNN prototypes), then a
   one-hidden-layer network on the squared distances to the centres and the one-hot treatment;
 * ``random``: uniform random probabilities, hence a uniformly random recommendation;
-* ``oracle``: the true probabilities (only where they exist, e.g. synthetic data).
+* ``oracle``: the true probabilities (only where they exist, e.g. synthetic data);
+* ``always_<treatment>`` (:data:`FIXED`): the fixed policy giving everyone that treatment,
+  the bar a learner must clear (on a cohort where nobody responds to placebo only,
+  always-ketamine is already as good as an oracle).
+
+Ties between predicted probabilities are broken at random (seeded), and a fixed policy's
+AUC is undefined (NaN): it predicts no outcome.
 
 Cross-validation (:func:`cross_validate_selection`) is repeated stratified k-fold with fresh
 splits per repeat; features are standardised with statistics of the training fold only; every
@@ -42,10 +48,11 @@ import pandas as pd
 import torch
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import RepeatedKFold, RepeatedStratifiedKFold
 from sklearn.neighbors import NearestNeighbors
 from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
@@ -58,7 +65,8 @@ from .treatment_metrics import compare_methods, recommend, selection_metrics, wi
 log = logging.getLogger(__name__)
 
 METHODS = ("dpnn", "tlearner", "cbr", "kmnn", "random", "oracle")
-METRICS = ("auc", "rpl", "mrr", "mrr_column", "rr", "rr_n", "base_rate")
+#: Fixed policies of the crossover: every participant gets the same arm.
+FIXED = ("always_ketamine", "always_placebo")
 
 
 class Model(Protocol):
@@ -260,6 +268,8 @@ class CVResult:
 
     folds: pd.DataFrame
     oof: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Ties between predictions broken at random (seeded) instead of by column order.
+    random_ties: bool = False
 
 
 def make_model(
@@ -317,6 +327,7 @@ def cross_validate_selection(
     dpnn: DPNNSettings | None = None,
     knn_k: int | None = None,
     progress: bool = True,
+    random_ties: bool = False,
 ) -> CVResult:
     """Repeated stratified k-fold evaluation of treatment-selection methods.
 
@@ -336,6 +347,9 @@ def cross_validate_selection(
         Neighbours of the case-based reasoning baseline (None: square-root rule).
     progress
         Show a progress bar on stderr (only when it is a terminal).
+    random_ties
+        Break ties between predicted probabilities at random (seeded); False: by column
+        order (the DPNN paper's convention, which its ``mrr_column`` assumes).
 
     Returns
     -------
@@ -352,8 +366,9 @@ def cross_validate_selection(
     bar = tqdm(splits, total=n_splits * n_repeats, desc="treatment CV", disable=None if progress else True)
     with single_threaded():
         for i, (train, test) in enumerate(bar):
-            rows.extend(_run_fold(problem, methods, i, train, test, n_splits, seed, dpnn, knn_k, oof))
-    return CVResult(pd.DataFrame(rows), oof)
+            rows.extend(_run_fold(problem, methods, i, train, test, n_splits, seed, dpnn, knn_k, oof,
+                                  random_ties))
+    return CVResult(pd.DataFrame(rows), oof, random_ties)
 
 
 def _run_fold(
@@ -367,6 +382,7 @@ def _run_fold(
     dpnn: DPNNSettings,
     knn_k: int | None,
     oof: dict[str, np.ndarray],
+    random_ties: bool = False,
 ) -> list[dict]:
     """Fit and score every method on one split; fills ``oof`` in place."""
     rows = []
@@ -378,6 +394,9 @@ def _run_fold(
         start = time.perf_counter()
         if method == "oracle":
             pred = problem.truth[test]
+        elif method in FIXED:
+            pred = np.zeros((len(test), t))
+            pred[:, problem.treatment_names.index(method[len("always_"):])] = 1.0
         else:
             model = make_model(method, t, _seed(seed, repeat, fold, j), dpnn, knn_k)
             model.fit(x_train, problem.treatment[train], problem.outcome[train])
@@ -385,7 +404,9 @@ def _run_fold(
         seconds = time.perf_counter() - start
         oof[method][repeat, test] = pred
         truth = None if problem.truth is None else problem.truth[test]
-        metrics = selection_metrics(pred, problem.treatment[test], problem.outcome[test], truth)
+        metrics = _named(selection_metrics(pred, problem.treatment[test], problem.outcome[test], truth,
+                                           seed=_seed(seed, repeat, fold, j, 1) if random_ties else None),
+                         problem, method)
         rows.append(
             {"method": method, "repeat": repeat, "fold": fold, "n_test": len(test), **metrics, "seconds": seconds}
         )
@@ -395,11 +416,22 @@ def _run_fold(
 def pooled_metrics(problem: SelectionProblem, result: CVResult) -> pd.DataFrame:
     """Metrics of the out-of-fold predictions pooled over the folds of each repeat."""
     rows = []
-    for method, preds in result.oof.items():
+    for j, (method, preds) in enumerate(result.oof.items()):
         for repeat, pred in enumerate(preds):
-            metrics = selection_metrics(pred, problem.treatment, problem.outcome, problem.truth)
-            rows.append({"method": method, "repeat": repeat, **metrics})
+            metrics = selection_metrics(pred, problem.treatment, problem.outcome, problem.truth,
+                                        seed=_seed(repeat, j, 2) if result.random_ties else None)
+            rows.append({"method": method, "repeat": repeat, **_named(metrics, problem, method)})
     return pd.DataFrame(rows)
+
+
+def _named(metrics: dict, problem: SelectionProblem, method: str) -> dict:
+    """Per-arm AUC keys named after the treatments; a fixed policy has no AUC."""
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith("auc_arm"):
+            key = f"auc_{problem.treatment_names[int(key[7:])]}"
+        out[key] = float("nan") if method in FIXED and key.startswith("auc") else value
+    return out
 
 
 def method_tests(folds: pd.DataFrame, metric: str = "rpl", reference: str = "random") -> dict:
@@ -462,9 +494,13 @@ class TreatmentOptions:
         be 200 tiny updates, so lr 1e-3, 300 epochs and 3 prototypes are used.
     knn_k
         Neighbours of the case-based reasoning baseline (None: square-root rule).
+    target
+        ``"response"`` (per-arm response, the methods above) or also ``"difference"``: a
+        ridge regression of the within-subject difference (ketamine minus placebo
+        improvement), recommending ketamine where the predicted difference is positive.
     """
 
-    methods: tuple[str, ...] = ("dpnn", "tlearner", "cbr", "kmnn", "random")
+    methods: tuple[str, ...] = ("dpnn", "tlearner", "cbr", "kmnn", "random", *FIXED)
     n_splits: int = 5
     n_repeats: int = 10
     seed: int = 0
@@ -476,15 +512,18 @@ class TreatmentOptions:
     groups: tuple[str, ...] | None = ("MDD",)
     dpnn: DPNNSettings = DPNNSettings(n_prototypes=3, lr=1e-3, epochs=300)
     knn_k: int | None = None
+    target: str = "response"
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid option."""
-        unknown = [m for m in self.methods if m not in METHODS or m == "oracle"]
+        unknown = [m for m in self.methods if m not in (*METHODS, *FIXED) or m == "oracle"]
         if unknown or not self.methods:
             raise InputError(
                 f"treatment-selection option 'methods': {unknown or 'none given'} not among "
-                f"{', '.join(m for m in METHODS if m != 'oracle')}"
+                f"{', '.join(m for m in (*METHODS, *FIXED) if m != 'oracle')}"
             )
+        if self.target not in ("response", "difference"):
+            raise InputError(f"--treatment-target: 'response' or 'difference' (got {self.target!r})")
         if self.n_splits < 2:
             raise InputError(f"treatment-selection option 'n_splits' must be at least 2, got {self.n_splits}")
         if self.n_repeats < 1:
@@ -685,11 +724,25 @@ def run_treatment_selection(
         treatment_names=list(TREATMENTS),
     )
     result = cross_validate_selection(
-        problem, options.methods, n_splits, options.n_repeats, options.seed, options.dpnn, options.knn_k
+        problem, options.methods, n_splits, options.n_repeats, options.seed, options.dpnn, options.knn_k,
+        random_ties=True,
     )
     pooled = pooled_metrics(problem, result)
     summary = _summary_table(pooled, len(cohort), options.methods)
-    tests = {m: method_tests(result.folds, m) for m in ("rpl", "mrr")}
+    informative = informative_counts(cohort)
+    fixed = [m for m in options.methods if m in FIXED]
+    reference = min(fixed, key=lambda m: pooled.loc[pooled.method == m, "rpl"].mean()) if fixed else "random"
+    tests: dict | None = None
+    if informative["informative"] == 0:
+        notes.append("No informative participant (response under one arm only): every policy has the same "
+                     "RPL, so no p-values are computed.")
+    else:
+        tests = {m: method_tests(result.folds, m, reference=reference) for m in ("rpl", "mrr")}
+    if informative["placebo_only"] == 0:
+        notes.append("No participant responds to placebo but not to ketamine: always-ketamine scores RPL 0 like "
+                     "an oracle, so no method can beat it on these data.")
+    difference = _difference_policy(X.to_numpy(dtype=float), cohort, n_splits, options) \
+        if options.target == "difference" else None
     per_participant = _participant_table(cohort, result)
 
     group_dir = Path(output_dir) / "group"
@@ -707,8 +760,11 @@ def run_treatment_selection(
         "excluded": excluded,
         "n_splits": n_splits,
         "n_repeats": options.n_repeats,
+        "informative": informative,
+        "reference_policy": reference,
         "summary": summary.to_dict(orient="records"),
         "tests": tests,
+        "difference": difference,
         "notes": notes,
         "options": asdict(options),
         "files": {k: str(v) for k, v in files.items()},
@@ -720,8 +776,63 @@ def run_treatment_selection(
     return out
 
 
+def informative_counts(cohort: pd.DataFrame) -> dict[str, int]:
+    """Participants whose two outcomes differ: the only ones a policy can get right or wrong.
+
+    Returns
+    -------
+    dict
+        ``informative`` (response under one arm only), ``ketamine_only``, ``placebo_only``,
+        ``both`` and ``neither``.
+    """
+    k, p = cohort["response_ketamine"] == 1, cohort["response_placebo"] == 1
+    return {"informative": int((k != p).sum()), "ketamine_only": int((k & ~p).sum()),
+            "placebo_only": int((p & ~k).sum()), "both": int((k & p).sum()), "neither": int((~k & ~p).sum())}
+
+
+def _difference_policy(X: np.ndarray, cohort: pd.DataFrame, n_splits: int, options: TreatmentOptions) -> dict:
+    """Ridge regression of the within-subject difference (ketamine minus placebo improvement).
+
+    Out-of-fold predictions (repeated k-fold, scaler and model fitted on the training rows)
+    recommend ketamine where the predicted difference is positive. The policy is scored by
+    the improvement it loses against the better arm of each participant, beside the fixed
+    policies; a paired sign-flip test compares it with the better fixed policy.
+    """
+    diff = (cohort["improvement_ketamine"] - cohort["improvement_placebo"]).to_numpy(float)
+    improvement = cohort[["improvement_ketamine", "improvement_placebo"]].to_numpy(float)
+    cv = RepeatedKFold(n_splits=n_splits, n_repeats=options.n_repeats, random_state=options.seed)
+    pred = np.zeros((options.n_repeats, len(diff)))
+    with single_threaded():
+        for i, (train, test) in enumerate(cv.split(X)):
+            model = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(X[train], diff[train])
+            pred[i // n_splits, test] = model.predict(X[test])
+    mean = pred.mean(axis=0)
+    best = improvement.max(axis=1)
+    losses = {
+        "model": best - np.where(mean > 0, improvement[:, 0], improvement[:, 1]),
+        "always_ketamine": best - improvement[:, 0],
+        "always_placebo": best - improvement[:, 1],
+    }
+    reference = min(("always_ketamine", "always_placebo"), key=lambda m: losses[m].mean())
+    d = losses["model"] - losses[reference]
+    flips = np.random.default_rng(options.seed).choice([-1.0, 1.0], size=(2000, len(d)))
+    null = (flips * d).mean(axis=1)
+    total = np.sum((diff - diff.mean()) ** 2)
+    r2 = float(np.mean([1 - np.sum((diff - p) ** 2) / total for p in pred])) if total > 0 else float("nan")
+    return {
+        "target": "improvement_ketamine - improvement_placebo", "model": "ridge (alpha 1, standardised features)",
+        "r2": r2, "mean_difference": float(diff.mean()),
+        "recommended_ketamine": int((mean > 0).sum()),
+        "improvement_loss": {m: float(v.mean()) for m, v in losses.items()},
+        "reference_policy": reference,
+        "p_versus_reference": float((1 + np.sum(null <= d.mean() + 1e-12)) / (1 + len(null))),
+        "note": "one-sided paired sign-flip test that the model loses less improvement than the better fixed policy",
+    }
+
+
 def _summary_table(pooled: pd.DataFrame, n: int, methods: tuple[str, ...]) -> pd.DataFrame:
-    stats = pooled.groupby("method")[list(METRICS)].agg(["mean", "std"])
+    metrics = [c for c in pooled.columns if c not in ("method", "repeat")]
+    stats = pooled.groupby("method")[metrics].agg(["mean", "std"])
     stats.columns = [f"{metric}_{stat.replace('std', 'sd')}" for metric, stat in stats.columns]
     stats = stats.reindex(list(methods))
     stats.insert(0, "n_participants", n)
@@ -737,7 +848,7 @@ def _participant_table(cohort: pd.DataFrame, result: CVResult) -> pd.DataFrame:
         mean = preds.mean(axis=0)  # average over repeats
         for i, arm in enumerate(TREATMENTS):
             table[f"{method}_p_{arm}"] = mean[:, i]
-        table[f"{method}_recommended"] = [TREATMENTS[i] for i in recommend(mean)]
+        table[f"{method}_recommended"] = [TREATMENTS[i] for i in recommend(mean, seed=0)]
     return table
 
 

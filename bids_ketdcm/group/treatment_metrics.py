@@ -3,7 +3,8 @@
 Notation: ``pred`` and ``truth`` are (n, T) arrays holding, for each patient and treatment,
 the predicted and the true response probability (where only realised outcomes are known, as
 in a crossover trial, ``truth`` holds the binary outcomes under each treatment). A method
-recommends the treatment of highest predicted probability (the first column among equals).
+recommends the treatment of highest predicted probability (the first column among equals, or
+a seeded random choice among them when a seed is given).
 
 * RPL (response probability loss, the paper's "regret"): ``truth[best] - truth[recommended]``.
 * MRR: mean reciprocal rank of the recommended treatment in the true ordering (best = 1).
@@ -30,9 +31,18 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 
-def recommend(pred: np.ndarray) -> np.ndarray:
-    """Index of the recommended treatment per patient: the highest prediction (first if tied)."""
-    return np.argmax(np.asarray(pred, dtype=float), axis=1)
+def recommend(pred: np.ndarray, seed: int | None = None) -> np.ndarray:
+    """Index of the recommended treatment per patient: the highest prediction.
+
+    Ties go to the first column, or, with ``seed``, to a uniformly random one of the tied
+    columns (so a method predicting equal probabilities is not credited with a policy).
+    """
+    pred = np.asarray(pred, dtype=float)
+    if seed is None:
+        return np.argmax(pred, axis=1)
+    tied = pred >= pred.max(axis=1, keepdims=True)
+    keys = np.random.default_rng(seed).random(pred.shape)
+    return np.argmax(np.where(tied, keys, -1.0), axis=1)
 
 
 def regret(truth: np.ndarray, recommended: np.ndarray) -> np.ndarray:
@@ -108,6 +118,7 @@ def selection_metrics(
     observed: np.ndarray,
     outcome: np.ndarray,
     truth: np.ndarray | None = None,
+    seed: int | None = None,
 ) -> dict[str, float]:
     """All metrics of one set of predictions.
 
@@ -119,6 +130,8 @@ def selection_metrics(
         (n,) observed treatment indices and binary outcomes.
     truth
         (n, T) counterfactual truth; without it RPL and MRR are NaN.
+    seed
+        Seed of the random tie-breaking of :func:`recommend` (None: first column).
 
     Returns
     -------
@@ -126,7 +139,7 @@ def selection_metrics(
         ``auc``, ``rpl``, ``mrr`` (tie-aware), ``mrr_column`` (paper convention), ``rr``,
         ``rr_n`` (patients behind RR) and ``base_rate``.
     """
-    rec = recommend(pred)
+    rec = recommend(pred, seed)
     rr, rr_n = response_rate(rec, observed, outcome)
     out = {
         "auc": outcome_auc(pred, observed, outcome),
@@ -137,6 +150,9 @@ def selection_metrics(
         "rr_n": float(rr_n),
         "base_rate": float(np.mean(outcome)),
     }
+    for k in range(np.asarray(pred).shape[1]):  # AUC among the patients observed on each arm
+        arm = np.asarray(observed) == k
+        out[f"auc_arm{k}"] = outcome_auc(np.asarray(pred)[arm], np.asarray(observed)[arm], np.asarray(outcome)[arm])
     if truth is not None:
         out["rpl"] = float(regret(truth, rec).mean())
         out["mrr"] = float(reciprocal_rank(truth, rec, "average").mean())

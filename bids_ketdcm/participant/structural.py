@@ -46,13 +46,13 @@ import pandas as pd
 from scipy import ndimage
 
 from bids_ketdcm import __version__
+from bids_ketdcm.bids.naming import GMV_SUFFIX, gmv_path
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_json, write_tsv
 from bids_ketdcm.participant.rois import load_network, network_label
 
 log = logging.getLogger(__name__)
 
-GMV_SUFFIX = "_desc-gmv_morph.tsv"
 #: Whole-brain atlases built in (from data shipped with nilearn; no download).
 WHOLE_BRAIN_ATLASES = ("power264",)
 POWER_RADIUS_MM = 5.0
@@ -364,15 +364,6 @@ def find_anat(fmriprep_dir: str | os.PathLike, work_dir: str | os.PathLike, subj
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def gmv_path(output_dir: str | os.PathLike, subject: str, session: str | None, space: str, seg: str) -> Path:
-    """``OUTPUT_DIR/sub-X[/ses-Y]/anat/sub-X[_ses-Y]_space-S_seg-NET_desc-gmv_morph.tsv``."""
-    folder = Path(output_dir) / f"sub-{subject}"
-    stem = f"sub-{subject}"
-    if session:
-        folder, stem = folder / f"ses-{session}", f"{stem}_ses-{session}"
-    return folder / "anat" / f"{stem}_space-{space}_seg-{seg}{GMV_SUFFIX}"
 
 
 def extract_structural(anat: AnatFiles, region_sets: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], dict]:

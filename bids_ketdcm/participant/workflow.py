@@ -7,31 +7,33 @@ the saved models (:mod:`bids_ketdcm.participant.predict`) and the report gets a 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from bids_ketdcm import __version__
 from bids_ketdcm.bids.derivatives import (
-    RunEntities,
-    connectivity_paths,
-    is_finished,
-    timeseries_paths,
+    finished_results,
+    settings_differences,
     write_connectivity,
     write_dataset_description,
     write_timeseries,
 )
+from bids_ketdcm.bids.layout import BoldRun
+from bids_ketdcm.bids.naming import RunEntities, connectivity_paths
 from bids_ketdcm.config import ParticipantOptions
 from bids_ketdcm.dcm import fit
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_text
 from bids_ketdcm.participant.rois import load_network, network_label
 from bids_ketdcm.participant.timeseries import (
+    DENOISE_STRATEGIES,
     RoiTimeseries,
     RunSkipped,
     extract_timeseries,
@@ -48,13 +50,64 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _RunWork:
-    bold: object  # layout.BoldRun
+    bold: BoldRun
     entities: RunEntities
     series: RoiTimeseries | None = None
     skipped: str | None = None
 
 
-def run_participant(opts: ParticipantOptions, runs: list) -> dict:
+def result_settings(opts: ParticipantOptions, network: pd.DataFrame) -> dict:
+    """The settings that make a result's identity, recorded in its sidecars.
+
+    A finished result is reused only when these are unchanged: the denoising strategy
+    (its full record), the ROI summary, the ROIs themselves (a digest of the table), the
+    predicted-CSD model, the Jacobian and the iteration limit.
+    """
+    strategy = dict(DENOISE_STRATEGIES[opts.denoise]) if opts.denoise in DENOISE_STRATEGIES else {}
+    table = network[[c for c in ("name", "x", "y", "z", "radius_mm", "index") if c in network]]
+    return {
+        "DenoiseStrategy": {"Name": opts.denoise, "Preset": strategy.get("preset"),
+                            "Arguments": {k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in strategy.get("kwargs", {}).items()}},
+        "ROISummary": opts.roi_summary,
+        "ROIDigest": hashlib.sha1(table.to_csv(index=False).encode()).hexdigest()[:16],
+        "CSDModel": opts.csd_model,
+        "Jacobian": opts.jacobian,
+        "MaxIterations": opts.max_iterations,
+    }
+
+
+def check_settings(opts: ParticipantOptions, runs: list[BoldRun]) -> None:
+    """Refuse, before any work, to reuse or mix results made under other settings.
+
+    Raises
+    ------
+    InputError
+        A finished result of a selected run was made with other settings (unless
+        ``--overwrite``): the message names the file and every differing setting.
+    """
+    if opts.overwrite or not opts.wants_dcm:
+        return
+    clashes = []
+    for spec in opts.networks:
+        label, network = network_label(spec), load_network(spec)
+        settings = result_settings(opts, network)
+        for bold in runs:
+            diff = settings_differences(opts.output_dir, bold.entities, label, settings)
+            if diff:
+                path = connectivity_paths(opts.output_dir, bold.entities, label)["json"]
+                changes = "; ".join(f"{k}: {old!r} on disk, {new!r} now" for k, (old, new) in diff.items())
+                clashes.append(f"{path}: made with other settings ({changes})")
+    if clashes:
+        raise InputError(
+            f"{len(clashes)} finished result(s) in OUTPUT_DIR {opts.output_dir} were made with other settings:\n"
+            + "\n".join(clashes[:10]) + ("\n..." if len(clashes) > 10 else "")
+            + "\nuse --overwrite to redo them with the new settings, or choose another OUTPUT_DIR"
+        )
+
+
+def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
+                    failures: dict[str, str] | None = None) -> dict:
     """Process every BOLD run for every network; return a summary.
 
     Parameters
@@ -63,6 +116,10 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
         Settings.
     runs
         BOLD runs found by :func:`bids_ketdcm.bids.layout.find_bold_runs`.
+    failures
+        ``{subject: message}`` of participants that failed; a participant whose run
+        turns out to be bad input here is added and its other runs are left out (the
+        others go on). None: the first bad run stops everything.
 
     Returns
     -------
@@ -74,30 +131,45 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
     torch.manual_seed(opts.seed)
     device = _device(opts.device)
     networks = {network_label(n): (n, load_network(n)) for n in opts.networks} if opts.wants_dcm else {}
-    write_dataset_description(opts.output_dir)
-    write_text(opts.output_dir / "logs" / "CITATION.bib", citations_bibtex())
+    check_settings(opts, runs)
     summary: dict[str, dict[str, int]] = {}
-    reports: dict[str, list[RunResult]] = defaultdict(list)
-    for label, (spec, network) in networks.items():
-        works = [_RunWork(r, _entities(r, opts.space)) for r in runs]
-        todo = [w for w in works if opts.overwrite or not is_finished(opts.output_dir, w.entities, label)]
+    skipped: dict[str, list[RunResult]] = defaultdict(list)
+    touched: set[str] = set()
+    for label, (_, network) in networks.items():
+        settings = result_settings(opts, network)
+        works = [_RunWork(r, r.entities) for r in runs]
+        todo = [w for w in works if opts.overwrite
+                or settings_differences(opts.output_dir, w.entities, label, settings) is None]
         done_before = len(works) - len(todo)
         if done_before:
-            log.info("%s: %d run(s) already finished, skipped (use --overwrite to redo)", label, done_before)
+            log.info("%s: %d run(s) already finished with these settings, skipped", label, done_before)
         for work in tqdm(todo, desc=f"{label}: extracting ROI time series", unit="run", disable=None):
-            work.series, work.skipped = _extract(work, network, opts)
-            if work.series is not None:
-                write_timeseries(opts.output_dir, work.entities, label, network, work.series)
-        ready = [w for w in todo if w.series is not None]
-        _invert_all(ready, label, network, opts, device, reports)
+            if failures is not None and work.bold.subject in failures:
+                continue
+            try:
+                work.series, work.skipped = _extract(work, network, opts)
+            except InputError as err:
+                if failures is None:
+                    raise
+                failures[work.bold.subject] = str(err)
+                log.error("sub-%s left out: %s", work.bold.subject, err)
+        ready = [w for w in todo if w.series is not None
+                 and (failures is None or w.bold.subject not in failures)]
+        for w in ready:
+            assert w.series is not None
+            write_timeseries(opts.output_dir, w.entities, label, network, w.series, w.bold.sources, settings)
+        _invert_all(ready, label, opts, device, settings)
+        touched |= {w.bold.subject for w in ready}
         for w in todo:
             if w.skipped:
-                reports[w.entities.subject].append(_skipped_report(w, label, network))
-        summary[label] = {"inverted": len(ready), "skipped": len(todo) - len(ready), "finished_before": done_before}
-    if networks and not opts.wants_gmv and not any(c["inverted"] + c["finished_before"] for c in summary.values()):
-        reasons = sorted({r.skipped_reason for rs in reports.values() for r in rs if r.skipped_reason})
+                skipped[w.bold.subject].append(_skipped_report(w, label, network))
+        summary[label] = {"inverted": len(ready), "skipped": sum(1 for w in todo if w.skipped),
+                          "finished_before": done_before}
+    if networks and not opts.wants_gmv and not failures and not any(
+            c["inverted"] + c["finished_before"] for c in summary.values()):
+        reasons = sorted({r.skipped_reason for rs in skipped.values() for r in rs if r.skipped_reason})
         raise InputError("no run could be inverted:\n" + "\n".join(reasons))
-    subjects = sorted(set(opts.participant_labels) | {r.subject for r in runs})
+    subjects = sorted((set(opts.participant_labels) | {r.subject for r in runs}) - set(failures or {}))
     if opts.wants_gmv:
         summary["gmv"] = _structural(opts, subjects)
         subjects = sorted(set(subjects) | set(summary["gmv"].pop("subjects")))
@@ -105,16 +177,41 @@ def run_participant(opts: ParticipantOptions, runs: list) -> dict:
     if opts.apply_model is not None:
         sections = _predict(opts, subjects)
         summary["predicted"] = {"participants": sum(1 for v in sections.values() if v)}
-    for subject, run_reports in reports.items():
-        settings = {"roi_summary": opts.roi_summary, "radius_mm": _radius(networks), "space": opts.space,
-                    "denoise_strategy": opts.denoise, "device": str(device),
-                    "csd_model": opts.csd_model}
+    if touched or any(s["finished_before"] for s in summary.values() if "finished_before" in s) or skipped:
+        write_dataset_description(opts.output_dir, _inputs(opts, runs))
+        write_text(opts.output_dir / "logs" / "CITATION.bib", citations_bibtex())
+    report_settings = {"roi_summary": opts.roi_summary, "radius_mm": _radius(networks), "space": opts.space,
+                       "denoise_strategy": opts.denoise, "device": str(device), "csd_model": opts.csd_model}
+    for subject in sorted({r.subject for r in runs} - set(failures or {})):
+        results = [*finished_results(opts.output_dir, subject), *skipped.get(subject, [])]
         path = opts.output_dir / f"sub-{subject}.html"
-        write_participant_report(path, subject, run_reports, settings, extra_sections=sections.get(subject))
-        log.info("report: %s", path)
-    for subject in sorted(set(sections) - set(reports)):  # no run processed now: add to the report
+        if results and (subject in touched or subject in skipped or _stale(path, opts.output_dir, subject)):
+            write_participant_report(path, subject, results, report_settings,
+                                     extra_sections=sections.get(subject))
+            log.info("report: %s", path)
+            sections.pop(subject, None)
+    for subject in sorted(sections):  # no run processed now: add to the report
         update_participant_report(opts.output_dir / f"sub-{subject}.html", subject, sections[subject])
     return summary
+
+
+def _inputs(opts: ParticipantOptions, runs: list[BoldRun]) -> dict[str, Path]:
+    """The input datasets by the names the sidecars' BIDS URIs use."""
+    from bids_ketdcm.bids.layout import resolve_fmriprep_dir
+
+    fmriprep = runs[0].root if runs and runs[0].root else resolve_fmriprep_dir(opts.bids_dir, opts.fmriprep_dir)
+    inputs = {"fmriprep": Path(fmriprep)}
+    if Path(opts.bids_dir).resolve() != Path(fmriprep).resolve():
+        inputs = {"raw": Path(opts.bids_dir), **inputs}
+    return inputs
+
+
+def _stale(report: Path, output_dir: Path, subject: str) -> bool:
+    """Whether the report is missing or older than a result of the participant on disk."""
+    if not report.exists():
+        return True
+    made = report.stat().st_mtime
+    return any(p.stat().st_mtime > made for p in output_dir.glob(f"sub-{subject}/**/func/*.tsv"))
 
 
 def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
@@ -122,7 +219,7 @@ def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
     from bids_ketdcm.participant.structural import run_structural
 
     return run_structural(resolve_fmriprep_dir(opts.bids_dir, opts.fmriprep_dir), opts.output_dir,
-                          opts.work_dir or opts.output_dir / "work", subjects or None, opts.session, opts.space,
+                          opts.work_dir or opts.output_dir / "work", subjects or None, opts.one_session, opts.space,
                           [*opts.networks, *opts.gmv_atlases], overwrite=opts.overwrite)
 
 
@@ -132,7 +229,7 @@ def _predict(opts: ParticipantOptions, subjects: list[str]) -> dict[str, list[tu
     from bids_ketdcm.participant.predict import report_section, run_predictions
 
     models = load_models(opts.apply_model)
-    predictions = run_predictions(models, opts.output_dir, subjects, opts.session, space=opts.space, task=opts.task)
+    predictions = run_predictions(models, opts.output_dir, subjects, opts.one_session, space=opts.space, task=opts.task)
     return {s: [("prediction", "Prediction", report_section(p))] for s, p in predictions.items() if p}
 
 
@@ -142,10 +239,6 @@ def _device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available (torch sees none); use --device cpu")
     return torch.device(choice)
-
-
-def _entities(bold, space: str) -> RunEntities:
-    return RunEntities(subject=bold.subject, session=bold.session, task=bold.task, run=bold.run, space=space)
 
 
 def _radius(networks: dict) -> float | None:
@@ -170,53 +263,30 @@ def _extract(work: _RunWork, network: pd.DataFrame, opts: ParticipantOptions) ->
     return series, None
 
 
-def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: ParticipantOptions,
-                device: torch.device, reports: dict) -> None:
+def _invert_all(ready: list[_RunWork], label: str, opts: ParticipantOptions, device: torch.device,
+                settings: dict) -> None:
     """Invert runs in batches of equal length and TR; write each run's outputs."""
     groups: dict[tuple, list[_RunWork]] = defaultdict(list)
     for w in ready:
+        assert w.series is not None
         groups[(w.series.data.shape[0], round(w.series.tr, 6))].append(w)
     bar = tqdm(total=len(ready), desc=f"{label}: spectral DCM", unit="run", disable=None)
     for (_, tr), members in groups.items():
         for start in range(0, len(members), opts.batch_size):
             chunk = members[start : start + opts.batch_size]
-            post = fit(np.stack([w.series.data for w in chunk]), tr, device=device,
+            post = fit(np.stack([w.series.data for w in chunk if w.series is not None]), tr, device=device,
                        jacobian=opts.jacobian, csd_model=opts.csd_model,
                        max_iterations=opts.max_iterations)
             for b, w in enumerate(chunk):
                 sub = post.subject(b)
                 sub.seconds = post.seconds / len(chunk)
-                settings = {"DenoiseStrategy": opts.denoise, "ROISummary": opts.roi_summary,
-                            "Source": str(w.bold.bold), "Software": f"bids-ketdcm {__version__}"}
-                write_connectivity(opts.output_dir, w.entities, label, w.series, sub, settings)
-                reports[w.entities.subject].append(_run_report(w, label, sub))
+                assert w.series is not None
+                write_connectivity(opts.output_dir, w.entities, label, w.series, sub, w.bold.sources, settings)
                 if not sub.converged:
                     log.warning("sub-%s %s %s: DCM did not converge in %d iterations",
                                 w.entities.subject, w.entities.label, label, sub.iterations)
             bar.update(len(chunk))
     bar.close()
-
-
-def _run_report(w: _RunWork, label: str, post) -> RunResult:
-    s = w.series
-    history = [v for v in post.F_history[0] if np.isfinite(v)]
-    return RunResult(
-        run_label=w.entities.label, network=label, roi_names=list(s.names), roi_coords=np.asarray(s.coords),
-        timeseries=s.data, tr=s.tr, freqs=post.freqs, csd_observed=post.observed_csd,
-        csd_predicted=post.predicted_csd, A_hz=post.A_hz, A_var=post.A_var, F_history=history,
-        free_energy=float(post.F), iterations=int(post.iterations), converged=bool(post.converged),
-        variance_explained=float(post.variance_explained), seconds=float(post.seconds), device=post.device,
-        qc=_report_qc(s.qc, s.names), denoise_strategy=str(s.denoise.get("Name", "")),
-    )
-
-
-def _report_qc(qc: dict, names: list[str]) -> dict:
-    out = {k: v for k, v in qc.items() if k != "rois"}
-    rois = qc.get("rois", {})
-    if rois:
-        out["roi_voxels"] = [rois[n].get("n_voxels") for n in names]
-        out["roi_tsnr"] = [rois[n].get("tsnr") for n in names]
-    return out
 
 
 def _skipped_report(w: _RunWork, label: str, network: pd.DataFrame) -> RunResult:
@@ -228,4 +298,4 @@ def _skipped_report(w: _RunWork, label: str, network: pd.DataFrame) -> RunResult
     )
 
 
-__all__ = ["ParticipantOptions", "run_participant", "connectivity_paths", "timeseries_paths"]
+__all__ = ["ParticipantOptions", "check_settings", "result_settings", "run_participant"]

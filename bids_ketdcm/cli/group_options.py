@@ -1,0 +1,89 @@
+"""The group level's command-line options: the cohort, the labels, the primary analysis.
+
+:func:`group_options` adds them to the BIDS-App command; :func:`group_kwargs` maps the
+parsed values onto :class:`bids_ketdcm.group.run.GroupOptions` fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+_OPTIONS = [
+    click.option("--include-group", "include_group", multiple=True,
+                 help="Group: participants.tsv 'group' values to analyse (repeatable), e.g. MDD. Required when "
+                 "that column holds several groups (patients and controls are never mixed silently)."),
+    click.option("--score-column", default="MADRS_Total", show_default=True,
+                 help="Group: phenotype column of the depression score (long or wide phenotype tables)."),
+    click.option("--baseline-session", default="b0", show_default=True,
+                 help="Group: session of the baseline score (with or without 'ses-')."),
+    click.option("--post-session", default="d2", show_default=True,
+                 help="Group: session of the score after ketamine."),
+    click.option("--placebo-session", default="p2", show_default=True,
+                 help="Group: session of the score after placebo; 'none' skips the placebo analyses."),
+    click.option("--nested-repeats", type=click.IntRange(min=0), default=10, show_default=True,
+                 help="Group: repeats of the exploratory nested CV (0: no nested CV)."),
+    click.option("--nested-permutations", type=click.IntRange(min=0), default=100, show_default=True,
+                 help="Group: permutations of the nested CV of each headline model, the inner search redone "
+                 "in every permutation."),
+    click.option("--analysis-plan", type=click.Path(path_type=Path),
+                 help="Group: JSON file naming the primary analysis (keys network, target, model, n_splits, "
+                 "n_repeats, stratify_order); default: dmn4, binary25 (>= 25 % response), logistic, "
+                 "repeated stratified 5-fold."),
+    click.option("--primary-network", help="Group: network of the primary analysis (overrides the plan)."),
+    click.option("--primary-target", help="Group: label scheme of the primary analysis (overrides the plan)."),
+    click.option("--clinical-column", "clinical_columns", multiple=True,
+                 help="Group: participants.tsv column of the clinical model besides the baseline score "
+                 "(repeatable). Default: age, sex and infusion order (infusion_1), where present."),
+    click.option("--treatment-repeats", type=click.IntRange(min=1), default=10, show_default=True,
+                 help="Group, --treatment-selection: repeats of the treatment-selection cross-validation."),
+    click.option("--treatment-target", type=click.Choice(["response", "difference"]), default="response",
+                 show_default=True,
+                 help="Group, --treatment-selection: response per arm, or the within-subject difference "
+                 "(ketamine minus placebo improvement, a continuous target)."),
+    click.option("--allow-training-overlap", is_flag=True,
+                 help="Group, --apply-model: validate even on participants the models were trained on "
+                 "(flagged in the report; not an external validation)."),
+]
+
+
+def group_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator adding every group-level option to a click command."""
+    for option in reversed(_OPTIONS):
+        command = option(command)
+    return command
+
+
+def group_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """GroupOptions fields from the parsed command line.
+
+    Parameters
+    ----------
+    kw
+        The click parameters of the BIDS-App command.
+
+    Returns
+    -------
+    dict
+        Keyword arguments of :class:`~bids_ketdcm.group.run.GroupOptions`.
+    """
+    placebo = kw["placebo_session"]
+    return {
+        "include_group": tuple(kw["include_group"]) or None,
+        "score_column": kw["score_column"],
+        "baseline_session": kw["baseline_session"],
+        "post_session": kw["post_session"],
+        "placebo_session": None if placebo.lower() == "none" else placebo,
+        "nested_repeats": kw["nested_repeats"],
+        "nested_permutations": kw["nested_permutations"],
+        "analysis_plan": kw["analysis_plan"],
+        "primary_network": kw["primary_network"],
+        "primary_target": kw["primary_target"],
+        "clinical_columns": tuple(kw["clinical_columns"]) or None,
+        "treatment_repeats": kw["treatment_repeats"],
+        "treatment_target": kw["treatment_target"],
+        "allow_training_overlap": kw["allow_training_overlap"],
+    }
