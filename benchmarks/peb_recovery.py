@@ -55,7 +55,7 @@ def cohort(n: int, subjects: int, deviation: float, effect: float,
 
 def _r(truth: np.ndarray, est: np.ndarray) -> dict:
     off = ~np.eye(truth.shape[-1], dtype=bool)
-    per = [float(np.corrcoef(t[off], e[off])[0, 1]) for t, e in zip(truth, est)]
+    per = [float(np.corrcoef(t[off], e[off])[0, 1]) for t, e in zip(truth, est, strict=True)]
     dev_t = truth - truth.mean(0)
     dev_e = est - est.mean(0)
     return {

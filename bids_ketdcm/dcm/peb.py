@@ -91,7 +91,7 @@ class SubjectPosteriors:
         if not all(np.all(np.isfinite(a)) for a in (self.Ep, self.Cp, self.pE, self.pC, self.F)):
             raise ValueError("subject posteriors contain NaN or infinite values")
 
-    def take(self, rows: np.ndarray) -> "SubjectPosteriors":
+    def take(self, rows: np.ndarray) -> SubjectPosteriors:
         """The posteriors of a subset of subjects (``rows`` indexes or a boolean mask)."""
         idx = np.arange(len(self.names))[rows]
         return SubjectPosteriors(self.Ep[idx], self.Cp[idx], self.pE[idx], self.pC[idx],
@@ -356,6 +356,7 @@ def fit_peb(
     max_iterations: int = 64,
     device: str | torch.device = "cpu",
     subject_posteriors: bool = True,
+    start: np.ndarray | None = None,
 ) -> PEBResult:
     """Fit the second-level model (SPM's ``spm_dcm_peb(P, M, field)``).
 
@@ -377,6 +378,8 @@ def fit_peb(
         Torch device.
     subject_posteriors
         Also compute the empirical-Bayes subject posteriors (``PEBResult.subject_*``).
+    start
+        Starting log precisions (default 0, SPM's prior mean); e.g. those of a similar fit.
 
     Returns
     -------
@@ -434,7 +437,8 @@ def fit_peb(
     gP = torch.eye(Ng, dtype=U.dtype, device=U.device) / LOG_PRECISION_VARIANCE
     prob = _Problem(A=A, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
                     bP=bP, gP=gP)
-    g, iterations = _newton(prob, torch.zeros(Ng, dtype=U.dtype, device=U.device), max_iterations)
+    g0 = torch.zeros(Ng, dtype=U.dtype, device=U.device) if start is None else t(start)
+    g, iterations = _newton(prob, g0, max_iterations)
     L, b, Hbb = _objective(prob, g)
     H_profile = torch.autograd.functional.hessian(lambda x: _objective(prob, x)[0], g)
     Cb = _inv(Hbb)
