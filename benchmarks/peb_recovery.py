@@ -12,6 +12,11 @@ deviations from the cohort mean; the covariate effect's posterior probability af
 reduction; the leave-one-out r (p) of the covariate; and the seconds of PEB, model reduction
 and leave-one-out (one process, ``--threads`` torch threads).
 
+Empirical Bayes is run as SPM does (``eb_spm``) and on tempered posteriors (``eb_tempered``,
+:func:`bids_ketdcm.dcm.peb.temper`), the likelihood scale calibrated on an independent
+simulated cohort (``--calibration-subjects``, another seed) as the variance of the errors of
+its off-diagonal A in posterior SDs.
+
 Usage: python benchmarks/peb_recovery.py [--sizes 4 15] [--subjects 27] [--threads 2]
 """
 
@@ -28,7 +33,7 @@ from dcm_recovery import sparse_coupling
 from bids_ketdcm.dcm import fit, simulate
 from bids_ketdcm.dcm.bmr import search_reduced
 from bids_ketdcm.dcm.loo import leave_one_out
-from bids_ketdcm.dcm.peb import a_parameter_index, fit_peb, posteriors_from_fit
+from bids_ketdcm.dcm.peb import a_parameter_index, fit_peb, posteriors_from_fit, temper
 
 
 def cohort(n: int, subjects: int, deviation: float, effect: float,
@@ -53,6 +58,12 @@ def cohort(n: int, subjects: int, deviation: float, effect: float,
     return out, x, target
 
 
+def _hz(flat_A: np.ndarray, n: int) -> np.ndarray:
+    """Column-major raw A parameters (B, n^2) to coupling in Hz (B, n, n), rows = targets."""
+    A = np.swapaxes(flat_A.reshape(-1, n, n), 1, 2)
+    return np.where(np.eye(n, dtype=bool), -np.exp(A) / 2, A)
+
+
 def _r(truth: np.ndarray, est: np.ndarray) -> dict:
     off = ~np.eye(truth.shape[-1], dtype=bool)
     per = [float(np.corrcoef(t[off], e[off])[0, 1]) for t, e in zip(truth, est, strict=True)]
@@ -67,17 +78,31 @@ def _r(truth: np.ndarray, est: np.ndarray) -> dict:
     }
 
 
-def run(n: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
-    """One cohort of ``n`` regions: simulate, invert, PEB, model reduction, leave-one-out."""
-    truth, x, target = cohort(n, args.subjects, args.deviation, args.effect, rng)
+def _simulate_and_fit(truth: np.ndarray, scans: int, seed: int):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # thousands of tiny integration steps: one thread is fastest
     try:
-        y = simulate(truth, 2.5, args.scans, seed=args.seed + n)
+        y = simulate(truth, 2.5, scans, seed=seed)
     finally:
         torch.set_num_threads(threads)
+    return y, fit(y, 2.5, device="cpu")
+
+
+def calibrate(n: int, args: argparse.Namespace, rng: np.random.Generator) -> float:
+    """Likelihood scale: variance of the A errors in posterior SDs on an independent cohort."""
+    truth, _, _ = cohort(n, args.calibration_subjects, args.deviation, args.effect, rng)
+    _, post = _simulate_and_fit(truth, args.scans, args.seed + 7919 + n)
+    off = ~np.eye(n, dtype=bool)
+    z = (np.asarray(post.A_hz) - truth)[:, off] / np.sqrt(np.asarray(post.A_var)[:, off])
+    return float(np.mean(z**2))
+
+
+def run(n: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
+    """One cohort of ``n`` regions: simulate, invert, PEB, model reduction, leave-one-out."""
+    scale = calibrate(n, args, rng)
+    truth, x, target = cohort(n, args.subjects, args.deviation, args.effect, rng)
     start = time.perf_counter()
-    post = fit(y, 2.5, device="cpu")
+    y, post = _simulate_and_fit(truth, args.scans, args.seed + n)
     fit_seconds = time.perf_counter() - start
     subjects = posteriors_from_fit(post, y, [f"sub-{i:02d}" for i in range(args.subjects)])
     X = np.column_stack([np.ones(args.subjects), x])
@@ -91,16 +116,21 @@ def run(n: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
     start = time.perf_counter()
     loo = leave_one_out(subjects, X, index)
     loo_seconds = time.perf_counter() - start
-    off = ~np.eye(n, dtype=bool)
-    single = np.asarray(post.A_hz)
-    eb = np.swapaxes(peb.subject_Ep[:, index].reshape(args.subjects, n, n), 1, 2)
-    eb_hz = np.where(off, eb, -np.exp(eb) / 2)
+    hot = temper(subjects, scale)
+    peb_hot = fit_peb(hot, X, index)
+    loo_hot = leave_one_out(hot, X, index)
     col = target[1] * n + target[0]
     return {
         "target_link": list(target),
         "converged": int(np.sum(post.converged)),
-        "single_subject": _r(truth, single),
-        "empirical_bayes": _r(truth, eb_hz),
+        "likelihood_scale": round(scale, 1),
+        "single_subject": _r(truth, np.asarray(post.A_hz)),
+        "eb_spm": _r(truth, _hz(peb.subject_Ep[:, index], n)),
+        "single_subject_tempered": _r(truth, _hz(hot.Ep[:, index], n)),
+        "eb_tempered": _r(truth, _hz(peb_hot.subject_Ep[:, index], n)),
+        "tempered_effect_Pp": round(float(search_reduced(peb_hot).Pp[col, 1]), 3),
+        "tempered_loo_r": round(loo_hot.r, 3),
+        "tempered_loo_p": float(f"{loo_hot.p:.3g}"),
         "effect_estimate_hz": round(float(peb.Ep[col, 1]), 4),
         "effect_true_hz": args.effect,
         "effect_Pp": round(float(bma.Pp[col, 1]), 3),
@@ -124,6 +154,7 @@ def main() -> None:
     parser.add_argument("--deviation", type=float, default=0.05)
     parser.add_argument("--effect", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration-subjects", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -215,3 +215,18 @@ def test_bad_inputs_are_named() -> None:
         fit_peb(post, np.ones((2, 1)), np.arange(P))
     with pytest.raises(ValueError, match="zero for every subject"):
         fit_peb(post, np.column_stack([np.ones(3), np.zeros(3)]), np.arange(P))
+
+
+def test_tempering_divides_the_likelihood_precision() -> None:
+    """One dimension: prior N(0, 1), likelihood N(y; theta, s2); scale k gives N(y; theta, k s2)."""
+    from bids_ketdcm.dcm.peb import temper
+
+    y, s2, k = 0.8, 0.01, 9.0
+    qC = 1 / (1 + 1 / s2)
+    post = SubjectPosteriors(np.array([[qC * y / s2]]), np.array([[[qC]]]), np.zeros((1, 1)), np.ones((1, 1, 1)),
+                             np.zeros(1), ["a"])
+    hot = temper(post, k)
+    C = 1 / (1 + 1 / (k * s2))
+    assert hot.Cp[0, 0, 0] == pytest.approx(C, rel=1e-10)
+    assert hot.Ep[0, 0] == pytest.approx(C * y / (k * s2), rel=1e-10)
+    assert temper(post, 1.0) is post
