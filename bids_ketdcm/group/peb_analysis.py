@@ -15,6 +15,7 @@ that each connection's effect on the target is present.
 
 from __future__ import annotations
 
+import html
 import logging
 import time
 from pathlib import Path
@@ -85,7 +86,10 @@ def peb_loo(posteriors: SubjectPosteriors, target: np.ndarray, n_permutations: i
     -------
     dict
         ``r``, ``p_parametric``, ``p_permutation``, ``predictions`` (DataFrame),
-        ``effects`` (DataFrame: connection, effect, posterior probability present),
+        ``effects`` (DataFrame, most probable first, then by ``|z|``: connection, whether
+        it is a self-connection, effect per SD of the target (Hz between regions; log
+        scaling of the self-inhibition for self-connections), its posterior SD and z, the
+        model-averaged effect and the posterior probability that it is present),
         ``seconds``.
     """
     start = time.perf_counter()
@@ -104,15 +108,17 @@ def peb_loo(posteriors: SubjectPosteriors, target: np.ndarray, n_permutations: i
     peb = fit_peb(posteriors, X, index, subject_posteriors=False)
     bma = search_reduced(peb)
     names = [f"{regions[s]}->{regions[t]}" for s in range(n) for t in range(n)]  # column-major: A[t, s]
-    effects = pd.DataFrame({"connection": names, "effect_hz_per_sd": peb.Ep[:, 1],
-                            "posterior_sd": np.sqrt(np.diag(peb.Cp)[len(index):]),
+    sd = np.sqrt(np.diag(peb.Cp)[len(index):])
+    effects = pd.DataFrame({"connection": names, "self": [s == t for s in range(n) for t in range(n)],
+                            "effect_per_sd": peb.Ep[:, 1], "posterior_sd": sd, "z": peb.Ep[:, 1] / sd,
                             "bma_effect": bma.Ep[:, 1], "probability_present": bma.Pp[:, 1]})
+    order = np.lexsort((-np.abs(effects["z"].to_numpy()), -effects["probability_present"].to_numpy()))
     predictions = pd.DataFrame({"participant_id": posteriors.names, "observed": y,
                                 "predicted": loo.mean * y.std() + y.mean(),
                                 "predicted_sd": np.sqrt(loo.variance) * y.std()})
     return {"r": loo.r, "p_parametric": loo.p, "p_permutation": p_perm, "n_permutations": n_permutations,
             "participants": len(y), "predictions": predictions,
-            "effects": effects.sort_values("probability_present", ascending=False, kind="stable"),
+            "effects": effects.iloc[order].reset_index(drop=True),
             "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -154,3 +160,26 @@ def run_peb(features: dict[str, FeatureSet], labels: LabelSet, group_dir: Path, 
             "files": {k: str(v) for k, v in files.items()},
         }
     return out
+
+
+def peb_section(record: dict) -> list[str]:
+    """HTML of the report's PEB section (the record :func:`run_peb` returns)."""
+    parts = [f"<h2>PEB leave-one-out: {html.escape(record['target'])} (ketamine)</h2>",
+             "<p class='note'>Parametric empirical Bayes over the full DCM posteriors of the A parameters, design "
+             "[1, standardised target]; each participant's target predicted from its own DCM and the PEB of the "
+             "others (SPM12's spm_dcm_loo). r: correlation of predicted and observed; p (parametric): SPM's "
+             "one-sided t-test; p (permutation): the target shuffled and every leave-one-out redone. Effects: "
+             "change of each connection (Hz; log scaling for self-connections) per SD of the target, with the "
+             "posterior probability that it is present after Bayesian model reduction (SPM's greedy search: 1 "
+             "for the parameters never worth testing for removal).</p>"]
+    for network, res in record["networks"].items():
+        parts.append(f"<h3>seg-{html.escape(network)}</h3>")
+        if "skipped" in res:
+            parts.append(f"<p>Not run: {html.escape(res['skipped'])}.</p>")
+            continue
+        perm = "not run" if res["p_permutation"] is None else f"{res['p_permutation']:.3g} ({res['n_permutations']})"
+        parts.append(f"<p>{res['participants']} participants: r = {res['r']:.3f}, p (parametric) = "
+                     f"{res['p_parametric']:.3g}, p (permutation) = {perm}.</p>")
+        parts.append(pd.DataFrame(res["top_effects"]).to_html(index=False, float_format=lambda v: f"{v:.3g}",
+                                                              border=0))
+    return parts
