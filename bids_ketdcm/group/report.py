@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm.group.metrics import confusion
+from bids_ketdcm.group.peb_analysis import peb_section
 from bids_ketdcm.group.suite import HEADLINE_METRIC, HEADLINE_MODEL, SuiteResult, Task
 from bids_ketdcm.io import write_text
 from bids_ketdcm.provenance import command_line, software_versions
@@ -248,6 +249,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         ]
     if treatment is not None:
         parts += _treatment_section(treatment)
+    if info.get("peb"):
+        parts += peb_section(info["peb"])
     parts.append("<h2>Figures per target and network (ketamine)</h2>")
     for ctx, img in zip(contexts, images):
         parts.append(f"<h3>{html.escape(ctx['target'])} / seg-{html.escape(ctx['network'])}</h3>")

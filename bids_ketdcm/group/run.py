@@ -29,6 +29,7 @@ import pandas as pd
 from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.feature_sets import gather_features
+from bids_ketdcm.group.peb_analysis import run_peb
 from bids_ketdcm.group.features import FeatureSet
 from bids_ketdcm.group.inference import adjust_grid, bootstrap_headline, bootstrap_indices
 from bids_ketdcm.group.labels import (
@@ -128,6 +129,10 @@ class GroupOptions:
     treatment_target: str = "response"
     #: External validation: accept participants the models were trained on (flagged).
     allow_training_overlap: bool = False
+    #: Also run PEB leave-one-out prediction of this continuous ketamine target (None: off).
+    peb_target: str | None = None
+    #: Permutations of the PEB leave-one-out (each redoes every leave-one-out fit).
+    peb_permutations: int = 99
 
     def __post_init__(self) -> None:
         # a single name given as a string means a one-element list, not its characters
@@ -145,6 +150,10 @@ class GroupOptions:
         bad = [s for s in self.schemes if s not in SCHEME_NAMES]
         if bad:
             problems.append(f"GroupOptions.schemes: unknown {', '.join(bad)} (choose from {', '.join(SCHEME_NAMES)})")
+        if self.peb_target is not None and self.peb_target not in TARGETS:
+            problems.append(f"--peb: unknown target {self.peb_target} (choose from {', '.join(TARGETS)})")
+        if self.peb_permutations < 0:
+            problems.append(f"--peb-permutations: must be >= 0 (got {self.peb_permutations})")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
             problems.append(f"GroupOptions.targets: unknown {', '.join(bad)} (choose from {', '.join(TARGETS)})")
@@ -520,6 +529,8 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     timings["treatment_selection"] = round(time.perf_counter() - started, 2)
 
     group = output_dir / "group"
+    peb = None if options.peb_target is None else run_peb(
+        features, labels, group, options.peb_target, options.peb_permutations, options.seed)
     sessions = {"ketamine": normalise_session(options.post_session)}
     if "placebo" in analyses:
         sessions["placebo"] = normalise_session(options.placebo_session)
@@ -571,6 +582,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         "best_model": None if best is None else {**best, "weights": best["weights"]},
         "nulls": suite.nulls,
         "treatment_selection": treatment,
+        "peb": peb,
         "results": suite.results.to_dict(orient="records"),
         "seconds": round(time.perf_counter() - start, 2),
         "timings": timings,
