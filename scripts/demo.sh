@@ -14,8 +14,8 @@ step() {  # step NAME COMMAND...: run it and print its wall time and the CPU tim
 }
 step synth "$PY" -m bids_ketdcm.cli.tools synth "$OUT/bids" --network dmn4 --link planted --seed 0
 step participant "$PY" run.py "$OUT/bids" "$OUT/derivatives" participant --network dmn4
-step group "$PY" run.py "$OUT/bids" "$OUT/derivatives" group --n-permutations 200 --allow-missing \
-    --treatment-selection
+step group "$PY" run.py "$OUT/bids" "$OUT/derivatives" group --include-group MDD --n-permutations 200 \
+    --nested-repeats 2 --nested-permutations 50 --allow-missing --treatment-selection --treatment-repeats 2
 reports=("$OUT"/derivatives/sub-*.html)
 echo "participant reports: ${reports[*]:0:3} ..."
 echo "group report:        $OUT/derivatives/group/report.html"

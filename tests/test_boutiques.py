@@ -68,6 +68,7 @@ def test_command_line_built_by_bosh_parses_back_to_the_same_values(tmp_path):
         "bids_dir": "/data/my ds", "output_dir_name": "/out/derivs", "analysis_level": "participant",
         "participant_label": ["MOA101", "sub-MOA102"], "network": ["dmn4", "ket21"], "nprocs": 3,
         "seed": -4, "device": "cpu", "skip_bids_validation": True, "verbose": True, "session_label": ["d2"],
+        "include_group": ["MDD"],
     }
     path = tmp_path / "invocation.json"
     path.write_text(json.dumps(invocation))
@@ -83,6 +84,7 @@ def test_command_line_built_by_bosh_parses_back_to_the_same_values(tmp_path):
     assert params["participant_labels"] == ("MOA101", "sub-MOA102")
     assert params["networks"] == ("dmn4", "ket21")
     assert (params["nprocs"], params["seed"], params["device"], params["session_labels"]) == (3, -4, "cpu", ("d2",))
+    assert params["include_group"] == ("MDD",)
     assert params["skip_bids_validation"] is True and params["verbose"] == 1 and params["overwrite"] is False
     assert params["task_label"] == "rest"  # the descriptor's default-value, passed on by bosh
 

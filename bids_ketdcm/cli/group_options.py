@@ -35,8 +35,8 @@ _OPTIONS = [
     _option("--nested-repeats", type=click.IntRange(min=0), default=10, show_default=True,
                  help="Group: repeats of the exploratory nested CV (0: no nested CV)."),
     _option("--nested-permutations", type=click.IntRange(min=0), default=100, show_default=True,
-                 help="Group: permutations of the nested CV of each headline model, the inner search redone "
-                 "in every permutation."),
+                 help="Group: permutations of the nested CV of the logistic model on the ketamine binary "
+                 "targets, the inner search redone in every permutation."),
     _option("--analysis-plan", type=click.Path(path_type=Path),
                  help="Group: JSON file naming the primary analysis (keys network, target, model, n_splits, "
                  "n_repeats, stratify_order); default: dmn4, binary25 (>= 25 % response), logistic, "
@@ -52,6 +52,11 @@ _OPTIONS = [
                  show_default=True,
                  help="Group, --treatment-selection: response per arm, or the within-subject difference "
                  "(ketamine minus placebo improvement, a continuous target)."),
+    _option("--peb", "peb_target", type=click.Choice(["post", "delta", "improvement"]),
+                 help="Group: also predict this continuous ketamine target by PEB leave-one-out (SPM's "
+                 "spm_dcm_loo over the full DCM posteriors), one model per network."),
+    _option("--peb-permutations", type=click.IntRange(min=0), default=99, show_default=True,
+                 help="Group, --peb: permutations of the PEB leave-one-out (each redoes every fit)."),
     _option("--allow-training-overlap", is_flag=True,
                  help="Group, --apply-model: validate even on participants the models were trained on "
                  "(flagged in the report; not an external validation)."),
@@ -94,4 +99,6 @@ def group_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
         "treatment_repeats": kw["treatment_repeats"],
         "treatment_target": kw["treatment_target"],
         "allow_training_overlap": kw["allow_training_overlap"],
+        "peb_target": kw["peb_target"],
+        "peb_permutations": kw["peb_permutations"],
     }

@@ -54,7 +54,7 @@ def synth_command(outdir: Path, n_subjects: int | None, network: str, link: str,
 def dpnn_synthetic_command(outdir: Path, repeats: int, seed: int, verbose: int) -> None:
     """Run the DPNN paper's synthetic treatment-selection experiment; write results to OUTDIR."""
     setup_logging(verbose)
-    from bids_ketdcm.group.dpnn_synthetic import run_dpnn_synthetic
+    from bids_ketdcm.testing.dpnn_synthetic import run_dpnn_synthetic
 
     result = run_dpnn_synthetic(outdir=outdir, repeats=repeats, seed=seed)
     click.echo(json.dumps(result.get("summary", {}), default=str))

@@ -273,7 +273,7 @@ def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
     from bids_ketdcm.participant.structural import run_structural
 
     return run_structural(resolve_fmriprep_dir(opts.bids_dir, opts.fmriprep_dir), opts.output_dir,
-                          opts.work_dir or opts.output_dir / "work", subjects or None, opts.one_session, opts.space,
+                          subjects or None, opts.one_session, opts.space,
                           [*opts.networks, *opts.gmv_atlases], overwrite=opts.overwrite)
 
 
