@@ -269,5 +269,5 @@ def test_too_few_volumes_is_a_skip(run_copy):
 def test_unknown_options(run_copy):
     with pytest.raises(InputError, match="--denoise 'aroma' is not a known strategy"):
         _extract(run_copy, denoise="aroma")
-    with pytest.raises(InputError, match="--summary 'median'"):
+    with pytest.raises(InputError, match="--roi-summary 'median'"):
         _extract(run_copy, summary="median")

@@ -44,7 +44,8 @@ def _input_roots(kw: dict) -> list[tuple[str, Path]]:
     The fMRIPrep derivatives (``--fmriprep-dir``, ``BIDS_DIR/derivatives/fmriprep``) and ``--apply-model``.
     """
     bids_dir = kw["bids_dir"]
-    roots = [("--fmriprep-dir", kw["fmriprep_dir"]), ("the fMRIPrep derivatives", bids_dir / "derivatives" / "fmriprep"),
+    roots = [("--fmriprep-dir", kw["fmriprep_dir"]),
+             ("the fMRIPrep derivatives", bids_dir / "derivatives" / "fmriprep"),
              ("--apply-model", kw["apply_model"])]
     return [(name, Path(path)) for name, path in roots if path is not None and Path(path).exists()]
 
@@ -221,7 +222,10 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
               show_default=True, help="ROI summary: first eigenvariate (SPM's VOI) or mean.")
 @click.option("--bids-filter-file", type=click.Path(path_type=Path), help="pybids filters (JSON keyed by 'bold').")
 @click.option("--work-dir", type=click.Path(path_type=Path), help="Work folder (pybids index). Default: OUTPUT_DIR/work.")
-@click.option("--nprocs", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads/processes.")
+@click.option("--nprocs", type=click.IntRange(min=1), help="CPUs the app may keep busy (threads x processes). "
+              "Default: every CPU of this process's affinity mask.")
+@click.option("--omp-nthreads", type=click.IntRange(min=1), help="Most threads one task (a DCM inversion, a model "
+              "fit) uses: torch intra/inter-op and BLAS. Default: 1 (fastest on busy machines; see README).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Torch device for DCM inversion.")
 @click.option("--dcm-jacobian", type=click.Choice(["analytic", "autograd", "finite-difference"]),
@@ -263,10 +267,15 @@ def bids_app(**kw) -> None:
     ANALYSIS_LEVEL  participant (per subject) or group (prediction suite)
     """
     _setup_logging(kw["verbose"])
-    import torch
+    from bids_ketdcm.threads import limit_threads, resolve
 
-    torch.set_num_threads(kw["nprocs"])
     problems: list[str] = []
+    try:
+        policy = resolve(kw["nprocs"], kw["omp_nthreads"])
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    limit_threads(policy.omp_nthreads)
+    kw["nprocs"], kw["omp_nthreads"] = policy.nprocs, policy.omp_nthreads
     bids_dir, output_dir = kw["bids_dir"], kw["output_dir"]
     work_dir = kw["work_dir"] or output_dir / "work"
     _caches_into(work_dir)

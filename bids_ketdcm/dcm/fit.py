@@ -18,6 +18,7 @@ def fit(
     max_iterations: int = MAX_ITERATIONS,
     device: str | torch.device | None = None,
     jacobian: str = "analytic",
+    spm_path_check: bool = True,
     csd_model: str = "spm12",
     progress: bool = False,
 ) -> Posterior:
@@ -37,6 +38,9 @@ def fit(
     jacobian
         ``"analytic"`` (exact, fast; default), ``"autograd"`` (exact, ``torch.func``) or
         ``"finite-difference"`` (SPM12's path exactly).
+    spm_path_check
+        With an exact Jacobian, also run SPM's path and keep the higher free energy
+        (:func:`bids_ketdcm.dcm.invert`).
     csd_model
         ``"spm12"`` (default) or ``"direct"`` (no AR round trip of the prediction; not
         SPM12); see :func:`bids_ketdcm.dcm.invert`.
@@ -66,7 +70,8 @@ def fit(
     csd, freqs = estimate_csd(np.stack(scaled), tr)
     prior_cov_A = np.stack([projected_A_covariance(s) for s in scaled]) if n > MAX_NODES else None
     post = invert(csd, freqs, prior_cov_A=prior_cov_A, max_iterations=max_iterations,
-                  device=device, jacobian=jacobian, csd_model=csd_model, progress=progress)
+                  device=device, jacobian=jacobian, spm_path_check=spm_path_check, csd_model=csd_model,
+                  progress=progress)
     post.scale = np.asarray(scales)
     return post if batched else post.subject(0)
 

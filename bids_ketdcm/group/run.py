@@ -143,25 +143,24 @@ class GroupOptions:
         problems = []
         bad = [s for s in self.schemes if s not in SCHEME_NAMES]
         if bad:
-            problems.append(f"GroupOptions.schemes: unknown {', '.join(bad)} (choose from {', '.join(SCHEME_NAMES)})")
+            problems.append(f"schemes: unknown {', '.join(bad)} (choose from {', '.join(SCHEME_NAMES)})")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
-            problems.append(f"GroupOptions.targets: unknown {', '.join(bad)} (choose from {', '.join(TARGETS)})")
+            problems.append(f"targets: unknown {', '.join(bad)} (choose from {', '.join(TARGETS)})")
         bad = [m for m in self.models if m not in ALL_MODELS]
         if bad:
-            problems.append(f"GroupOptions.models: unknown {', '.join(bad)} (choose from {', '.join(ALL_MODELS)})")
+            problems.append(f"models: unknown {', '.join(bad)} (choose from {', '.join(ALL_MODELS)})")
         bad = [m for m in self.permutation_models or () if m not in PERMUTABLE]
         if bad:
             problems.append(
-                f"GroupOptions.permutation_models: {', '.join(bad)} cannot be permuted "
-                f"(choose from {', '.join(PERMUTABLE)})"
+                f"permutation models: {', '.join(bad)} cannot be permuted (choose from {', '.join(PERMUTABLE)})"
             )
         if not self.k_values or any(k < 2 for k in self.k_values):
-            problems.append(f"GroupOptions.k_values: every k must be >= 2 (got {list(self.k_values)})")
+            problems.append(f"k values: every k must be >= 2 (got {list(self.k_values)})")
         if self.nested_repeats < 0:
             problems.append(f"--nested-repeats: must be >= 0 (got {self.nested_repeats})")
         if self.nested_outer_k < 2 or self.inner_k < 2:
-            problems.append("GroupOptions.nested_outer_k and inner_k must be >= 2")
+            problems.append("nested_outer_k and inner_k (GroupOptions) must be >= 2")
         if self.n_permutations < 0:
             problems.append(f"--n-permutations: must be >= 0 (got {self.n_permutations})")
         if self.nested_permutations < 0:
@@ -175,15 +174,15 @@ class GroupOptions:
         except InputError as err:
             problems.append(str(err))
         if self.rf_trees < 1:
-            problems.append(f"GroupOptions.rf_trees: must be >= 1 (got {self.rf_trees})")
+            problems.append(f"rf_trees (GroupOptions): must be >= 1 (got {self.rf_trees})")
         if self.nprocs < 1:
             problems.append(f"--nprocs: must be >= 1 (got {self.nprocs})")
         if self.engine not in ("batched", "sklearn"):
-            problems.append(f"GroupOptions.engine: 'batched' or 'sklearn' (got {self.engine!r})")
+            problems.append(f"engine (GroupOptions): 'batched' or 'sklearn' (got {self.engine!r})")
         if normalise_session(self.baseline_session) == normalise_session(self.post_session):
             problems.append("--baseline-session and --post-session must differ")
         if not self.schemes and not self.targets:
-            problems.append("GroupOptions.schemes and targets: nothing to predict")
+            problems.append("schemes and targets (GroupOptions): nothing to predict")
         from bids_ketdcm.config import FEATURE_SETS
 
         bad = [f for f in self.feature_sets if f not in FEATURE_SETS]

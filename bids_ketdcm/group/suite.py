@@ -68,6 +68,7 @@ from bids_ketdcm.group.metrics import (
     regression_metrics,
     summarise,
 )
+from bids_ketdcm.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -747,22 +748,25 @@ def run_suite(tasks: list[Task], config: SuiteConfig, nprocs: int = 1, progress:
     SuiteResult
         Independent of ``nprocs`` and of the order in which tasks finish.
     """
-    from joblib import Parallel, delayed
+    from joblib import Parallel, delayed, parallel_config
     from tqdm import tqdm
 
     order = sorted(range(len(tasks)), key=lambda i: -_cost(tasks[i]))
     done: dict[int, TaskResult] = {}
     with tqdm(total=len(tasks), desc="group suite", unit="task", disable=None if progress is None else not progress) as bar:
-        if nprocs <= 1:
-            stream = (_run_indexed(i, tasks[i], config) for i in order)
-        else:
-            stream = Parallel(n_jobs=nprocs, return_as="generator_unordered")(
-                delayed(_run_indexed)(i, tasks[i], config) for i in order
-            )
-        for i, result in stream:
-            done[i] = result
-            bar.update(1)
-            bar.set_postfix_str(f"{tasks[i].treatment}/{tasks[i].network}/{tasks[i].target}", refresh=False)
+        # one thread per worker (bids_ketdcm.threads): workers x threads never exceeds nprocs
+        workers, threads = ThreadPolicy(nprocs, 1).pool(len(tasks))
+        with parallel_config(backend="loky", inner_max_num_threads=threads):
+            if nprocs <= 1:
+                stream = (_run_indexed(i, tasks[i], config) for i in order)
+            else:
+                stream = Parallel(n_jobs=workers, return_as="generator_unordered")(
+                    delayed(_run_indexed)(i, tasks[i], config) for i in order
+                )
+            for i, result in stream:
+                done[i] = result
+                bar.update(1)
+                bar.set_postfix_str(f"{tasks[i].treatment}/{tasks[i].network}/{tasks[i].target}", refresh=False)
     parts = [done[i] for i in range(len(tasks))]
     nulls: dict[str, np.ndarray] = {}
     params: dict[str, list[dict]] = {}

@@ -46,7 +46,7 @@ import pandas as pd
 from scipy import ndimage
 
 from bids_ketdcm import __version__
-from bids_ketdcm.bids.naming import GMV_SUFFIX, gmv_path
+from bids_ketdcm.bids.naming import gmv_path
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_json, write_tsv
 from bids_ketdcm.participant.rois import load_network, network_label

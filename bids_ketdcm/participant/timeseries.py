@@ -146,6 +146,8 @@ class RoiTimeseries:
     denoise
         Description of the denoising: strategy name, nilearn call, confound columns
         used, summary method.
+    voxels
+        The voxels the series were made of (every ROI together), a 3D image on the BOLD grid.
     """
 
     data: np.ndarray
@@ -155,6 +157,7 @@ class RoiTimeseries:
     kept_volumes: np.ndarray
     qc: dict[str, Any] = field(default_factory=dict)
     denoise: dict[str, Any] = field(default_factory=dict)
+    voxels: nib.Nifti1Image | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """Return the series as a DataFrame (columns = ROI names)."""
@@ -374,6 +377,7 @@ def _load_mask(path: str | os.PathLike, bold_img) -> np.ndarray:
         raise InputError(f"brain mask {path} cannot be read: {err}") from None
     if np.squeeze(data).ndim != 3:
         raise InputError(f"brain mask {path} must be a 3D image (shape {data.shape})")
+    img_shape = img.shape[:3]
     same_grid = img.shape[:3] == bold_img.shape[:3] and np.allclose(
         img.affine, bold_img.affine, atol=1e-3
     )
@@ -385,6 +389,9 @@ def _load_mask(path: str | os.PathLike, bold_img) -> np.ndarray:
         )
         data = np.asarray(img.dataobj)
     mask = np.squeeze(data) > 0
+    if not mask.any() and not same_grid:
+        raise InputError(f"brain mask {path} is off the grid of its BOLD image: it does not overlap it "
+                         f"(mask shape {img_shape}, BOLD shape {bold_img.shape[:3]}; affines differ)")
     if not mask.any():
         raise InputError(f"brain mask {path} is empty")
     return mask
@@ -461,7 +468,7 @@ def extract_timeseries(
     from nilearn.signal import clean
 
     if summary not in SUMMARIES:
-        raise InputError(f"--summary {summary!r} is not one of {', '.join(SUMMARIES)}")
+        raise InputError(f"--roi-summary {summary!r} is not one of {', '.join(SUMMARIES)}")
     bold_img = _load_image(bold, "BOLD image")
     if len(bold_img.shape) != 4:
         raise InputError(f"BOLD image {bold} must be 4D (shape {bold_img.shape})")
@@ -476,11 +483,13 @@ def extract_timeseries(
                 f"ROI {name} has no voxel inside the brain mask {mask} "
                 f"(centre {', '.join(f'{c:g}' for c in centre)} mm)"
             )
+    _check_distinct(names, masks, bold)
     union = np.logical_or.reduce(masks)
     position = np.full(brain.shape, -1)
     position[union] = np.arange(union.sum())
     raw = _bold_voxels(bold, bold_img, union)
 
+    _check_confound_values(confounds, None)
     selected, sample_mask = load_run_confounds(
         bold, denoise, confounds_file=confounds,
         fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold,
@@ -490,6 +499,8 @@ def extract_timeseries(
             f"confounds file {confounds}: {len(selected)} rows but the BOLD run "
             f"has {n_volumes} volumes"
         )
+    if selected is not None:
+        _check_confound_values(confounds, [str(c) for c in selected.columns])
     kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask, int)
     qc: dict[str, Any] = {"n_volumes": int(n_volumes)}
     qc.update(_run_motion_qc(confounds, n_volumes))
@@ -520,6 +531,7 @@ def extract_timeseries(
     raw_kept = raw[kept]
 
     columns, roi_qc = [], {}
+    used = np.zeros(union.shape, np.uint8)
     for name, roi in zip(names, masks):
         index = position[roi]
         spread = raw_kept[:, index].std(axis=0)
@@ -529,6 +541,7 @@ def extract_timeseries(
                 f"ROI {name} has zero variance in every one of its {index.size} voxels "
                 f"of BOLD image {bold}"
             )
+        used[np.unravel_index(np.flatnonzero(union)[alive], union.shape)] = 1
         y = cleaned[:, alive]
         if not np.any(y.std(axis=0) > 1e-10 * np.abs(raw_kept[:, alive]).mean()):
             raise InputError(
@@ -539,11 +552,18 @@ def extract_timeseries(
             "n_voxels_zero_variance": int(index.size - alive.size),
             "tsnr": _tsnr(raw_kept[:, alive]),
         }
+        if alive.size == 1:
+            log.warning("ROI %s has a single voxel in BOLD image %s: its series is one voxel's signal "
+                        "and noise", name, bold)
         if summary == "eigenvariate":
             series, explained = eigenvariate(y)
             entry["variance_explained"] = explained
         else:
             series = y.mean(axis=1)
+        lag1 = float(np.corrcoef(series[:-1], series[1:])[0, 1]) if series.std() > 0 else 0.0
+        if lag1 < -0.5:
+            log.warning("ROI %s of BOLD image %s alternates from volume to volume (lag-1 autocorrelation "
+                        "%.2f): a signal at the Nyquist frequency, not a BOLD signal", name, bold, lag1)
         columns.append(series)
         roi_qc[name] = entry
     qc["rois"] = roi_qc
@@ -572,7 +592,52 @@ def extract_timeseries(
         kept_volumes=kept,
         qc=qc,
         denoise=description,
+        voxels=nib.Nifti1Image(used, bold_img.affine),
     )
+
+
+def _check_distinct(names: list[str], masks: list[np.ndarray], bold: str | os.PathLike) -> None:
+    """Refuse ROIs that are identical or lie inside another on this grid (their series would share signal)."""
+    sizes = [int(m.sum()) for m in masks]
+    for i, inner in enumerate(masks):
+        for j, outer in enumerate(masks):
+            if i == j or sizes[i] > sizes[j] or (sizes[i] == sizes[j] and i > j):
+                continue
+            if not np.any(inner & ~outer):
+                what = "is identical to" if sizes[i] == sizes[j] else "lies entirely inside"
+                raise InputError(
+                    f"ROI {names[i]} {what} ROI {names[j]} on the grid of BOLD image {bold} "
+                    f"({sizes[i]} and {sizes[j]} voxels): DCM needs distinct regions; move or shrink one"
+                )
+
+
+def _check_confound_values(path: str | os.PathLike, columns: list[str] | None) -> None:
+    """Confound columns hold numbers, and the selected ones ``n/a`` only in leading rows (derivatives, FD).
+
+    ``columns``: the confounds the strategy selected; None checks every column for text only.
+    """
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"confounds file {path} cannot be read: {err}") from None
+    for column in table.columns if columns is None else columns:
+        if column not in table.columns:
+            continue
+        values = table[column].str.strip()
+        missing = values.isin(["n/a", "NaN", "nan", ""]).to_numpy()
+        numbers = pd.to_numeric(values.where(~missing), errors="coerce").to_numpy(float)
+        bad = np.flatnonzero(~missing & ~np.isfinite(numbers))
+        if bad.size:
+            raise InputError(f"confounds file {path}: column {column!r} holds {values.iloc[bad[0]]!r} at row "
+                             f"{bad[0] + 1}; expected numbers (or n/a in the first rows)")
+        if columns is None:
+            continue
+        present = np.flatnonzero(~missing)
+        gaps = np.flatnonzero(missing)
+        if present.size and gaps.size and gaps.max() > present.min():
+            row = int(gaps[gaps > present.min()][0])
+            raise InputError(f"confounds file {path}: column {column!r} is n/a at row {row + 1}, in the middle of "
+                             "the run (only the first rows may be n/a)")
 
 
 def _count_non_steady(confounds_file: str | os.PathLike) -> int:
