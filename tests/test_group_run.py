@@ -165,8 +165,8 @@ def test_hostile_inputs(tmp_path):
     with pytest.raises(InputError, match="ketamine binary25 seg-dmn4: 2 participants with labels and features"):
         run_group(bids, out, GroupOptions(**{**quick, "include_group": ("BP",)}))
     # every bad option reported at once
-    with pytest.raises(InputError, match="models: unknown svr.*k values.*--nprocs"):
+    with pytest.raises(InputError, match="GroupOptions.models: unknown svr.*GroupOptions.k_values.*--nprocs"):
         run_group(bids, out, GroupOptions(models=("svr",), k_values=(1, 5), nprocs=0))
-    with pytest.raises(InputError, match="permutation models: random_forest cannot be permuted"):
+    with pytest.raises(InputError, match="GroupOptions.permutation_models: random_forest cannot be permuted"):
         run_group(bids, out, GroupOptions(permutation_models=("random_forest",)))
     assert not (out / "group" / "report.html").exists()

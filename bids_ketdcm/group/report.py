@@ -13,22 +13,19 @@ from __future__ import annotations
 import base64
 import html
 import io
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from bids_ketdcm.group.metrics import confusion
+from bids_ketdcm.group.peb_analysis import peb_section
 from bids_ketdcm.group.suite import HEADLINE_METRIC, HEADLINE_MODEL, SuiteResult, Task
 from bids_ketdcm.io import write_text
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
-table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
-.note{color:#555;font-size:0.9em}img{max-width:100%}h2{border-bottom:2px solid #ddd}
-"""
+from bids_ketdcm.provenance import command_line, software_versions
+from bids_ketdcm.report.methods import group_methods_paragraph
+from bids_ketdcm.report.render import render_page
 
 
 def _png(fig) -> str:
@@ -57,9 +54,9 @@ def _target_figure(ctx: dict) -> str:
         yhat = head.predicted.map(classes.index).to_numpy()
         cm = confusion(y, yhat, len(classes))
         ax = axes[0]
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center")
+        ax.imshow(cm, cmap="Blues", vmin=0)
+        for (i, j), v in np.ndenumerate(cm):  # white on the dark cells, black on the light ones
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
         ax.set_xticks(range(len(classes)), classes, rotation=30, fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_xlabel("predicted")
@@ -146,12 +143,15 @@ def _weights_figure(best: dict) -> str:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, na_rep="n/a", float_format=lambda v: f"{v:.3f}", border=0)
+    """A table with readable headers (``n_permutations`` -> ``N permutations``), empty columns left out."""
+    empty = [c for c in frame.columns if frame[c].isna().all() or frame[c].astype(str).str.strip().eq("").all()]
+    shown = frame.drop(columns=empty).rename(columns=lambda c: str(c).replace("_", " ").capitalize())
+    return shown.to_html(index=False, na_rep="n/a", float_format=lambda v: f"{v:.3f}", border=0, classes="data")
 
 
 def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[Task],
                  best: dict | None, summary: pd.DataFrame, nprocs: int = 1,
-                 treatment: dict | None = None) -> None:
+                 treatment: dict | None = None, qc: dict[str, pd.DataFrame] | None = None) -> None:
     """Write the group report.
 
     Parameters
@@ -173,6 +173,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
     treatment
         Result of the group level's treatment selection (``run._treatment_selection``), or
         None when it was not asked for.
+    qc
+        Per network, the participants' QC table (:func:`bids_ketdcm.group.qc.qc_table`).
     """
     from joblib import Parallel, delayed
 
@@ -205,10 +207,10 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
     # starting workers (importing matplotlib) costs about as much as ten figures
     jobs = max(1, nprocs) if len(contexts) > 12 else 1
     images = Parallel(n_jobs=jobs)(delayed(_target_figure)(c) for c in contexts)
+    primary = "\n".join(["<section id='primary'>", *primary_section(info["primary"], info["participant_flow"]),
+                         "</section>"])
     parts = [
-        f"<html><head><meta charset='utf-8'><title>bids-ketdcm group report</title><style>{_CSS}</style></head><body>",
-        "<h1>bids-ketdcm group report</h1>",
-        *primary_section(info["primary"], info["participant_flow"]),
+        "<section id='results'>",
         "<h2>Exploratory analyses (not pre-specified)</h2>",
         "<p class='note'><b>Exploratory</b>: every other network, target, model and protocol. Judge them by "
         "the adjusted p-values: p_holm (Holm, family-wise error over all "
@@ -247,6 +249,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         ]
     if treatment is not None:
         parts += _treatment_section(treatment)
+    if info.get("peb"):
+        parts += peb_section(info["peb"])
     parts.append("<h2>Figures per target and network (ketamine)</h2>")
     for ctx, img in zip(contexts, images):
         parts.append(f"<h3>{html.escape(ctx['target'])} / seg-{html.escape(ctx['network'])}</h3>")
@@ -258,8 +262,16 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         parts.append(_table(wide))
     parts.append("<h2>Definitions</h2><ul>")
     parts += [f"<li><b>{html.escape(m)}</b>: {html.escape(d)}</li>" for m, d in info["models"].items()]
-    parts.append("</ul></body></html>")
-    write_text(path, "\n".join(parts))
+    parts.append("</ul></section>")
+    qc = qc or {}
+    page = render_page(
+        "group.html", title="group report",
+        nav=[("primary", "Primary analysis"), ("methods", "Methods"), ("qc", "Participant QC"),
+             ("results", "Exploratory"), ("software", "Software")], primary=primary,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command_line=command_line(),
+        versions=software_versions(), methods=group_methods_paragraph(info, qc),
+        qc={n: t.to_dict(orient="records") for n, t in qc.items()}, sections=["\n".join(parts)])
+    write_text(path, page)
 
 
 def _ci(est: dict) -> str:

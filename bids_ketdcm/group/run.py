@@ -32,6 +32,7 @@ import pandas as pd
 from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.feature_sets import gather_features
+from bids_ketdcm.group.peb_analysis import run_peb
 from bids_ketdcm.group.features import FeatureSet
 from bids_ketdcm.group.inference import adjust_grid, bootstrap_headline, bootstrap_indices
 from bids_ketdcm.group.labels import (
@@ -45,6 +46,7 @@ from bids_ketdcm.group.labels import (
     read_scores,
 )
 from bids_ketdcm.group.primary import PrimaryInputs, load_plan, run_primary
+from bids_ketdcm.group.qc import write_group_tables
 from bids_ketdcm.group.suite import (
     ALL_MODELS,
     HEADLINE_DEFINITION,
@@ -130,6 +132,10 @@ class GroupOptions:
     treatment_target: str = "response"
     #: External validation: accept participants the models were trained on (flagged).
     allow_training_overlap: bool = False
+    #: Also run PEB leave-one-out prediction of this continuous ketamine target (None: off).
+    peb_target: str | None = None
+    #: Permutations of the PEB leave-one-out (each redoes every leave-one-out fit).
+    peb_permutations: int = 99
 
     def __post_init__(self) -> None:
         # a single name given as a string means a one-element list, not its characters
@@ -146,24 +152,29 @@ class GroupOptions:
         problems = []
         bad = [s for s in self.schemes if s not in SCHEME_NAMES]
         if bad:
-            problems.append(f"schemes: unknown {', '.join(bad)} (choose from {', '.join(SCHEME_NAMES)})")
+            problems.append(f"GroupOptions.schemes: unknown {', '.join(bad)} (choose from {', '.join(SCHEME_NAMES)})")
+        if self.peb_target is not None and self.peb_target not in TARGETS:
+            problems.append(f"--peb: unknown target {self.peb_target} (choose from {', '.join(TARGETS)})")
+        if self.peb_permutations < 0:
+            problems.append(f"--peb-permutations: must be >= 0 (got {self.peb_permutations})")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
-            problems.append(f"targets: unknown {', '.join(bad)} (choose from {', '.join(TARGETS)})")
+            problems.append(f"GroupOptions.targets: unknown {', '.join(bad)} (choose from {', '.join(TARGETS)})")
         bad = [m for m in self.models if m not in ALL_MODELS]
         if bad:
-            problems.append(f"models: unknown {', '.join(bad)} (choose from {', '.join(ALL_MODELS)})")
+            problems.append(f"GroupOptions.models: unknown {', '.join(bad)} (choose from {', '.join(ALL_MODELS)})")
         bad = [m for m in self.permutation_models or () if m not in PERMUTABLE]
         if bad:
             problems.append(
-                f"permutation models: {', '.join(bad)} cannot be permuted (choose from {', '.join(PERMUTABLE)})"
+                f"GroupOptions.permutation_models: {', '.join(bad)} cannot be permuted "
+                f"(choose from {', '.join(PERMUTABLE)})"
             )
         if not self.k_values or any(k < 2 for k in self.k_values):
-            problems.append(f"k values: every k must be >= 2 (got {list(self.k_values)})")
+            problems.append(f"GroupOptions.k_values: every k must be >= 2 (got {list(self.k_values)})")
         if self.nested_repeats < 0:
             problems.append(f"--nested-repeats: must be >= 0 (got {self.nested_repeats})")
         if self.nested_outer_k < 2 or self.inner_k < 2:
-            problems.append("nested_outer_k and inner_k (GroupOptions) must be >= 2")
+            problems.append("GroupOptions.nested_outer_k and inner_k must be >= 2")
         if self.n_permutations < 0:
             problems.append(f"--n-permutations: must be >= 0 (got {self.n_permutations})")
         if self.nested_permutations < 0:
@@ -177,15 +188,15 @@ class GroupOptions:
         except InputError as err:
             problems.append(str(err))
         if self.rf_trees < 1:
-            problems.append(f"rf_trees (GroupOptions): must be >= 1 (got {self.rf_trees})")
+            problems.append(f"GroupOptions.rf_trees: must be >= 1 (got {self.rf_trees})")
         if self.nprocs < 1:
             problems.append(f"--nprocs: must be >= 1 (got {self.nprocs})")
         if self.engine not in ("batched", "sklearn"):
-            problems.append(f"engine (GroupOptions): 'batched' or 'sklearn' (got {self.engine!r})")
+            problems.append(f"GroupOptions.engine: 'batched' or 'sklearn' (got {self.engine!r})")
         if normalise_session(self.baseline_session) == normalise_session(self.post_session):
             problems.append("--baseline-session and --post-session must differ")
         if not self.schemes and not self.targets:
-            problems.append("schemes and targets (GroupOptions): nothing to predict")
+            problems.append("GroupOptions.schemes and targets: nothing to predict")
         from bids_ketdcm.config import FEATURE_SETS
 
         bad = [f for f in self.feature_sets if f not in FEATURE_SETS]
@@ -521,6 +532,8 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     timings["treatment_selection"] = round(time.perf_counter() - started, 2)
 
     group = output_dir / "group"
+    peb = None if options.peb_target is None else run_peb(
+        features, labels, group, options.peb_target, options.peb_permutations, options.seed)
     sessions = {"ketamine": normalise_session(options.post_session)}
     if "placebo" in analyses:
         sessions["placebo"] = normalise_session(options.placebo_session)
@@ -530,6 +543,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     write_tsv(group / "results.tsv", suite.results)
     write_tsv(group / "folds.tsv", suite.folds)
     write_tsv(group / "predictions.tsv", suite.predictions)
+    qc = write_group_tables(group, features)
     flow = participant_flow(labels, participants, features, primary, options)
     if primary.get("skipped") is None:
         write_tsv(group / "primary_predictions.tsv", primary["predictions"])
@@ -571,13 +585,15 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         "best_model": None if best is None else {**best, "weights": best["weights"]},
         "nulls": suite.nulls,
         "treatment_selection": treatment,
+        "peb": peb,
         "results": suite.results.to_dict(orient="records"),
         "seconds": round(time.perf_counter() - start, 2),
         "timings": timings,
     }
     outputs = {name: str(group / name) for name in (
         "labels.tsv", "labels.json", "labels_excluded.tsv", "results.tsv", "folds.tsv",
-        "predictions.tsv", "results.json", "primary.json")}
+        "predictions.tsv", "results.json", "primary.json",
+        *(f"seg-{n}_{kind}.tsv" for n in qc for kind in ("qc", "edges")))}
     if primary.get("skipped") is None:
         outputs["primary_predictions.tsv"] = str(group / "primary_predictions.tsv")
     if treatment is not None and treatment["skipped"] is None:
@@ -586,7 +602,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         from bids_ketdcm.group.report import write_report
 
         write_report(group / "report.html", info, suite, tasks, best, summary, nprocs=options.nprocs,
-                     treatment=treatment)
+                     treatment=treatment, qc=qc)
         log.info("report written at %.1f s", time.perf_counter() - start)
         outputs["report.html"] = str(group / "report.html")
     info["seconds"] = round(time.perf_counter() - start, 2)
