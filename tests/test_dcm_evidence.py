@@ -67,7 +67,7 @@ def test_spm_path_reproduces_spm(name):
     assert post.extra["path"] == "spm" and "F_exact" not in post.extra
     assert int(post.iterations) == case.meta.get("iterations", SIMULATED_SPM_ITERATIONS.get(name))
     assert np.abs(post.A - case.array("spm_Ep_A.txt")).max() <= 1e-3
-    assert post.F == pytest.approx(case.meta["F"], abs=0.1)
+    assert post.F == pytest.approx(case.meta["F"], abs=0.05)  # n04_seed1: +0.036, the others < 0.003
     np.testing.assert_allclose(np.exp(-post.h.ravel()), case.meta["Eh"], rtol=1e-2)
 
 
