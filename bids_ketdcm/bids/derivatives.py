@@ -9,9 +9,11 @@ Inputs are named by BIDS URIs (``bids:fmriprep:sub-...``), never by host paths.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from bids_ketdcm.bids.naming import (
     connectivity_paths,
     is_connectivity,
     parse_name,
+    roi_mask_path,
     timeseries_paths,
 )
 from bids_ketdcm.dcm import SPM_RELEASE, Posterior
@@ -41,10 +44,15 @@ log = logging.getLogger(__name__)
 
 BIDS_VERSION = "1.10.0"
 
-#: Files BIDS has no place for: the full DCM posterior (NumPy archive), the HTML reports,
-#: the logs and the work folder. Folder names without a trailing slash: the validator
-#: (bids-validator-deno 3) matches them only so.
-BIDSIGNORE = "\n".join(["*_posterior.npz", "*.html", "logs", "work", ""])
+#: Files BIDS has no place for: time series (BEP012), relational matrices (BEP017) and
+#: morphometry tables, proposed but not in the specification the validator knows; the full
+#: DCM posterior (NumPy archive), predictions, the HTML reports and their figures, the logs and the work folder.
+#: The ROI masks (``desc-NET_mask.nii.gz``) are BIDS files: the validator sees every subject.
+#: Folder names without a trailing slash: the validator (bids-validator-deno 3) matches them only so.
+BIDSIGNORE = "\n".join([
+    "*_timeseries.tsv", "*_timeseries.json", "*_relmat.tsv", "*_relmat.json", "*_morph.tsv", "*_morph.json",
+    "*_predictions.tsv", "*_predictions.json", "*_posterior.npz", "*.html", "logs", "work", "figures", "",
+])
 
 CONNECTIVITY_DESCRIPTION = {
     "Measure": "Effective connectivity (spectral DCM posterior mean of A)",
@@ -141,6 +149,18 @@ def _dataset_link(dataset: Path, output_dir: Path) -> str:
     return Path(os.path.relpath(dataset.resolve(), output_dir.resolve())).as_posix()
 
 
+def _portable_command(argv: list[str] | None, output_dir: Path) -> str:
+    """The command line without host paths: the program as ``bids-ketdcm``, paths relative to OUTPUT_DIR."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    out = ["bids-ketdcm"]
+    for word in words:
+        option, sep, value = word.partition("=") if word.startswith("--") else ("", "", word)
+        if os.path.isabs(value):
+            value = Path(os.path.relpath(value, output_dir.resolve())).as_posix()
+        out.append(option + sep + value)
+    return command_line(out)
+
+
 def write_dataset_description(output_dir: Path, inputs: Mapping[str, Path], argv: list[str] | None = None) -> None:
     """Write ``dataset_description.json`` (with ``GeneratedBy``), ``.bidsignore`` and the top-level sidecar.
 
@@ -157,7 +177,7 @@ def write_dataset_description(output_dir: Path, inputs: Mapping[str, Path], argv
         "Name": "bids-ketdcm",
         "Version": __version__,
         "CodeURL": "https://github.com/bids-ketdcm/bids-ketdcm",
-        "CommandLine": command_line(argv),
+        "CommandLine": _portable_command(argv, output_dir),
         "Description": f"spectral DCM emulating {SPM_RELEASE} spm_dcm_fmri_csd; {versions}",
     }
     if (image := container()) is not None:
@@ -212,8 +232,19 @@ def settings_differences(output_dir: Path, run: RunEntities, network_label: str,
 
 def write_timeseries(output_dir: Path, run: RunEntities, network_label: str, network: pd.DataFrame,
                      series: RoiTimeseries, sources: list[str], settings: Mapping[str, Any]) -> None:
-    """Write the denoised ROI time series (TSV: one column per ROI) and its sidecar."""
+    """Write the denoised ROI time series (TSV: one column per ROI), its sidecar and the ROI voxels (mask)."""
     paths = timeseries_paths(output_dir, run, network_label)
+    if series.voxels is not None:
+        mask = roi_mask_path(output_dir, run, network_label)
+        series.voxels.header.set_xyzt_units("mm")
+        with atomic_path(mask) as tmp:
+            tmp.write_bytes(gzip.compress(series.voxels.to_bytes(), mtime=0))
+        write_json(mask.with_name(mask.name.replace(".nii.gz", ".json")), {
+            "Description": f"voxels whose signal made the regional time series of network {network_label}",
+            "Type": "ROI",
+            "SpatialReference": sources[0] if sources else run.get("space"),
+            "Sources": sources,
+        })
     write_tsv(paths["tsv"], series.to_frame())
     write_json(paths["json"], {
         "RepetitionTime": series.tr,
@@ -359,3 +390,45 @@ def finished_results(output_dir: Path, subject: str) -> list[RunResult]:
             denoise_strategy=str(series_meta.get("DenoiseStrategy", {}).get("Name", "")),
         ))
     return out
+
+
+def read_posterior(connectivity_tsv: Path) -> dict[str, Any]:
+    """The full DCM posterior behind one connectivity TSV (what PEB needs).
+
+    Parameters
+    ----------
+    connectivity_tsv
+        A ``..._meas-dcm_relmat.tsv`` written by :func:`write_connectivity`.
+
+    Returns
+    -------
+    dict
+        ``params`` (posterior means by SPM's names), ``cov`` (P, P) posterior covariance in
+        SPM's order, ``F`` free energy, ``timeseries`` (T, n) the series inverted (the prior
+        of models with more than 8 regions depends on it), ``names`` the regions.
+
+    Raises
+    ------
+    ValueError
+        The posterior NPZ, sidecar or time series is missing or unreadable (the message
+        names the file).
+    """
+    entities = parse_name(connectivity_tsv)
+    run = RunEntities.from_mapping(entities)
+    output_dir = Path(connectivity_tsv).parents[3 if run.session else 2]
+    paths = connectivity_paths(output_dir, run, entities["seg"])
+    series_path = timeseries_paths(output_dir, run, entities["seg"])["tsv"]
+    current = paths["npz"]
+    try:
+        with np.load(paths["npz"]) as npz:
+            params = {k[len("param_"):]: np.asarray(npz[k], float) for k in npz.files if k.startswith("param_")}
+            cov = np.asarray(npz["cov"], float)
+        current = paths["json"]
+        meta = json.loads(paths["json"].read_text(encoding="utf-8"))
+        current = series_path
+        names = list(meta["ROIs"])
+        series = pd.read_csv(series_path, sep="\t")[names].to_numpy(float)
+        return {"params": params, "cov": cov, "F": float(meta["FreeEnergy"]), "timeseries": series,
+                "names": names}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{current}: cannot read the DCM posterior ({exc})") from None
