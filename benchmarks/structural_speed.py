@@ -58,7 +58,7 @@ def main() -> None:
         seconds = []
         for k in range(args.repeats):
             start = time.perf_counter()
-            run_structural(tmp / "fmriprep", tmp / f"out{k}", tmp / "work", ["01"], "b0", SPACE,
+            run_structural(tmp / "fmriprep", tmp / f"out{k}", ["01"], "b0", SPACE,
                            ["dmn4", "power264"])
             seconds.append(time.perf_counter() - start)
         meta = json.loads(next((tmp / "out0").rglob("*seg-dmn4_desc-gmv_morph.json")).read_text())

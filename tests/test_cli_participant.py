@@ -62,7 +62,7 @@ def test_recovered_connectivity_correlates_with_truth(participant_run, dataset):
     est, true = [], []
     for f in _connectivity_files(out):
         truth = dataset / "derivatives" / "synthetic_truth" / f.relative_to(out).parent / f.name.replace(
-            f"_space-{SPACE}", "").replace("desc-dcm", "desc-true")
+            f"_space-{SPACE}", "").replace("meas-dcm_relmat", "desc-true_connectivity")
         a, _ = read_connectivity(f)
         t, _ = read_connectivity(truth)
         est.append(a.ravel())

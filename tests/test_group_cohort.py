@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import DS005917
+
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.labels import build_labels

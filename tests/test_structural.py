@@ -150,7 +150,7 @@ def test_participant_outputs_and_group_features(tmp_path):
     atlas_tsv = tmp_path / "phantom.tsv"
     spheres(tmp_path)
     labelled_atlas(tmp_path, 2.0)
-    summary = run_structural(fmriprep, out, tmp_path / "work", None, "b0", SPACE,
+    summary = run_structural(fmriprep, out, None, "b0", SPACE,
                              [str(atlas_tsv), str(tmp_path / "atlas2.nii.gz")])
     assert summary == {"written": 2, "finished_before": 0, "subjects": ["01", "02"]}
     path = out / "sub-02/ses-b0/anat" / f"sub-02_ses-b0_space-{SPACE}_seg-phantom_desc-gmv_morph.tsv"
@@ -159,7 +159,7 @@ def test_participant_outputs_and_group_features(tmp_path):
     np.testing.assert_allclose(table.gmv_tiv, [984.0 / 16000.0, 456.0 / 16000.0], rtol=1e-6)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["Modulated"] is True and meta["TIV_mm3"] == pytest.approx(16000.0) and meta["Network"] == "phantom"
-    again = run_structural(fmriprep, out, tmp_path / "work", ["01"], "b0", SPACE, [str(atlas_tsv)])
+    again = run_structural(fmriprep, out, ["01"], "b0", SPACE, [str(atlas_tsv)])
     assert again["finished_before"] == 1 and again["written"] == 0
     features, missing = collect_gmv(out, ["sub-01", "sub-02"], session="b0")
     assert sorted(features) == ["atlas2", "phantom"] and missing.empty
@@ -174,7 +174,7 @@ def test_refusals(tmp_path):
     files = write_anat(tmp_path / "fmriprep", "01")
     files["WM"].unlink()
     with pytest.raises(InputError, match=r"sub-01: no anat/\*_space-MNI152NLin2009cAsym_label-WM_probseg"):
-        find_anat(tmp_path / "fmriprep", tmp_path / "work", ["01"], None, SPACE)
+        find_anat(tmp_path / "fmriprep", ["01"], None, SPACE)
     bad = _img(tmp_path / "bad.nii.gz", np.full((4, 4, 4), 1.7))
     with pytest.raises(InputError, match="probabilities in \\[0, 1\\]"):
         regional_volumes(bad, spheres(tmp_path))
@@ -182,7 +182,7 @@ def test_refusals(tmp_path):
     far.write_text("name\tx\ty\tz\tradius_mm\na\t0\t0\t0\t4\nb\t500\t0\t0\t4\n")
     write_anat(tmp_path / "ok", "01")
     with pytest.raises(InputError, match="region\\(s\\) b fall outside"):
-        run_structural(tmp_path / "ok", tmp_path / "out", tmp_path / "work", None, None, SPACE, [str(far)])
+        run_structural(tmp_path / "ok", tmp_path / "out", None, None, SPACE, [str(far)])
 
 
 def test_group_feature_sets_side_by_side(tmp_path):
@@ -217,7 +217,8 @@ def test_group_feature_sets_side_by_side(tmp_path):
     bids, out = cohort(tmp_path / "a", 0)
     options = dict(include_group=("MDD",), schemes=("binary50",), targets=(),
                    models=("logistic", "majority", "baseline_score"),
-                   nested_repeats=2, n_permutations=99, report=False, progress=False, allow_missing=True,
+                   nested_repeats=2, nested_permutations=0, n_permutations=99, report=False, progress=False,
+                   allow_missing=True,
                    feature_sets=("dcm", "gmv", "dcm+gmv"))
     run_group(bids, out, GroupOptions(**{**options, "report": True}, save_model=tmp_path / "models"))
     res = pd.read_csv(out / "group" / "results.tsv", sep="\t")

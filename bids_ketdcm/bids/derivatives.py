@@ -9,9 +9,11 @@ Inputs are named by BIDS URIs (``bids:fmriprep:sub-...``), never by host paths.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +31,28 @@ from bids_ketdcm.bids.naming import (
     connectivity_paths,
     is_connectivity,
     parse_name,
+    roi_mask_path,
     timeseries_paths,
 )
 from bids_ketdcm.dcm import SPM_RELEASE, Posterior
 from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
 from bids_ketdcm.participant.timeseries import RoiTimeseries
 from bids_ketdcm.provenance import command_line, container, software_versions
+from bids_ketdcm.threads import threads_in_force
 
 log = logging.getLogger(__name__)
 
 BIDS_VERSION = "1.10.0"
 
-#: Files BIDS has no place for: the full DCM posterior (NumPy archive), the HTML reports,
-#: the logs and the work folder. Folder names without a trailing slash: the validator
-#: (bids-validator-deno 3) matches them only so.
-BIDSIGNORE = "\n".join(["*_posterior.npz", "*.html", "logs", "work", ""])
+#: Files BIDS has no place for: time series (BEP012), relational matrices (BEP017) and
+#: morphometry tables, proposed but not in the specification the validator knows; the full
+#: DCM posterior (NumPy archive), predictions, the HTML reports and their figures, the logs and the work folder.
+#: The ROI masks (``desc-NET_mask.nii.gz``) are BIDS files: the validator sees every subject.
+#: Folder names without a trailing slash: the validator (bids-validator-deno 3) matches them only so.
+BIDSIGNORE = "\n".join([
+    "*_timeseries.tsv", "*_timeseries.json", "*_relmat.tsv", "*_relmat.json", "*_morph.tsv", "*_morph.json",
+    "*_predictions.tsv", "*_predictions.json", "*_posterior.npz", "*.html", "logs", "work", "figures", "",
+])
 
 CONNECTIVITY_DESCRIPTION = {
     "Measure": "Effective connectivity (spectral DCM posterior mean of A)",
@@ -140,6 +149,18 @@ def _dataset_link(dataset: Path, output_dir: Path) -> str:
     return Path(os.path.relpath(dataset.resolve(), output_dir.resolve())).as_posix()
 
 
+def _portable_command(argv: list[str] | None, output_dir: Path) -> str:
+    """The command line without host paths: the program as ``bids-ketdcm``, paths relative to OUTPUT_DIR."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    out = ["bids-ketdcm"]
+    for word in words:
+        option, sep, value = word.partition("=") if word.startswith("--") else ("", "", word)
+        if os.path.isabs(value):
+            value = Path(os.path.relpath(value, output_dir.resolve())).as_posix()
+        out.append(option + sep + value)
+    return command_line(out)
+
+
 def write_dataset_description(output_dir: Path, inputs: Mapping[str, Path], argv: list[str] | None = None) -> None:
     """Write ``dataset_description.json`` (with ``GeneratedBy``), ``.bidsignore`` and the top-level sidecar.
 
@@ -156,7 +177,7 @@ def write_dataset_description(output_dir: Path, inputs: Mapping[str, Path], argv
         "Name": "bids-ketdcm",
         "Version": __version__,
         "CodeURL": "https://github.com/bids-ketdcm/bids-ketdcm",
-        "CommandLine": command_line(argv),
+        "CommandLine": _portable_command(argv, output_dir),
         "Description": f"spectral DCM emulating {SPM_RELEASE} spm_dcm_fmri_csd; {versions}",
     }
     if (image := container()) is not None:
@@ -211,8 +232,19 @@ def settings_differences(output_dir: Path, run: RunEntities, network_label: str,
 
 def write_timeseries(output_dir: Path, run: RunEntities, network_label: str, network: pd.DataFrame,
                      series: RoiTimeseries, sources: list[str], settings: Mapping[str, Any]) -> None:
-    """Write the denoised ROI time series (TSV: one column per ROI) and its sidecar."""
+    """Write the denoised ROI time series (TSV: one column per ROI), its sidecar and the ROI voxels (mask)."""
     paths = timeseries_paths(output_dir, run, network_label)
+    if series.voxels is not None:
+        mask = roi_mask_path(output_dir, run, network_label)
+        series.voxels.header.set_xyzt_units("mm")
+        with atomic_path(mask) as tmp:
+            tmp.write_bytes(gzip.compress(series.voxels.to_bytes(), mtime=0))
+        write_json(mask.with_name(mask.name.replace(".nii.gz", ".json")), {
+            "Description": f"voxels whose signal made the regional time series of network {network_label}",
+            "Type": "ROI",
+            "SpatialReference": sources[0] if sources else run.get("space"),
+            "Sources": sources,
+        })
     write_tsv(paths["tsv"], series.to_frame())
     write_json(paths["json"], {
         "RepetitionTime": series.tr,
@@ -283,6 +315,7 @@ def write_connectivity(output_dir: Path, run: RunEntities, network_label: str, s
         "Seconds": float(post.seconds),
         "Device": post.device,
         "PathKept": {"exact": "exact Jacobian", "spm": "SPM12 path (finite differences)"}[str(post.extra["path"])],
+        "Threads": threads_in_force(),
         "FreeEnergyPaths": {name: float(post.extra[key]) for name, key in
                             (("exact Jacobian", "F_exact"), ("SPM12 path", "F_spm")) if key in post.extra},
         "SoftwareVersions": {"bids-ketdcm": __version__, "torch": torch.__version__,

@@ -17,9 +17,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from bids_ketdcm.bids.naming import RunEntities, bids_uri
 from bids_ketdcm.errors import InputError
@@ -453,7 +454,7 @@ def _select_sessions(session: str | Sequence[str] | None) -> list[str] | None:
     if session is None:
         return None
     labels = [session] if isinstance(session, str) else list(session)
-    return [s[4:] if s.startswith("ses-") else s for s in labels] or None
+    return [s[4:] if s.startswith("ses-") else s for s in labels if s] or None
 
 
 def find_bold_runs(
@@ -553,8 +554,10 @@ def find_bold_runs(
         log.error("%s; left out", message)
     if not found:
         hint = ""
-        if sessions is not None and layout.get_sessions():
-            hint = f" (sessions present: {', '.join(sorted(layout.get_sessions()))})"
+        if sessions is not None:
+            present = sorted(layout.get_sessions())
+            hint = (f" (sessions present: {', '.join(present)})" if present
+                    else " (the dataset has no sessions: leave out --session-label)")
         raise InputError(f"no preprocessed BOLD ({_describe(query)}, space {space}) in {fmriprep}{hint}")
 
     raw_dir = None if bids_dir.resolve() == fmriprep.resolve() else bids_dir
@@ -598,8 +601,8 @@ def _bold_run(layout, bold, fmriprep: Path, raw_dir: Path | None, labels: Sequen
     header = _header_tr(path)
     if header is not None and abs(header - tr) > 0.01 * tr:
         raise InputError(
-            f"{path}: RepetitionTime {tr:g} s in its sidecar but {header:g} s in the NIfTI header; "
-            "fix the one that is wrong"
+            f"RepetitionTime {tr:g} s in {_expected_name(path, True, '_desc-preproc_bold.json')} (or the raw "
+            f"sidecars) but {header:g} s in the NIfTI header of {path}; fix the one that is wrong"
         )
     entities = bold.get_entities()
     return BoldRun(

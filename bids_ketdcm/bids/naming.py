@@ -7,6 +7,8 @@ spatial ``space``, ``res``, ``den``, in the order of the BIDS schema. The measur
 entities follow:
 
 * ROI time series (BEP012): ``<run>_space-S[_res-R]_seg-NET_desc-denoised_timeseries.tsv``;
+* the voxels of the network's regions on the BOLD grid (a BIDS mask):
+  ``<run>_space-S[_res-R]_desc-NET_mask.nii.gz``;
 * effective connectivity (BEP017): ``<run>_space-S[_res-R]_seg-NET_meas-dcm_relmat.tsv``
   (rows are targets, columns sources, in Hz), with the full posterior beside it
   (``..._meas-dcm_posterior.npz``, a file BIDS has no place for).
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 #: Entities that identify a BOLD run (and every output made from it), in BIDS order.
 RUN_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo")
@@ -136,7 +138,7 @@ class RunEntities:
         """Readable run label: every run entity but ``sub`` (e.g. ``ses-b0_task-rest_acq-fast_run-01``)."""
         return "_".join(f"{k}-{v}" for k, v in self.entities if k in RUN_ENTITIES and k != "sub")
 
-    def folder(self, output_dir: str | Path) -> Path:
+    def folder(self, output_dir: str | os.PathLike) -> Path:
         """``OUTPUT_DIR/sub-X[/ses-Y]/func``."""
         out = Path(output_dir) / f"sub-{self.subject}"
         if self.session:
@@ -150,7 +152,7 @@ class RunEntities:
         return "_".join([*run, f"seg-{seg}", *tail])
 
 
-def connectivity_paths(output_dir: str | Path, run: RunEntities, seg: str) -> dict[str, Path]:
+def connectivity_paths(output_dir: str | os.PathLike, run: RunEntities, seg: str) -> dict[str, Path]:
     """Paths of a run's DCM outputs: ``tsv``, ``json`` (BEP017 relmat) and ``npz`` (posterior)."""
     stem = run.folder(output_dir) / f"{run.stem(seg)}_meas-{CONNECTIVITY_MEASURE}"
     return {
@@ -160,10 +162,19 @@ def connectivity_paths(output_dir: str | Path, run: RunEntities, seg: str) -> di
     }
 
 
-def timeseries_paths(output_dir: str | Path, run: RunEntities, seg: str) -> dict[str, Path]:
+def timeseries_paths(output_dir: str | os.PathLike, run: RunEntities, seg: str) -> dict[str, Path]:
     """Paths of a run's denoised ROI time series: ``tsv`` and ``json`` (BEP012)."""
     stem = run.folder(output_dir) / f"{run.stem(seg)}_desc-{TIMESERIES_DESC}_{TIMESERIES_SUFFIX}"
     return {"tsv": stem.with_name(stem.name + ".tsv"), "json": stem.with_name(stem.name + ".json")}
+
+
+def roi_mask_path(output_dir: str | os.PathLike, run: RunEntities, seg: str) -> Path:
+    """The voxels a network's series were made of, on the BOLD grid: ``<run>_space-S[_res-R]_desc-NET_mask.nii.gz``.
+
+    A BIDS ``func`` mask (the schema has no ``seg`` entity for masks: the network is the ``desc``).
+    """
+    head = [f"{k}-{v}" for k, v in run.entities if k in RUN_ENTITIES or k in ("space", "res")]
+    return run.folder(output_dir) / ("_".join([*head, f"desc-{seg}"]) + "_mask.nii.gz")
 
 
 def connectivity_glob(session: str | None = None) -> str:
@@ -179,7 +190,7 @@ def is_connectivity(path: str | Path) -> bool:
             and ent["extension"] == ".tsv" and "seg" in ent)
 
 
-def gmv_path(output_dir: str | Path, subject: str, session: str | None, space: str, seg: str) -> Path:
+def gmv_path(output_dir: str | os.PathLike, subject: str, session: str | None, space: str, seg: str) -> Path:
     """``OUTPUT_DIR/sub-X[/ses-Y]/anat/sub-X[_ses-Y]_space-S_seg-NET_desc-gmv_morph.tsv``."""
     folder = Path(output_dir) / f"sub-{subject}"
     stem = f"sub-{subject}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -18,8 +20,11 @@ def fit(
     max_iterations: int = MAX_ITERATIONS,
     device: str | torch.device | None = None,
     jacobian: str = "analytic",
+    spm_path_check: bool = True,
     csd_model: str = "spm12",
     progress: bool = False,
+    on_subject_done: Callable[[int, int, bool], None] | None = None,
+    chunk_bytes: int | None = None,
 ) -> Posterior:
     """Invert spectral DCM on raw ROI time series: scaling, CSD, priors, inversion.
 
@@ -37,11 +42,16 @@ def fit(
     jacobian
         ``"analytic"`` (exact, fast; default), ``"autograd"`` (exact, ``torch.func``) or
         ``"finite-difference"`` (SPM12's path exactly).
+    spm_path_check
+        With an exact Jacobian, also run SPM's path and keep the higher free energy
+        (:func:`bids_ketdcm.dcm.invert`).
     csd_model
         ``"spm12"`` (default) or ``"direct"`` (no AR round trip of the prediction; not
         SPM12); see :func:`bids_ketdcm.dcm.invert`.
     progress
         Log one line per iteration.
+    on_subject_done, chunk_bytes
+        Per-subject completion callback and CPU chunk budget; see :func:`bids_ketdcm.dcm.invert`.
 
     Returns
     -------
@@ -66,7 +76,8 @@ def fit(
     csd, freqs = estimate_csd(np.stack(scaled), tr)
     prior_cov_A = np.stack([projected_A_covariance(s) for s in scaled]) if n > MAX_NODES else None
     post = invert(csd, freqs, prior_cov_A=prior_cov_A, max_iterations=max_iterations,
-                  device=device, jacobian=jacobian, csd_model=csd_model, progress=progress)
+                  device=device, jacobian=jacobian, spm_path_check=spm_path_check, csd_model=csd_model,
+                  progress=progress, on_subject_done=on_subject_done, chunk_bytes=chunk_bytes)
     post.scale = np.asarray(scales)
     return post if batched else post.subject(0)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from .model import (
     EIG_CEILING,
     INPUT_GAIN,

@@ -215,8 +215,8 @@ class CcfGrid:
     ns: float
 
     @classmethod
-    def from_freqs(cls, freqs: torch.Tensor) -> "CcfGrid":
-        f = np.asarray(freqs.detach().cpu(), dtype=float) if isinstance(freqs, torch.Tensor) else np.asarray(freqs, dtype=float)
+    def from_freqs(cls, freqs: torch.Tensor) -> CcfGrid:
+        f = np.asarray(freqs.detach().cpu() if isinstance(freqs, torch.Tensor) else freqs, dtype=float)
         df = float(f[1] - f[0])
         ns = 2.0 * float(f[-1])
         return cls(df=df, n_lags=math.ceil(ns / (2.0 * df)), start=math.ceil(float(f[0]) / df) - 1, ns=ns)

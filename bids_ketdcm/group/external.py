@@ -118,12 +118,12 @@ def check_label_definition(model: SavedModel, labels: LabelSet) -> None:
     scheme = labels.schemes.get(want["scheme"])
     if scheme is None:
         raise InputError(f"saved model {model.path}: label scheme {want['scheme']!r} is not built for this dataset "
-                         f"(schemes: {', '.join(labels.schemes)}); add it with --schemes")
+                         f"(schemes: {', '.join(labels.schemes)}); add it to GroupOptions.schemes")
     mine = {"variable": scheme.variable, "edges": list(scheme.edges), "classes": list(scheme.classes)}
     theirs = {k: want.get(k) for k in mine}
     if mine != theirs:
         raise InputError(f"saved model {model.path}: its label definition {theirs} differs from this dataset's "
-                         f"{want['scheme']} ({mine}); use the same thresholds (e.g. --remission-threshold)")
+                         f"{want['scheme']} ({mine}); use the same thresholds (GroupOptions.remission_threshold)")
     if want.get("score_column") and want["score_column"] != labels.score_column:
         log.warning("saved model %s was trained on %s labels; this dataset uses %s", model.path,
                     want["score_column"], labels.score_column)

