@@ -2,7 +2,8 @@
 
 Usage: ``python benchmarks/demo_time.py [--keep DIR]``. The demo runs in a temporary folder
 (or DIR) with this interpreter; the CPU count and the load average before and after are
-recorded, since a busy machine slows every step.
+recorded, since a busy machine slows every step, and so is the CPU time of each step (user +
+system of all its processes), which a busy machine does not inflate.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP = re.compile(r"^demo: (\w+) took ([\d.]+) s$", re.M)
+STEP = re.compile(r"^demo: (\w+) took ([\d.]+) s \(cpu ([\d.]+)\+([\d.]+) s\)$", re.M)
 
 
 def main() -> None:
     """Run the demo once and print its timing as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--keep", type=Path, help="Run the demo in this folder and keep its outputs.")
+    parser.add_argument("--keep", type=Path, help="Run the demo in this folder and keep its outputs and its log "
+                        "(DIR.log).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         out = args.keep or Path(scratch) / "demo_out"
@@ -33,10 +35,14 @@ def main() -> None:
         done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), str(out)], cwd=ROOT, capture_output=True,
                               text=True, env={**os.environ, "PYTHON": sys.executable})
         total = time.perf_counter() - start
+    if args.keep:
+        args.keep.with_suffix(".log").write_text(done.stderr)
     if done.returncode != 0:
         sys.exit(f"the demo failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    steps = {name: float(seconds) for name, seconds in STEP.findall(done.stderr)}
-    print(json.dumps({"benchmark": "demo_time", "total_s": round(total, 1), "steps_s": steps,
+    found = STEP.findall(done.stderr)
+    steps = {name: float(wall) for name, wall, _, _ in found}
+    cpu = {name: round(float(user) + float(system), 1) for name, _, user, system in found}
+    print(json.dumps({"benchmark": "demo_time", "total_s": round(total, 1), "steps_s": steps, "steps_cpu_s": cpu,
                       "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                       "load_before": [round(x, 2) for x in load_before],
                       "load_after": [round(x, 2) for x in os.getloadavg()]}))

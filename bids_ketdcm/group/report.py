@@ -103,7 +103,7 @@ def _target_figure(ctx: dict) -> str:
         vals = folds[folds.model == model][ctx["metric"]].to_numpy(float)
         ax.bar(np.arange(len(vals)) + i * width, vals, width, label=model)
     ax.set_xlabel(f"fold ({ctx['protocol']})")
-    ax.set_ylabel(ctx["metric"])
+    ax.set_ylabel(ctx["metric"].replace("_", " "))
     ax.set_title("per-fold headline metric", fontsize=9)
     ax.legend(fontsize=6)
     ax = axes[3]
@@ -111,7 +111,7 @@ def _target_figure(ctx: dict) -> str:
         color = "C0" if label == "ketamine" else "C1"
         ax.hist(null, bins=30, alpha=0.5, color=color, label=f"{label} null")
         ax.axvline(obs, color=color, lw=2, label=f"{label} observed")
-    ax.set_xlabel(ctx["metric"])
+    ax.set_xlabel(ctx["metric"].replace("_", " ") + " (permuted labels)")
     ax.set_title(f"permutation null: {ctx['model']}", fontsize=9)
     if ctx["nulls"]:
         ax.legend(fontsize=6)
