@@ -43,7 +43,7 @@ def cohort(root: Path, link: str, permutations: int) -> dict:
         "participants": res["participants"], "r": round(res["r"], 3),
         "p_parametric": float(f"{res['p_parametric']:.3g}"),
         "p_permutation": res["p_permutation"], "permutations": permutations,
-        "planted": [{"connection": r.connection, "effect_hz_per_sd": round(r.effect_hz_per_sd, 4),
+        "planted": [{"connection": r.connection, "effect_per_sd": round(r.effect_per_sd, 4), "z": round(r.z, 2),
                      "probability_present": round(r.probability_present, 3),
                      "rank": int(effects.index[effects.connection == r.connection][0]) + 1}
                     for r in rows.itertuples()],

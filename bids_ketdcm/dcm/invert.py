@@ -195,7 +195,8 @@ class _Problem:
                                             self.csd_model)
         if self.jacobian == "autograd":
             tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
-            return vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)
+            pred, jac = vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)  # type: ignore[arg-type,misc]
+            return pred, jac
         step = math.exp(-8.0)
         shifted = (p[:, None, :] + step * torch.eye(R, dtype=p.dtype, device=p.device)).reshape(b * R, R)
         mean, basis = mean.repeat_interleave(R, 0), basis.repeat_interleave(R, 0)

@@ -322,7 +322,7 @@ def _design_prior(X: torch.Tensor) -> torch.Tensor:
 class _Problem:
     """A PEB problem in the subjects' own principal subspaces (see :func:`fit_peb`)."""
 
-    A: torch.Tensor       # (N, R, Nb): maps b to each subject's reduced prior mean
+    X: torch.Tensor       # (N, Nx) design: subject i's prior mean is B x_i, b = vec(B)
     V: torch.Tensor       # (N, K, R): subject subspace inside U
     mask: torch.Tensor    # (N, R)
     qP: torch.Tensor      # (N, R, R)
@@ -345,20 +345,34 @@ def _subject_terms(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch
     return rP, sC, rP - rP @ sC @ rP
 
 
-def _objective(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Profile objective L(b*(g), g), the optimal b and the Hessian in b (negative)."""
-    rP, sC, G = _subject_terms(prob, g)
-    c = (rP @ sC @ prob.a[..., None])[..., 0]
-    At = prob.A.transpose(-1, -2)
-    H = prob.bP + (At @ G @ prob.A).sum(0)
-    rhs = prob.bP @ prob.bE + (At @ c[..., None])[..., 0].sum(0)
-    b = torch.linalg.solve(H, rhs)
-    r = (prob.A @ b)[..., None]
+def _per_subject(prob: _Problem, rP: torch.Tensor, sC: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sum over subjects of F_i + dF_i: first-level evidence plus the reduction to N(B x_i, rC)."""
+    Nx = prob.X.shape[1]
+    B = b.reshape(Nx, -1).T
+    r = (prob.V.transpose(-1, -2) @ (prob.X @ B.T)[..., None])  # (N, R, 1)
     h = prob.a[..., None] + rP @ r
     per_subject = 0.5 * (_logdet(rP) + _logdet(sC) - (r.transpose(-1, -2) @ rP @ r)[..., 0, 0]
                          + (h.transpose(-1, -2) @ sC @ h)[..., 0, 0]) + prob.const
+    return per_subject.sum()
+
+
+def _objective(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Profile objective L(b*(g), g), the optimal b and the Hessian in b (negative).
+
+    With ``r_i = V_i' (x_i' kron I) b`` the objective is quadratic in b, with curvature
+    ``bP + sum_i (x_i x_i') kron (V_i G_i V_i')``: assembled from K x K blocks, never from
+    the (R, K Nx) maps themselves.
+    """
+    rP, sC, G = _subject_terms(prob, g)
+    c = (rP @ sC @ prob.a[..., None])[..., 0]
+    V = prob.V
+    M = V @ G @ V.transpose(-1, -2)
+    K, Nx = M.shape[-1], prob.X.shape[1]
+    H = prob.bP + torch.einsum("na,nb,nkl->akbl", prob.X, prob.X, M).reshape(Nx * K, Nx * K)
+    rhs = prob.bP @ prob.bE + torch.einsum("na,nk->ak", prob.X, (V @ c[..., None])[..., 0]).reshape(-1)
+    b = torch.linalg.solve(H, rhs)
     d = b - prob.bE
-    L = per_subject.sum() - 0.5 * d @ prob.bP @ d - 0.5 * g @ prob.gP @ g
+    L = _per_subject(prob, rP, sC, b) - 0.5 * d @ prob.bP @ d - 0.5 * g @ prob.gP @ g
     return L, b, H
 
 
@@ -462,9 +476,6 @@ def fit_peb(
     const = 0.5 * (_logdet(qP) - _logdet(pP) - _quad(q_e, qP) + _quad(p_e, pP)) + t(posteriors.F)
     Xt = t(X)
     Nx = X.shape[1]
-    # b = vec(B), B (K, Nx); rE_i = B x_i = kron(x_i', I_K) b; in subject space V_i' rE_i
-    kron_x = torch.einsum("nx,kl->nkxl", Xt, torch.eye(K, dtype=Xt.dtype, device=Xt.device))
-    A = V.transpose(-1, -2) @ kron_x.reshape(N, K, Nx * K)
     M_pC = PC / BETWEEN_SUBJECT_RATIO
     pq = _inv(Ut @ M_pC @ U)
     if precision == "single":
@@ -480,7 +491,7 @@ def fit_peb(
     bE = torch.cat([Ut @ PE, torch.zeros((Nx - 1) * K, dtype=U.dtype, device=U.device)])
     Ng = Q.shape[0]
     gP = torch.eye(Ng, dtype=U.dtype, device=U.device) / LOG_PRECISION_VARIANCE
-    prob = _Problem(A=A, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
+    prob = _Problem(X=Xt, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
                     bP=bP, gP=gP)
     g0 = torch.zeros(Ng, dtype=U.dtype, device=U.device) if start is None else t(start)
     g, iterations = _newton(prob, g0, max_iterations)
@@ -513,11 +524,7 @@ def fit_peb(
 def _fixed_b_objective(prob: _Problem, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The objective at fixed group parameters (SPM's conditional covariance of g)."""
     rP, sC, _ = _subject_terms(prob, g)
-    r = (prob.A @ b)[..., None]
-    h = prob.a[..., None] + rP @ r
-    per_subject = 0.5 * (_logdet(rP) + _logdet(sC) - (r.transpose(-1, -2) @ rP @ r)[..., 0, 0]
-                         + (h.transpose(-1, -2) @ sC @ h)[..., 0, 0]) + prob.const
-    return per_subject.sum() - 0.5 * g @ prob.gP @ g
+    return _per_subject(prob, rP, sC, b) - 0.5 * g @ prob.gP @ g
 
 
 def _empirical_bayes(result: PEBResult, posteriors: SubjectPosteriors, complexity: float,

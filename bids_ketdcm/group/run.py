@@ -4,8 +4,11 @@
 
 * ``labels.tsv`` (+ ``labels.json``): every scheme and continuous target per participant;
   ``labels_excluded.tsv``: each participant left out of an analysis and why;
-* ``results.tsv``: one row per analysis x network x target x model x protocol with every
-  metric, the headline metric and the permutation p-value;
+* ``primary.json`` (+ ``primary_predictions.tsv``): the pre-specified primary analysis
+  (:mod:`bids_ketdcm.group.primary`) and the participant flow;
+* ``results.tsv``: the exploratory grid, one row per analysis x network x target x model x
+  protocol with every metric, the headline metric, the permutation p-value, its Holm,
+  Benjamini-Hochberg and max-statistic adjustments and bootstrap intervals;
 * ``folds.tsv``: the metrics of every fold; ``predictions.tsv``: out-of-fold
   predictions per participant;
 * ``results.json``: definitions, options, label counts, skipped analyses, permutation

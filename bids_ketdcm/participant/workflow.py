@@ -26,7 +26,7 @@ from bids_ketdcm.bids.derivatives import (
     write_dataset_description,
     write_timeseries,
 )
-from bids_ketdcm.bids.layout import BoldRun
+from bids_ketdcm.bids.layout import BoldRun, resolve_fmriprep_dir
 from bids_ketdcm.bids.naming import RunEntities, connectivity_paths
 from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions
 from bids_ketdcm.dcm import fit
@@ -192,7 +192,8 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
     if opts.apply_model is not None:
         sections = _predict(opts, subjects)
         summary["predicted"] = {"participants": sum(1 for v in sections.values() if v)}
-    if touched or any(s["finished_before"] for s in summary.values() if "finished_before" in s) or skipped:
+    finished_before = any(c["finished_before"] for c in summary.values() if "finished_before" in c)
+    if touched or finished_before or skipped or opts.wants_gmv or sections:
         write_dataset_description(opts.output_dir, _inputs(opts, runs))
         write_text(opts.output_dir / "logs" / "CITATION.bib", citations_bibtex())
     report_settings = _report_settings(opts, networks, str(device))
@@ -251,8 +252,6 @@ def _report_settings(opts: ParticipantOptions, networks: dict, device: str) -> d
 
 def _inputs(opts: ParticipantOptions, runs: list[BoldRun]) -> dict[str, Path]:
     """The input datasets by the names the sidecars' BIDS URIs use."""
-    from bids_ketdcm.bids.layout import resolve_fmriprep_dir
-
     fmriprep = runs[0].root if runs and runs[0].root else resolve_fmriprep_dir(opts.bids_dir, opts.fmriprep_dir)
     inputs = {"fmriprep": Path(fmriprep)}
     if Path(opts.bids_dir).resolve() != Path(fmriprep).resolve():
@@ -269,7 +268,6 @@ def _stale(report: Path, output_dir: Path, subject: str) -> bool:
 
 
 def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
-    from bids_ketdcm.bids.layout import resolve_fmriprep_dir
     from bids_ketdcm.participant.structural import run_structural
 
     return run_structural(resolve_fmriprep_dir(opts.bids_dir, opts.fmriprep_dir), opts.output_dir,
