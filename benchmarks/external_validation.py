@@ -50,7 +50,7 @@ def _true_matrices(root: Path) -> dict[str, pd.DataFrame]:
 
 
 def _write_noisy(root: Path, out: Path, noise: float, seed: int) -> None:
-    from bids_ketdcm.group.features import write_connectivity
+    from bids_ketdcm.bids.features import write_connectivity
 
     rng = np.random.default_rng(seed)
     for sub, table in _true_matrices(root).items():
@@ -60,7 +60,7 @@ def _write_noisy(root: Path, out: Path, noise: float, seed: int) -> None:
 
 def _link_correlation(root: Path, out: Path) -> float:
     """r(estimated planted connection mPFC -> PCC, MADRS ketamine improvement)."""
-    from bids_ketdcm.group.features import collect_features
+    from bids_ketdcm.bids.features import collect_features
 
     planted = pd.read_csv(root / "derivatives" / "synthetic_truth" / "planted.tsv", sep="\t")
     fs, _ = collect_features(out, list(planted.participant_id), allow_missing=True, require_converged=False)

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
 
+from bids_ketdcm.bids.features import FeatureSet
 from bids_ketdcm.group import GroupOptions
-from bids_ketdcm.group.features import FeatureSet
 from bids_ketdcm.group.labels import LabelSet, build_labels, read_participants
 from bids_ketdcm.group.primary import AnalysisPlan, PrimaryInputs, run_primary
 from bids_ketdcm.group.run import _adjust, _tasks

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.group import GroupOptions, run_group
-from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.labels import build_labels
 
 #: The real ds005917 metadata (CC0), as bundled with the package (override: $DS005917).

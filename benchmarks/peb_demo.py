@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bids_ketdcm.bids.features import collect_features
 from bids_ketdcm.cli.app import main as app
-from bids_ketdcm.group.features import collect_features
 from bids_ketdcm.group.labels import build_labels
 from bids_ketdcm.group.peb_analysis import peb_loo, subject_posteriors
 from bids_ketdcm.testing.synth import DEFAULT_PLANTED, make_synthetic_dataset

@@ -29,8 +29,8 @@ def _pearson(a, b) -> float:
 
 
 def _estimate(root: Path, work: Path) -> dict:
-    from bids_ketdcm.dcm import fit
     from bids_ketdcm.bids.layout import find_bold_runs
+    from bids_ketdcm.dcm import fit
     from bids_ketdcm.participant.rois import load_network
     from bids_ketdcm.participant.timeseries import extract_timeseries
 

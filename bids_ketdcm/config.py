@@ -22,6 +22,19 @@ def uses_gmv(feature_sets: str | tuple[str, ...] | list[str]) -> bool:
     return bool({"gmv", "dcm+gmv"} & ({feature_sets} if isinstance(feature_sets, str) else set(feature_sets)))
 
 
+def feature_key(feature_set: str, network: str) -> str:
+    """Key (the suite's "network" column) of a feature set of a network."""
+    return network if feature_set == "dcm" else f"{feature_set}_{network}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``(feature_set, network)`` of a key made by :func:`feature_key`."""
+    for fs in ("dcm+gmv", "gmv"):
+        if key.startswith(fs + "_"):
+            return fs, key[len(fs) + 1:]
+    return "dcm", key
+
+
 @dataclass
 class ParticipantOptions:
     """Settings of the participant level (one field per CLI option)."""

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bids_ketdcm.cli.app import main
 from bids_ketdcm.bids.derivatives import read_connectivity
 from bids_ketdcm.bids.layout import run_bids_validator
+from bids_ketdcm.cli.app import main
 from bids_ketdcm.testing.synth import make_synthetic_dataset
 
 SPACE = "MNI152NLin2009cAsym"

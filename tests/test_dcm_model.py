@@ -13,6 +13,7 @@ from scipy import signal
 from torch.func import jacrev
 
 from bids_ketdcm.dcm import ConvergenceWarning, fit, invert, predict_csd, simulate
+
 invert_module = importlib.import_module("bids_ketdcm.dcm.invert")
 from bids_ketdcm.dcm.invert import _Problem
 from bids_ketdcm.dcm.jacobian import predict_csd_and_jacobian
@@ -24,7 +25,7 @@ from bids_ketdcm.dcm.model import (
     transfer_function,
     unpack,
 )
-from bids_ketdcm.dcm.priors import ParamLayout, prior_mean, prior_variance, principal_subspace, projected_A_covariance
+from bids_ketdcm.dcm.priors import ParamLayout, principal_subspace, prior_mean, prior_variance, projected_A_covariance
 from bids_ketdcm.dcm.simulate import bold_signal, integrate, state_derivative
 
 FREQS = torch.linspace(1 / 128, 1 / 8, 32, dtype=torch.float64)

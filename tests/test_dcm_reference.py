@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import spm_cases
 
 from bids_ketdcm.dcm import estimate_csd, fit, frequency_grid, invert, predict_csd, scale_timeseries
 from bids_ketdcm.dcm.priors import (
     ParamLayout,
+    principal_subspace,
     prior_covariance,
     prior_mean,
-    principal_subspace,
     projected_A_covariance,
 )
-
-from conftest import spm_cases
 
 CASES = spm_cases()
 FORWARD_CASES = [c for c in CASES if c in ("n04_seed1", "n11_seed1", "n15_seed1")]

@@ -22,12 +22,13 @@ import pandas as pd
 import pytest
 from conftest import DS005917
 
+from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group import GroupOptions, run_group
 from bids_ketdcm.group.external import check_label_definition, evaluate_frozen
-from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.labels import build_labels
-from bids_ketdcm.group.model_io import fit_final, load_model, load_models, save_model
+from bids_ketdcm.group.model_io import fit_final
+from bids_ketdcm.model_store import load_model, load_models, save_model
 from bids_ketdcm.testing import synth
 
 DATA = DS005917

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from bids_ketdcm.bids.features import collect_features, find_connectivity, write_connectivity
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.features import collect_features, find_connectivity, write_connectivity
 
 REGIONS = ["PCC", "mPFC", "lIPL"]
 

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 from conftest import DS005917
 
+from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group import GroupOptions, run_group
-from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.labels import build_labels
 from bids_ketdcm.group.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import DS005917
+
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.labels import build_labels, make_schemes
 

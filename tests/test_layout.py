@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from bids_ketdcm.errors import InputError
 from bids_ketdcm.bids.layout import (
     check_writable_dir,
     find_bold_runs,
@@ -16,6 +15,7 @@ from bids_ketdcm.bids.layout import (
     normalise_labels,
     resolve_fmriprep_dir,
 )
+from bids_ketdcm.errors import InputError
 from bids_ketdcm.testing.synth import make_synthetic_dataset
 
 SPACE = "MNI152NLin2009cAsym"

@@ -13,11 +13,11 @@ import pytest
 
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.model_io import (
+from bids_ketdcm.group.model_io import fit_final
+from bids_ketdcm.model_store import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     MODEL_FILE,
-    fit_final,
     load_model,
     load_models,
     save_model,
@@ -186,7 +186,7 @@ def test_cli_exit_code_2(saved, tmp_path, capsys, damage):
 @pytest.mark.parametrize("mismatch", ["network", "features"])
 def test_cli_exit_code_2_on_other_data(saved, tmp_path, capsys, mismatch):
     """group --apply-model on derivatives of another network, or of features the model was not trained on."""
-    from bids_ketdcm.group.features import write_connectivity
+    from bids_ketdcm.bids.features import write_connectivity
     from bids_ketdcm.group.labels import build_labels
 
     bids, out = _bids(tmp_path), tmp_path / "out"

@@ -15,14 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_ketdcm.bids.derivatives import read_posterior, write_connectivity, write_timeseries
+from bids_ketdcm.bids.derivatives import RoiTimeseries, read_posterior, write_connectivity, write_timeseries
+from bids_ketdcm.bids.features import collect_features
 from bids_ketdcm.bids.naming import RunEntities, connectivity_paths
 from bids_ketdcm.dcm import fit, simulate
 from bids_ketdcm.dcm.peb import posteriors_from_fit
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.features import collect_features
 from bids_ketdcm.group.peb_analysis import peb_loo, peb_section, subject_posteriors
-from bids_ketdcm.participant.timeseries import RoiTimeseries
 
 N, REGIONS = 16, ["R1", "R2", "R3", "R4"]
 

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.cli.app import main
-from bids_ketdcm.group.features import write_connectivity
-from bids_ketdcm.group.model_io import fit_final, load_model, save_model
+from bids_ketdcm.group.model_io import fit_final
+from bids_ketdcm.model_store import load_model, save_model
 from bids_ketdcm.participant.predict import DISCLAIMER, predict_patients, report_section, run_predictions
 from bids_ketdcm.report import RunResult, update_participant_report, write_participant_report
 

@@ -18,12 +18,9 @@ import pandas as pd
 import pytest
 from conftest import DS005917
 
+from bids_ketdcm.bids.features import collect_gmv, gather_features
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.feature_sets import (
-    collect_gmv,
-    compare_feature_sets,
-    gather_features,
-)
+from bids_ketdcm.group.feature_sets import compare_feature_sets
 from bids_ketdcm.participant.structural import (
     _sphere_sums,
     find_anat,
@@ -189,8 +186,8 @@ def test_group_feature_sets_side_by_side(tmp_path):
     """dcm, gmv and dcm+gmv through the suite; GMV carries the signal here; saved and re-applied."""
     import shutil
 
+    from bids_ketdcm.bids.features import write_connectivity
     from bids_ketdcm.group import GroupOptions, run_group
-    from bids_ketdcm.group.features import write_connectivity
     from bids_ketdcm.io import write_tsv
     from bids_ketdcm.participant.structural import gmv_path
     from bids_ketdcm.testing import synth
@@ -244,10 +241,10 @@ def test_group_feature_sets_side_by_side(tmp_path):
     assert models == ["features-dcm_seg-dmn4_target-binary50", "features-dcmgmv_seg-dmn4_target-binary50",
                       "features-gmv_seg-dmn4_target-binary50"]
     # the saved model records its training-set metrics: recomputed here from its own features
-    from bids_ketdcm.group.feature_sets import model_features
+    from bids_ketdcm.bids.features import model_features
     from bids_ketdcm.group.labels import build_labels
     from bids_ketdcm.group.metrics import classification_metrics
-    from bids_ketdcm.group.model_io import load_model
+    from bids_ketdcm.model_store import load_model
 
     model = load_model(tmp_path / "models" / "features-gmv_seg-dmn4_target-binary50")
     training = model.manifest["training"]

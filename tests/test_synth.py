@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_ketdcm.testing import synth
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.testing import synth
 from bids_ketdcm.testing.synth import (
     ketamine_responses,
     make_synthetic_dataset,

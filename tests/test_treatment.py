@@ -13,9 +13,9 @@ import pytest
 from conftest import DS005917
 
 import bids_ketdcm.group.run as group_run
+from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.features import write_connectivity
 from bids_ketdcm.group.treatment.cohort import TreatmentOptions, build_crossover_cohort
 from bids_ketdcm.group.treatment.cv import SelectionProblem, cross_validate_selection
 from bids_ketdcm.group.treatment.dpnn import DPNNSettings

@@ -15,10 +15,11 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -35,8 +36,8 @@ from bids_ketdcm.bids.naming import (
     timeseries_paths,
 )
 from bids_ketdcm.dcm import SPM_RELEASE, Posterior
+from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
-from bids_ketdcm.participant.timeseries import RoiTimeseries
 from bids_ketdcm.provenance import command_line, container, software_versions
 from bids_ketdcm.threads import threads_in_force
 
@@ -53,6 +54,55 @@ BIDSIGNORE = "\n".join([
     "*_timeseries.tsv", "*_timeseries.json", "*_relmat.tsv", "*_relmat.json", "*_morph.tsv", "*_morph.json",
     "*_predictions.tsv", "*_predictions.json", "*_posterior.npz", "*.html", "logs", "work", "figures", "",
 ])
+
+@dataclass
+class RoiTimeseries:
+    """Denoised ROI time series of one run.
+
+    Attributes
+    ----------
+    data
+        (T, n) array: one column per ROI, one row per kept volume.
+    names
+        ROI names, in column order.
+    coords
+        (n, 3) ROI centres (MNI mm; label centroids for a labelled image).
+    tr
+        Repetition time (s).
+    kept_volumes
+        Indices (0-based) of the BOLD volumes kept, in order.
+    qc
+        Run-level quality figures (``n_volumes``, ``n_non_steady_state``,
+        ``n_scrubbed``, ``n_kept``, ``mean_fd``, ``max_fd``) and ``rois``: per ROI
+        ``n_voxels``, ``n_voxels_zero_variance``, ``tsnr`` and, for eigenvariates,
+        ``variance_explained``.
+    denoise
+        Description of the denoising: strategy name, nilearn call, confound columns
+        used, summary method.
+    fd
+        Framewise displacement (mm) of every BOLD volume (NaN where fMRIPrep has none),
+        for the report's motion figure; None without the column.
+    mean_bold
+        The run's mean BOLD image, for the report's figure of the ROIs on it.
+    voxels
+        The voxels the series were made of (every ROI together), a 3D image on the BOLD grid.
+    """
+
+    data: np.ndarray
+    names: list[str]
+    coords: np.ndarray
+    tr: float
+    kept_volumes: np.ndarray
+    qc: dict[str, Any] = field(default_factory=dict)
+    denoise: dict[str, Any] = field(default_factory=dict)
+    fd: np.ndarray | None = None
+    mean_bold: nib.Nifti1Image | None = None
+    voxels: nib.Nifti1Image | None = None
+
+    def to_frame(self) -> pd.DataFrame:
+        """Return the series as a DataFrame (columns = ROI names)."""
+        return pd.DataFrame(self.data, columns=self.names)
+
 
 CONNECTIVITY_DESCRIPTION = {
     "Measure": "Effective connectivity (spectral DCM posterior mean of A)",
@@ -432,3 +482,25 @@ def read_posterior(connectivity_tsv: Path) -> dict[str, Any]:
                 "names": names}
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{current}: cannot read the DCM posterior ({exc})") from None
+
+
+def read_gmv(path: str | os.PathLike) -> pd.DataFrame:
+    """Read one GMV table (indexed by region name).
+
+    Raises
+    ------
+    InputError
+        Missing columns or values that are not finite numbers.
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"{path}: cannot be read as a TSV table ({err})") from None
+    missing = [c for c in ("name", "gmv_mm3", "gmv_tiv") if c not in table]
+    if missing:
+        raise InputError(f"{path}: lacks the column(s) {', '.join(missing)}")
+    values = pd.to_numeric(table["gmv_tiv"], errors="coerce")
+    if not np.isfinite(values).all():
+        raise InputError(f"{path}: column gmv_tiv holds values that are not finite numbers")
+    return table.set_index(table["name"].astype(str))

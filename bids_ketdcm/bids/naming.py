@@ -202,3 +202,15 @@ def gmv_path(output_dir: str | os.PathLike, subject: str, session: str | None, s
 def bids_uri(path: str | os.PathLike, root: str | os.PathLike, name: str) -> str:
     """A file of an input dataset as a BIDS URI, ``bids:<name>:<path inside the dataset>``."""
     return f"bids:{name}:{Path(path).resolve().relative_to(Path(root).resolve()).as_posix()}"
+
+
+def normalise_session(session: str) -> str:
+    """Session label without the ``ses-`` prefix (``ses-b0`` and ``b0`` -> ``b0``)."""
+    session = str(session).strip()
+    return session[4:] if session.startswith("ses-") else session
+
+
+def normalise_participant(label: str) -> str:
+    """Participant id with the ``sub-`` prefix (``MOA101`` -> ``sub-MOA101``)."""
+    label = str(label).strip()
+    return label if label.startswith("sub-") else f"sub-{label}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from bids_ketdcm import __version__
+from bids_ketdcm.bids.layout import check_writable_dir, find_bold_runs, validate_bids
 from bids_ketdcm.cli.group_options import group_kwargs, group_options
 from bids_ketdcm.cli.options import (
     DCM,
@@ -28,9 +29,15 @@ from bids_ketdcm.cli.options import (
     SectionedCommand,
     option,
 )
-from bids_ketdcm.config import LOG_VERBOSE
+from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions, uses_dcm, uses_gmv
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.group.run import GroupOptions, run_group
+from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy, preset_names
+from bids_ketdcm.participant.rois import load_network, network_label
+from bids_ketdcm.participant.structural import load_regions, region_label
+from bids_ketdcm.participant.workflow import rewrite_reports, run_participant
+from bids_ketdcm.threads import limit_threads, resolve
 
 log = logging.getLogger("bids_ketdcm")
 
@@ -194,10 +201,6 @@ def _read_filter(path: Path | None, problems: list[str]) -> dict | None:
 
 def _check_model_options(kw: dict, problems: list[str]) -> None:
     """--features, --gmv-atlas, --save-model and --apply-model, before any heavy work."""
-    from bids_ketdcm.config import uses_dcm, uses_gmv
-    from bids_ketdcm.participant.rois import network_label
-    from bids_ketdcm.participant.structural import load_regions, region_label
-
     level, features = kw["analysis_level"], kw["features"]
     if kw["save_model"] is not None and level != "group":
         problems.append("--save-model is a group-level option")
@@ -212,7 +215,6 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
                 problems.append(str(err))
     if kw["apply_model"] is None:
         return
-    from bids_ketdcm.group.model_io import load_models
 
     try:
         models = load_models(kw["apply_model"])
@@ -314,7 +316,6 @@ def bids_app(**kw) -> None:
     ANALYSIS_LEVEL  participant (per subject) or group (prediction suite)
     """
     setup_logging(kw["verbose"])
-    from bids_ketdcm.threads import limit_threads, resolve
 
     problems: list[str] = []
     try:
@@ -328,7 +329,6 @@ def bids_app(**kw) -> None:
     _caches_into(work_dir)
     _check_paths(kw, problems)
     bids_filter = _read_filter(kw["bids_filter_file"], problems)
-    from bids_ketdcm.participant.rois import load_network
 
     for spec in kw["networks"]:
         try:
@@ -347,7 +347,6 @@ def bids_app(**kw) -> None:
     _check_model_options(kw, problems)
     if problems:
         raise InputError("\n".join(problems))
-    from bids_ketdcm.bids.layout import check_writable_dir
 
     check_writable_dir(output_dir, "OUTPUT_DIR")  # what permissions alone do not tell (root, /proc)
     if kw["analysis_level"] == "group":
@@ -357,10 +356,6 @@ def bids_app(**kw) -> None:
 
 
 def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bids_filter: dict | None) -> None:
-    from bids_ketdcm.bids.layout import find_bold_runs, validate_bids
-    from bids_ketdcm.config import ParticipantOptions, uses_dcm
-    from bids_ketdcm.participant.workflow import rewrite_reports, run_participant
-
     if not kw["skip_bids_validation"] and not kw["reports_only"]:
         validate_bids(bids_dir)
     labels = [_strip_sub(x) for x in kw["participant_labels"]]
@@ -418,8 +413,6 @@ def group_processes(nprocs: int, mem_mb: int | None) -> int:
 
 
 def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
-    from bids_ketdcm.group.run import GroupOptions, run_group
-
     opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=group_processes(kw["nprocs"], kw["mem_mb"]),
                         seed=kw["seed"], allow_missing=kw["allow_missing"],
                         feature_session=kw["session_labels"][0] if kw["session_labels"] else "b0",

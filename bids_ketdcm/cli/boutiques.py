@@ -30,6 +30,7 @@ import click
 from bids_ketdcm import __version__
 from bids_ketdcm.cli.app import EXIT_FAILURE, EXIT_INPUT, EXIT_OK, bids_app
 from bids_ketdcm.cli.options import SECTIONS
+from bids_ketdcm.io import write_text
 
 PROGRAM = "bids-ketdcm"
 CODE_URL = "https://github.com/bids-ketdcm/bids-ketdcm"
@@ -250,7 +251,6 @@ def main(path: Path | None) -> None:
     if path is None:
         click.echo(text, nl=False)
         return
-    from bids_ketdcm.io import write_text
 
     write_text(path, text)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 
 from bids_ketdcm.cli.app import run_command, setup_logging
+from bids_ketdcm.testing.dpnn_synthetic import run_dpnn_synthetic
+from bids_ketdcm.testing.synth import make_synthetic_dataset
 
 PROGRAM = "bids-ketdcm-tools"
 
@@ -39,7 +41,6 @@ def synth_command(outdir: Path, n_subjects: int | None, network: str, link: str,
                   verbose: int) -> None:
     """Write a ds005917-shaped synthetic dataset (raw BIDS + fMRIPrep derivatives) to OUTDIR."""
     setup_logging(verbose)
-    from bids_ketdcm.testing.synth import make_synthetic_dataset
 
     path = make_synthetic_dataset(outdir, n_subjects=n_subjects, network=network, link=link, seed=seed,
                                   n_scans=n_scans)
@@ -54,7 +55,6 @@ def synth_command(outdir: Path, n_subjects: int | None, network: str, link: str,
 def dpnn_synthetic_command(outdir: Path, repeats: int, seed: int, verbose: int) -> None:
     """Run the DPNN paper's synthetic treatment-selection experiment; write results to OUTDIR."""
     setup_logging(verbose)
-    from bids_ketdcm.testing.dpnn_synthetic import run_dpnn_synthetic
 
     result = run_dpnn_synthetic(outdir=outdir, repeats=repeats, seed=seed)
     click.echo(json.dumps(result.get("summary", {}), default=str))

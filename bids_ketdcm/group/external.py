@@ -31,12 +31,13 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
 from bids_ketdcm import __version__
+from bids_ketdcm.bids.features import model_features
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.feature_sets import model_features
 from bids_ketdcm.group.labels import LabelSet
 from bids_ketdcm.group.metrics import balanced_accuracy_batch, classification_metrics
-from bids_ketdcm.group.model_io import SavedModel, feature_fingerprint, load_models
 from bids_ketdcm.io import finite_json, write_json, write_text, write_tsv
+from bids_ketdcm.model_store import SavedModel, feature_fingerprint, load_models
+from bids_ketdcm.report.figures import figure_to_base64_png
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +312,6 @@ def _power_note(y: np.ndarray, n_classes: int) -> str:
 
 
 def _report(results: pd.DataFrame, figures: list) -> str:
-    from bids_ketdcm.report.figures import figure_to_base64_png
-
     cols = ["model_id", "treatment", "n_participants", "classes", "balanced_accuracy", "p_balanced_accuracy",
             "roc_auc", "p_roc_auc", "brier", "train_cv_balanced_accuracy", "note"]
     table = results[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a", border=0)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bids_ketdcm.bids.naming import normalise_participant, normalise_session
 from bids_ketdcm.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -175,18 +176,6 @@ class LabelSet:
         """Number of participants per class (all classes, zeros included)."""
         values = self.target(treatment, scheme)
         return {c: int((values == c).sum()) for c in self.schemes[scheme].classes}
-
-
-def normalise_session(session: str) -> str:
-    """Session label without the ``ses-`` prefix (``ses-b0`` and ``b0`` -> ``b0``)."""
-    session = str(session).strip()
-    return session[4:] if session.startswith("ses-") else session
-
-
-def normalise_participant(label: str) -> str:
-    """Participant id with the ``sub-`` prefix (``MOA101`` -> ``sub-MOA101``)."""
-    label = str(label).strip()
-    return label if label.startswith("sub-") else f"sub-{label}"
 
 
 def _read_tsv(path: Path) -> pd.DataFrame:

@@ -24,14 +24,14 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm.bids.derivatives import read_posterior
+from bids_ketdcm.bids.features import FeatureSet
+from bids_ketdcm.config import split_key
 from bids_ketdcm.dcm.bmr import search_reduced
 from bids_ketdcm.dcm.csd import scale_timeseries, validate_timeseries
 from bids_ketdcm.dcm.loo import leave_one_out
 from bids_ketdcm.dcm.peb import SubjectPosteriors, a_parameter_index, fit_peb
 from bids_ketdcm.dcm.priors import ParamLayout, prior_covariance, prior_mean
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.feature_sets import split_key
-from bids_ketdcm.group.features import FeatureSet
 from bids_ketdcm.group.labels import LabelSet
 from bids_ketdcm.io import write_tsv
 

@@ -37,9 +37,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import RepeatedStratifiedKFold
 
+from bids_ketdcm.bids.features import FeatureSet
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group import batched
-from bids_ketdcm.group.features import FeatureSet
 from bids_ketdcm.group.inference import (
     bootstrap_binary,
     bootstrap_indices,

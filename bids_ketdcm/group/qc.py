@@ -1,7 +1,7 @@
 """Group-level tables of what entered the analysis: per-participant QC and the participants x edges matrix.
 
 Both are read from the participant-level derivatives the group level used (one
-connectivity file per participant and network, :class:`~bids_ketdcm.group.features.FeatureSet`):
+connectivity file per participant and network, :class:`~bids_ketdcm.bids.features.FeatureSet`):
 
 * ``group/seg-<network>_qc.tsv``: per participant, the DCM's convergence, iterations and
   variance explained (connectivity sidecar) and the run's mean framewise displacement and
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bids_ketdcm.bids.features import FeatureSet
 from bids_ketdcm.bids.naming import RunEntities, parse_name, timeseries_paths
-from bids_ketdcm.group.feature_sets import split_key
-from bids_ketdcm.group.features import FeatureSet
+from bids_ketdcm.config import split_key
 from bids_ketdcm.io import write_tsv
 
 #: Columns of the QC table after ``participant_id``, with what each holds.
@@ -94,7 +94,7 @@ def write_group_tables(group_dir: Path, features: dict[str, FeatureSet]) -> dict
     group_dir
         ``OUTPUT_DIR/group``.
     features
-        Feature sets by key (:func:`~bids_ketdcm.group.feature_sets.feature_key`); only the
+        Feature sets by key (:func:`~bids_ketdcm.group.config.feature_key`); only the
         ``dcm`` ones hold A matrices and connectivity files.
 
     Returns

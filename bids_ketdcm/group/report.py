@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bids_ketdcm.group.feature_sets import compare_feature_sets
 from bids_ketdcm.group.metrics import confusion
 from bids_ketdcm.group.peb_analysis import peb_section
 from bids_ketdcm.group.suite import HEADLINE_METRIC, HEADLINE_MODEL, SuiteResult, Task
@@ -386,8 +387,6 @@ def _treatment_section(treatment: dict) -> list[str]:
 
 def _feature_set_section(res: pd.DataFrame, protocol: str) -> list[str]:
     """Feature sets (dcm, gmv, dcm+gmv) side by side with the baseline-score-only model."""
-    from bids_ketdcm.group.feature_sets import compare_feature_sets
-
     table = compare_feature_sets(res, protocol)
     if table.empty:
         return []

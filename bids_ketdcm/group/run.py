@@ -30,10 +30,11 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm import __version__
+from bids_ketdcm.bids.features import FeatureSet, gather_features
+from bids_ketdcm.bids.naming import normalise_session
+from bids_ketdcm.config import FEATURE_SETS
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.feature_sets import gather_features
-from bids_ketdcm.group.peb_analysis import run_peb
-from bids_ketdcm.group.features import FeatureSet
+from bids_ketdcm.group.external import apply_models
 from bids_ketdcm.group.inference import adjust_grid, bootstrap_headline, bootstrap_indices
 from bids_ketdcm.group.labels import (
     SCHEME_NAMES,
@@ -41,12 +42,14 @@ from bids_ketdcm.group.labels import (
     LabelSet,
     build_labels,
     labels_sidecar,
-    normalise_session,
     read_participants,
     read_scores,
 )
+from bids_ketdcm.group.model_io import save_group_models
+from bids_ketdcm.group.peb_analysis import run_peb
 from bids_ketdcm.group.primary import PrimaryInputs, load_plan, run_primary
 from bids_ketdcm.group.qc import write_group_tables
+from bids_ketdcm.group.report import write_report
 from bids_ketdcm.group.suite import (
     ALL_MODELS,
     HEADLINE_DEFINITION,
@@ -60,6 +63,8 @@ from bids_ketdcm.group.suite import (
     fit_full,
     run_suite,
 )
+from bids_ketdcm.group.treatment.cohort import TreatmentOptions
+from bids_ketdcm.group.treatment.workflow import run_treatment_selection
 from bids_ketdcm.io import finite_json, write_json, write_tsv
 
 log = logging.getLogger(__name__)
@@ -197,7 +202,6 @@ class GroupOptions:
             problems.append("--baseline-session and --post-session must differ")
         if not self.schemes and not self.targets:
             problems.append("GroupOptions.schemes and targets: nothing to predict")
-        from bids_ketdcm.config import FEATURE_SETS
 
         bad = [f for f in self.feature_sets if f not in FEATURE_SETS]
         if bad or not self.feature_sets:
@@ -487,7 +491,6 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     labelled_mask = labels.table[[labels.column(a, "improvement") for a in analyses]].notna().any(axis=1)
     labelled = list(labels.table.index[labelled_mask])
     if options.apply_model is not None:  # external validation of saved models: no suite
-        from bids_ketdcm.group.external import apply_models
 
         if options.treatment_selection:
             log.warning("--treatment-selection is not run with --apply-model (external validation only)")
@@ -523,8 +526,6 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     summary = summary_table(suite.results, config)
     best = _best_weights(tasks, suite, features, config)
     if options.save_model is not None:
-        from bids_ketdcm.group.model_io import save_group_models
-
         save_group_models(options.save_model, tasks, suite, labels, options)
 
     started = time.perf_counter()
@@ -599,8 +600,6 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     if treatment is not None and treatment["skipped"] is None:
         outputs.update({Path(f).name: f for f in treatment["files"].values()})
     if options.report:
-        from bids_ketdcm.group.report import write_report
-
         write_report(group / "report.html", info, suite, tasks, best, summary, nprocs=options.nprocs,
                      treatment=treatment, qc=qc)
         log.info("report written at %.1f s", time.perf_counter() - start)
@@ -678,9 +677,6 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
         ``feature_set`` (its key); ``skipped`` holds the reason when the data cannot support
         the analysis (logged as a warning; nothing is written then).
     """
-    from bids_ketdcm.group.treatment.cohort import TreatmentOptions
-    from bids_ketdcm.group.treatment.workflow import run_treatment_selection
-
     key = next(iter(features))
     reason = None
     participants = read_participants(bids_dir)

@@ -1,7 +1,7 @@
 """Per-patient prediction: "will this new patient respond?" (research tool, not a clinical device).
 
 ``participant ... --apply-model DIR`` applies every saved model of ``DIR``
-(:mod:`bids_ketdcm.group.model_io`) to each participant's own features and writes, per
+(:mod:`bids_ketdcm.model_store`) to each participant's own features and writes, per
 participant:
 
 * the predicted probability of every class of the model's label scheme (the positive,
@@ -31,9 +31,10 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm import __version__
+from bids_ketdcm.bids.features import model_features
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.model_io import SavedModel, positive_coefficients
 from bids_ketdcm.io import write_json, write_tsv
+from bids_ketdcm.model_store import SavedModel, positive_coefficients
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class PatientPrediction:
     participant_id
         With ``sub-``.
     model_id, feature_set, network, target
-        The model (see :class:`~bids_ketdcm.group.model_io.SavedModel`).
+        The model (see :class:`~bids_ketdcm.model_store.SavedModel`).
     classes
         Class names, positive class last.
     probabilities
@@ -257,8 +258,6 @@ def run_predictions(models: list[SavedModel], output_dir: str | os.PathLike, sub
         Predictions by subject label (participants without a model's features are
         logged and left out of that model).
     """
-    from bids_ketdcm.group.feature_sets import model_features
-
     ids = [f"sub-{s.removeprefix('sub-')}" for s in subjects]
     out: dict[str, list[PatientPrediction]] = {s.removeprefix("sub-"): [] for s in subjects}
     for model in models:

@@ -439,23 +439,3 @@ def run_structural(fmriprep_dir: str | os.PathLike, output_dir: str | os.PathLik
     return {"written": written, "finished_before": before, "subjects": [a.subject for a in found]}
 
 
-def read_gmv(path: str | os.PathLike) -> pd.DataFrame:
-    """Read one GMV table (indexed by region name).
-
-    Raises
-    ------
-    InputError
-        Missing columns or values that are not finite numbers.
-    """
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise InputError(f"{path}: cannot be read as a TSV table ({err})") from None
-    missing = [c for c in ("name", "gmv_mm3", "gmv_tiv") if c not in table]
-    if missing:
-        raise InputError(f"{path}: lacks the column(s) {', '.join(missing)}")
-    values = pd.to_numeric(table["gmv_tiv"], errors="coerce")
-    if not np.isfinite(values).all():
-        raise InputError(f"{path}: column gmv_tiv holds values that are not finite numbers")
-    return table.set_index(table["name"].astype(str))

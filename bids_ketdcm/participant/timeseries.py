@@ -27,13 +27,13 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from bids_ketdcm.bids.derivatives import RoiTimeseries
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.participant.denoise import load_strategy
 
@@ -53,55 +53,6 @@ class RunSkipped(InputError):
 
     The caller goes on with the other runs instead of stopping.
     """
-
-
-@dataclass
-class RoiTimeseries:
-    """Denoised ROI time series of one run.
-
-    Attributes
-    ----------
-    data
-        (T, n) array: one column per ROI, one row per kept volume.
-    names
-        ROI names, in column order.
-    coords
-        (n, 3) ROI centres (MNI mm; label centroids for a labelled image).
-    tr
-        Repetition time (s).
-    kept_volumes
-        Indices (0-based) of the BOLD volumes kept, in order.
-    qc
-        Run-level quality figures (``n_volumes``, ``n_non_steady_state``,
-        ``n_scrubbed``, ``n_kept``, ``mean_fd``, ``max_fd``) and ``rois``: per ROI
-        ``n_voxels``, ``n_voxels_zero_variance``, ``tsnr`` and, for eigenvariates,
-        ``variance_explained``.
-    denoise
-        Description of the denoising: strategy name, nilearn call, confound columns
-        used, summary method.
-    fd
-        Framewise displacement (mm) of every BOLD volume (NaN where fMRIPrep has none),
-        for the report's motion figure; None without the column.
-    mean_bold
-        The run's mean BOLD image, for the report's figure of the ROIs on it.
-    voxels
-        The voxels the series were made of (every ROI together), a 3D image on the BOLD grid.
-    """
-
-    data: np.ndarray
-    names: list[str]
-    coords: np.ndarray
-    tr: float
-    kept_volumes: np.ndarray
-    qc: dict[str, Any] = field(default_factory=dict)
-    denoise: dict[str, Any] = field(default_factory=dict)
-    fd: np.ndarray | None = None
-    mean_bold: nib.Nifti1Image | None = None
-    voxels: nib.Nifti1Image | None = None
-
-    def to_frame(self) -> pd.DataFrame:
-        """Return the series as a DataFrame (columns = ROI names)."""
-        return pd.DataFrame(self.data, columns=self.names)
 
 
 # --------------------------------------------------------------------------- geometry

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from bids_ketdcm.bids.derivatives import (
+    RoiTimeseries,
     finished_results,
     settings_differences,
     write_connectivity,
@@ -30,17 +31,17 @@ from bids_ketdcm.bids.layout import BoldRun, resolve_fmriprep_dir
 from bids_ketdcm.bids.naming import RunEntities, connectivity_paths
 from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions
 from bids_ketdcm.dcm import fit
+from bids_ketdcm.dcm.csd import validate_timeseries
 from bids_ketdcm.dcm.invert import CPU_CHUNK_BYTES
 from bids_ketdcm.dcm.priors import ParamLayout
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_text
+from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy
+from bids_ketdcm.participant.predict import report_section, run_predictions
 from bids_ketdcm.participant.rois import load_network, network_label
-from bids_ketdcm.participant.timeseries import (
-    RoiTimeseries,
-    RunSkipped,
-    extract_timeseries,
-)
+from bids_ketdcm.participant.structural import run_structural
+from bids_ketdcm.participant.timeseries import RunSkipped, extract_timeseries
 from bids_ketdcm.report import (
     RunResult,
     citations_bibtex,
@@ -268,8 +269,6 @@ def _stale(report: Path, output_dir: Path, subject: str) -> bool:
 
 
 def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
-    from bids_ketdcm.participant.structural import run_structural
-
     return run_structural(resolve_fmriprep_dir(opts.bids_dir, opts.fmriprep_dir), opts.output_dir,
                           subjects or None, opts.one_session, opts.space,
                           [*opts.networks, *opts.gmv_atlases], overwrite=opts.overwrite)
@@ -277,9 +276,6 @@ def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
 
 def _predict(opts: ParticipantOptions, subjects: list[str]) -> dict[str, list[tuple[str, str, str]]]:
     """Predict every participant with the saved models; report sections by subject."""
-    from bids_ketdcm.group.model_io import load_models
-    from bids_ketdcm.participant.predict import report_section, run_predictions
-
     models = load_models(opts.apply_model)
     predictions = run_predictions(models, opts.output_dir, subjects, opts.one_session, space=opts.space, task=opts.task)
     return {s: [("prediction", "Prediction", report_section(p))] for s, p in predictions.items() if p}
@@ -307,8 +303,6 @@ def _extract(work: _RunWork, network: pd.DataFrame, opts: ParticipantOptions) ->
         log.warning("skipping %s of sub-%s: %s", work.entities.label, work.entities.subject, skip)
         return None, str(skip)
     try:
-        from bids_ketdcm.dcm.csd import validate_timeseries
-
         validate_timeseries(series.data)
     except ValueError as err:
         raise InputError(f"{bold.bold}: ROI time series cannot be modelled: {err}") from None

@@ -97,7 +97,7 @@ def write_run_figures(output_dir: str | Path, subject: str, run_label: str, netw
     subject, run_label, network
         The run (``run_label`` as :attr:`RunResult.run_label`).
     series
-        The run's :class:`~bids_ketdcm.participant.timeseries.RoiTimeseries` (``mean_bold``,
+        The run's :class:`~bids_ketdcm.bids.derivatives.RoiTimeseries` (``mean_bold``,
         ``fd``, ``kept_volumes``, ``coords``, ``names``, ``tr``).
     thresholds
         Overrides of :data:`DEFAULT_QC_THRESHOLDS`.

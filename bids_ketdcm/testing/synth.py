@@ -52,6 +52,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from bids_ketdcm import __version__
+from bids_ketdcm.dcm.simulate import simulate
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
 from bids_ketdcm.participant.rois import load_network
@@ -755,8 +756,6 @@ def _simulate_runs(A: list[np.ndarray], n_scans: int, seed: int) -> list[np.ndar
     """
     import torch
     from scipy.linalg import block_diag
-
-    from bids_ketdcm.dcm.simulate import simulate
 
     n = A[0].shape[0]
     # thousands of tiny steps: extra torch threads only add synchronisation (on two

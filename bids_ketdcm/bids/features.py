@@ -1,4 +1,10 @@
-"""Feature tables from the DCM derivatives: one A matrix per participant and network.
+"""Feature tables from the derivatives, for both levels: A matrices, gray-matter volumes, both.
+
+The group level trains on them, the participant level (``--apply-model``) and external
+validation give a saved model the same features (:func:`model_features`). The feature sets
+(``dcm``, ``gmv``, ``dcm+gmv``) and their keys are :mod:`bids_ketdcm.config`'s vocabulary.
+
+Connectivity: one A matrix per participant and network.
 
 Reads ``sub-X/ses-Y/func/sub-X_ses-Y_task-T[_acq-A][_run-N]_space-S_seg-NET_meas-dcm_relmat.tsv``
 (names from :mod:`bids_ketdcm.bids.naming`)
@@ -18,15 +24,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bids_ketdcm.bids.derivatives import read_gmv
 from bids_ketdcm.bids.naming import (
     CONNECTIVITY_MEASURE,
     CONNECTIVITY_SUFFIX,
+    GMV_SUFFIX,
     RunEntities,
     connectivity_paths,
+    normalise_participant,
+    normalise_session,
     parse_name,
 )
+from bids_ketdcm.config import FEATURE_SETS, feature_key, uses_dcm, uses_gmv
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.labels import normalise_participant, normalise_session
+from bids_ketdcm.io import write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +382,6 @@ def write_connectivity(
     Path
         The TSV written.
     """
-    from bids_ketdcm.io import write_json, write_tsv
-
     sub = normalise_participant(participant)
     ses = normalise_session(session)
     entities = RunEntities.from_mapping({"sub": sub[4:], "ses": ses, "task": task, "run": run, "space": space})
@@ -382,3 +391,202 @@ def write_connectivity(
     write_tsv(paths["tsv"], table)
     write_json(paths["json"], {"Converged": bool(converged), "Network": network, "SPMRelease": "SPM12"})
     return paths["tsv"]
+
+
+def find_gmv(deriv_dir: str | Path, session: str | None, space: str | None = None) -> pd.DataFrame:
+    """List the GMV tables: columns ``participant_id, network, space, path``."""
+    root = Path(deriv_dir)
+    pattern = f"sub-*/ses-{normalise_session(session)}/anat/*{GMV_SUFFIX}" if session else f"sub-*/anat/*{GMV_SUFFIX}"
+    rows = []
+    for path in sorted(root.glob(pattern)):
+        ent = parse_entities(path)
+        if "seg" not in ent or (space is not None and ent.get("space") != space):
+            continue
+        rows.append({"participant_id": normalise_participant(ent["sub"]), "network": ent["seg"],
+                     "space": ent.get("space", ""), "path": str(path)})
+    return pd.DataFrame(rows, columns=["participant_id", "network", "space", "path"])
+
+
+def collect_gmv(deriv_dir: str | Path, participants: list[str], session: str | None = "b0",
+                networks: tuple[str, ...] | None = None, space: str | None = None,
+                allow_missing: bool = False) -> tuple[dict[str, FeatureSet], pd.DataFrame]:
+    """GMV / TIV of every region, one FeatureSet per region set (keyed by its name).
+
+    Raises
+    ------
+    InputError
+        No GMV table at all, an unknown region set, region names that differ between
+        participants, or (without ``allow_missing``) a participant without a table.
+    """
+    found = find_gmv(deriv_dir, session, space)
+    if found.empty:
+        raise InputError(f"{deriv_dir}: no sub-*/ses-{normalise_session(session or '')}/anat/*{GMV_SUFFIX} "
+                         "files; run the participant level with --features gmv first")
+    available = sorted(found["network"].unique())
+    chosen = list(networks) if networks else available
+    unknown = [n for n in chosen if n not in available]
+    if unknown:
+        raise InputError(f"gray-matter volumes of seg-{', seg-'.join(unknown)} not found in {deriv_dir} "
+                         f"(found: {', '.join(available)}); run the participant level with --features gmv")
+    out, missing = {}, []
+    for network in chosen:
+        rows = found[found["network"] == network]
+        kept, values, regions, files = [], [], None, []
+        for pid in participants:
+            cand = rows[rows["participant_id"] == pid]
+            if cand["space"].nunique() > 1:
+                raise InputError(f"{pid} seg-{network}: gray-matter volumes in several spaces; choose one with --space")
+            if cand.empty:
+                missing.append((pid, network, "no gray-matter volume table"))
+                continue
+            table = read_gmv(cand["path"].iloc[0])
+            names = list(table.index)
+            if regions is None:
+                regions = names
+            elif set(names) != set(regions):
+                raise InputError(f"{cand['path'].iloc[0]}: regions differ from the other participants' "
+                                 f"in seg-{network}")
+            kept.append(pid)
+            values.append(table.loc[regions, "gmv_tiv"].to_numpy(float))
+            files.append(cand["path"].iloc[0])
+        if not kept:
+            continue
+        out[network] = FeatureSet(
+            network=network, regions=list(regions), participants=kept, matrices=np.zeros((len(kept), 0, 0)),
+            X=np.stack(values), feature_names=[f"{r}:gmv" for r in regions], pairs=[None] * len(regions),
+            files=files)
+    missing_df = pd.DataFrame(missing, columns=["participant_id", "network", "reason"])
+    if len(missing_df) and not allow_missing:
+        listing = "; ".join(f"{r.participant_id} seg-{r.network}" for r in missing_df.head(20).itertuples())
+        raise InputError(f"{len(missing_df)} participant/region-set pairs have no gray-matter volume table in "
+                         f"{deriv_dir}: {listing}. Use --allow-missing to go on without them.")
+    return out, missing_df
+
+
+def combine(dcm: FeatureSet, gmv: FeatureSet) -> FeatureSet:
+    """The ``dcm+gmv`` FeatureSet: A entries then GMV columns, common participants."""
+    common = [p for p in dcm.participants if p in gmv.participants]
+    a, g = dcm.subset(common), gmv.subset(common)
+    return FeatureSet(network=dcm.network, regions=a.regions, participants=common, matrices=a.matrices,
+                      X=np.column_stack([a.X, g.X]), feature_names=[*a.feature_names, *g.feature_names],
+                      pairs=[*a.pairs, *([None] * len(g.feature_names))], files=a.files)
+
+
+def gather_features(deriv_dir: str | Path, participants: list[str], feature_sets: tuple[str, ...] = ("dcm",),
+                    **kw) -> tuple[dict[str, FeatureSet], pd.DataFrame]:
+    """Every requested feature set, keyed by :func:`feature_key`.
+
+    Parameters
+    ----------
+    deriv_dir
+        Derivatives root.
+    participants
+        Participant ids (with ``sub-``).
+    feature_sets
+        Any of ``dcm``, ``gmv``, ``dcm+gmv``.
+    **kw
+        ``session``, ``networks``, ``run``, ``require_converged``, ``space``, ``task``,
+        ``drop_diagonal``, ``allow_missing`` (as :func:`collect_features`; ``networks``
+        also selects the GMV region sets).
+
+    Returns
+    -------
+    features : dict of str to FeatureSet
+    missing : pandas.DataFrame
+        Participants left out (``participant_id, network, reason``).
+    """
+    bad = [f for f in feature_sets if f not in FEATURE_SETS]
+    if bad:
+        raise InputError(f"--features: unknown {', '.join(bad)} (choose from {', '.join(FEATURE_SETS)})")
+    gmv_kw = {k: kw.get(k) for k in ("session", "networks", "space")}
+    gmv_kw["allow_missing"] = kw.get("allow_missing", False)
+    out: dict[str, FeatureSet] = {}
+    missing = []
+    dcm = gmv = {}
+    if uses_dcm(feature_sets):
+        dcm, miss = collect_features(deriv_dir, participants, **kw)
+        missing.append(miss)
+    if uses_gmv(feature_sets):
+        gmv_networks = kw.get("networks")
+        if "gmv" not in feature_sets:  # dcm+gmv only: the networks of the A matrices
+            gmv_networks = tuple(dcm)
+        gmv, miss = collect_gmv(deriv_dir, participants, **{**gmv_kw, "networks": gmv_networks})
+        missing.append(miss)
+    if "dcm" in feature_sets:
+        out.update(dcm)
+    if "gmv" in feature_sets:
+        out.update({feature_key("gmv", n): fs for n, fs in gmv.items()})
+    if "dcm+gmv" in feature_sets:
+        absent = [n for n in dcm if n not in gmv]
+        if absent:
+            raise InputError(f"--features dcm+gmv: no gray-matter volumes of seg-{', seg-'.join(absent)}; run the "
+                             "participant level with --features gmv for the same networks")
+        out.update({feature_key("dcm+gmv", n): combine(dcm[n], gmv[n]) for n in dcm})
+    table = pd.concat(missing, ignore_index=True) if missing else pd.DataFrame(
+        columns=["participant_id", "network", "reason"])
+    return out, table
+
+
+def available_networks(deriv_dir: str | Path, feature_set: str, session: str | None, space: str | None = None,
+                       task: str = "rest") -> list[str]:
+    """Networks (``seg``) for which ``deriv_dir`` holds features of ``feature_set``.
+
+    ``dcm``: connectivity files; ``gmv``: gray-matter volume tables; ``dcm+gmv``: both.
+    """
+    dcm = set(find_connectivity(deriv_dir, session or "b0", task=task, space=space)["network"])
+    gmv = set(find_gmv(deriv_dir, session, space)["network"])
+    return sorted({"dcm": dcm, "gmv": gmv, "dcm+gmv": dcm & gmv}[feature_set])
+
+
+def model_features(deriv_dir: str | Path, participants: list[str], feature_set: str, network: str,
+                   spec: dict, where: str = "saved model") -> FeatureSet | None:
+    """The features a saved model needs, for ``participants`` (those without them left out).
+
+    Parameters
+    ----------
+    deriv_dir
+        Derivatives root.
+    participants
+        Participant ids (with ``sub-``).
+    feature_set, network
+        The model's (see :class:`~bids_ketdcm.model_store.SavedModel`).
+    spec
+        The model's ``feature_spec`` (session, space, task, run, drop_diagonal,
+        require_converged); a ``session`` given there may be overridden by the caller.
+    where
+        The model, for messages.
+
+    Returns
+    -------
+    FeatureSet or None
+        None when none of ``participants`` has usable features of this network.
+
+    Raises
+    ------
+    InputError
+        ``deriv_dir`` holds no ``feature_set`` features of ``network`` at all (data of
+        another network: the model refuses them), or the files are malformed.
+    """
+    session, space, task = spec.get("session"), spec.get("space"), spec.get("task", "rest")
+    found = available_networks(deriv_dir, feature_set, session, space, task)
+    if network not in found:
+        held = ", ".join(f"seg-{n}" for n in found) or "none"
+        raise InputError(
+            f"{where}: trained on {feature_set} features of network seg-{network}, but {deriv_dir} holds "
+            f"{feature_set} features of {held} (ses-{normalise_session(session or '')}"
+            f"{', space-' + space if space else ''}). A model refuses data of another network: apply a model "
+            f"trained on the same network, or run the participant level with --network {network}"
+            + (" --features gmv" if feature_set != "dcm" else "") + "."
+        )
+    kw = {"session": session, "space": space, "run": spec.get("run"), "task": task,
+          "drop_diagonal": bool(spec.get("drop_diagonal", False)),
+          "require_converged": bool(spec.get("require_converged", True)), "networks": (network,),
+          "allow_missing": True}
+    try:
+        features, _ = gather_features(deriv_dir, participants, (feature_set,), **kw)
+    except InputError as err:
+        if "no labelled participant has a usable A matrix" not in str(err):
+            raise
+        log.warning("%s: %s", where, err)
+        return None
+    return features.get(feature_key(feature_set, network))
