@@ -67,15 +67,18 @@ def main() -> None:
             for k in ("batch_size", "lr", "lr_schedule", "epochs", "dropout", "n_init", "n_prototypes")
         },
         "methods": methods,
-        "bar": {k: (sig(v) if k.startswith("p_") else short(v)) if isinstance(v, float) else v for k, v in out["bar"].items()},
+        "bar": {k: (sig(v) if k.startswith("p_") else short(v)) if isinstance(v, float) else v
+                for k, v in out["bar"].items()},
         "rpl_friedman_p": sig(tests["friedman"]["p"]) if tests["friedman"] else None,
         "rpl_wilcoxon_bonferroni": {f"{p['a']}-{p['b']}": sig(p["p_bonferroni"]) for p in tests["pairs"]},
         "mrr_wilcoxon_bonferroni": {
             f"{p['a']}-{p['b']}": sig(p["p_bonferroni"]) for p in out["tests"]["mrr"]["pairs"]
         },
-        "rpl_by_cluster": {m: [short(x) for x in where["rpl_by_cluster"][m]] for m in ("dpnn", "tlearner", "kmnn", "random")},
+        "rpl_by_cluster": {m: [short(x) for x in where["rpl_by_cluster"][m]]
+                              for m in ("dpnn", "tlearner", "kmnn", "random")},
         "truth_sd_within_cluster": [short(x) for x in where["truth_sd_within_cluster"]],
-        "rpl_by_gap_quartile": {m: [short(x) for x in where["rpl_by_gap_quartile"][m]] for m in ("dpnn", "tlearner", "kmnn", "random")},
+        "rpl_by_gap_quartile": {m: [short(x) for x in where["rpl_by_gap_quartile"][m]]
+                                   for m in ("dpnn", "tlearner", "kmnn", "random")},
         "gap_quartile_edges": [short(x) for x in where["gap_quartile_edges"]],
         "seconds": round(out["seconds"], 1),
         "paper": out["paper"],

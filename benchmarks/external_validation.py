@@ -105,12 +105,12 @@ def main() -> None:
 
     torch.set_num_threads(2)
     seconds: dict[str, float] = {}
-    report: dict = {"seeds": dict(zip(("train", "planted", "null"), args.seeds)), "n_scans": args.n_scans}
+    report: dict = {"seeds": dict(zip(("train", "planted", "null"), args.seeds, strict=True)), "n_scans": args.n_scans}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         roots = {}
         start = time.perf_counter()
-        for name, seed in zip(("train", "planted", "null"), args.seeds):
+        for name, seed in zip(("train", "planted", "null"), args.seeds, strict=True):
             roots[name] = make_synthetic_dataset(tmp / name, link="none" if name == "null" else "planted", seed=seed,
                                                  n_scans=args.n_scans)
         seconds["generate"] = time.perf_counter() - start

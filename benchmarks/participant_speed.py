@@ -50,7 +50,8 @@ def main() -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         fits = {}
         for net in ("dmn4", "dmn15"):
-            sidecars = [json.loads(p.read_text()) for p in out.glob(f"sub-*/ses-*/func/*_seg-{net}_meas-dcm_relmat.json")]
+            pattern = f"sub-*/ses-*/func/*_seg-{net}_meas-dcm_relmat.json"
+            sidecars = [json.loads(p.read_text()) for p in out.glob(pattern)]
             fits[net] = {"runs": len(sidecars), "converged": sum(bool(s.get("Converged")) for s in sidecars),
                          "median_iterations": sorted(s.get("Iterations", 0) for s in sidecars)[len(sidecars) // 2]
                          if sidecars else None}

@@ -84,7 +84,7 @@ def parse_dockerfile(path: Path) -> dict:
             continue
         values = {**stage.get("ARG", {}), **stage.get("ENV", {})}
 
-        def expand(value: str) -> str:
+        def expand(value: str, values: dict = values) -> str:
             return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), ""), value)
 
         if instruction == "ARG":

@@ -13,8 +13,6 @@ from scipy import signal
 from torch.func import jacrev
 
 from bids_ketdcm.dcm import ConvergenceWarning, fit, invert, predict_csd, simulate
-
-invert_module = importlib.import_module("bids_ketdcm.dcm.invert")
 from bids_ketdcm.dcm.invert import _Problem
 from bids_ketdcm.dcm.jacobian import predict_csd_and_jacobian
 from bids_ketdcm.dcm.model import (
@@ -27,6 +25,8 @@ from bids_ketdcm.dcm.model import (
 )
 from bids_ketdcm.dcm.priors import ParamLayout, principal_subspace, prior_mean, prior_variance, projected_A_covariance
 from bids_ketdcm.dcm.simulate import bold_signal, integrate, state_derivative
+
+invert_module = importlib.import_module("bids_ketdcm.dcm.invert")
 
 FREQS = torch.linspace(1 / 128, 1 / 8, 32, dtype=torch.float64)
 

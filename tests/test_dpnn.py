@@ -198,7 +198,8 @@ def test_generator_matches_the_paper_layout():
     p = data.truth[np.arange(n), data.treatment]
     assert abs(data.outcome.mean() - p.mean()) < 0.04
     # latent codes scatter around their prototype with sd 1
-    centred = np.concatenate([data.latent[data.cluster == k] - data.latent[data.cluster == k].mean(0) for k in range(5)])
+    centred = np.concatenate([data.latent[data.cluster == k] - data.latent[data.cluster == k].mean(0)
+                              for k in range(5)])
     assert centred.std() == pytest.approx(1.0, abs=0.05)
 
 

@@ -54,7 +54,7 @@ def make_cohort(root: Path, seed: int, link: str) -> tuple[Path, Path]:
     shutil.copy(DATA / "phenotype" / "phenotype.tsv", bids / "phenotype")
     participants, names, A = true_connectivity(seed, link)
     A = A + np.random.default_rng(seed + 10_000).normal(0.0, NOISE_HZ, A.shape)
-    for pid, matrix in zip(participants, A):
+    for pid, matrix in zip(participants, A, strict=True):
         write_connectivity(out, pid, "b0", "dmn4", matrix, names)
     return bids, out
 

@@ -74,7 +74,8 @@ def test_sessions_and_spaces(source, tmp_path):
     assert len(find_bold_runs(source, session=None)) == 3
     with pytest.raises(InputError, match=r"no preprocessed BOLD \(task rest, session d2"):
         find_bold_runs(source, session="d2")
-    with pytest.raises(InputError, match=rf"no desc-preproc_bold in space MNI152NLin6Asym .*spaces found: {SPACE} \(use --space\)"):
+    expected = rf"no desc-preproc_bold in space MNI152NLin6Asym .*spaces found: {SPACE} \(use --space\)"
+    with pytest.raises(InputError, match=expected):
         find_bold_runs(source, space="MNI152NLin6Asym")
 
 
@@ -125,7 +126,8 @@ def test_missing_companions(dataset, tmp_path):
     func = _func(dataset, "MOA102")
     confounds = func / "sub-MOA102_ses-b0_task-rest_run-01_desc-confounds_timeseries.tsv"
     confounds.unlink()
-    with pytest.raises(InputError, match=rf"no confounds file for this run \(expected {confounds}, or desc-confounds_regressors"):
+    expected = rf"no confounds file for this run \(expected {confounds}, or desc-confounds_regressors"
+    with pytest.raises(InputError, match=expected):
         find_bold_runs(dataset)
     mask = func / f"sub-MOA101_ses-b0_task-rest_run-02_space-{SPACE}_desc-brain_mask.nii.gz"
     _func(dataset, "MOA101").joinpath(mask.name).unlink()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -45,7 +47,7 @@ def test_builtin_spheres_inside_brain_and_disjoint(name, mni_mask):
     data = mni_mask.get_fdata() > 0
     inverse = np.linalg.inv(mni_mask.affine)
     centres = table[["x", "y", "z"]].to_numpy()
-    for (x, y, z), roi in zip(centres, table["name"]):
+    for (x, y, z), roi in zip(centres, table["name"], strict=True):
         i, j, k = np.rint(inverse @ [x, y, z, 1.0])[:3].astype(int)
         assert data[i, j, k], f"{roi} centre lies outside the MNI brain mask"
     radius = table["radius_mm"].to_numpy()
@@ -57,7 +59,7 @@ def test_builtin_spheres_inside_brain_and_disjoint(name, mni_mask):
 
 def test_networks_are_nested_and_dmn4_is_razi():
     tables = [load_network(name) for name in BUILTIN_NETWORKS]
-    for smaller, larger in zip(tables, tables[1:]):
+    for smaller, larger in pairwise(tables):
         head = larger.iloc[: len(smaller)].reset_index(drop=True)
         pd.testing.assert_frame_equal(head, smaller.reset_index(drop=True), check_like=False)
     razi = {

@@ -53,7 +53,7 @@ def test_probability_interval_and_contributions(tmp_path):
     high, low, mid, odd = preds
     assert high.probability > 0.8 and low.probability < 0.2
     assert high.predicted_class == "response" and low.predicted_class == "nonresponse"
-    for p, x in zip(preds, X):
+    for p in preds:
         # contributions + intercept = the model's log-odds of the positive class
         logit = np.log(p.probability / (1 - p.probability))
         assert p.contributions.contribution.sum() + p.intercept == pytest.approx(logit, abs=1e-9)
@@ -166,4 +166,5 @@ def test_prediction_paths_accept_a_ses_prefix(tmp_path):
     from bids_ketdcm.participant.predict import prediction_paths
 
     assert prediction_paths(tmp_path, "sub-01", "ses-b0") == prediction_paths(tmp_path, "01", "b0")
-    assert prediction_paths(tmp_path, "01", "b0")["tsv"] == tmp_path / "sub-01/ses-b0/sub-01_ses-b0_desc-response_predictions.tsv"
+    expected = tmp_path / "sub-01/ses-b0/sub-01_ses-b0_desc-response_predictions.tsv"
+    assert prediction_paths(tmp_path, "01", "b0")["tsv"] == expected

@@ -126,7 +126,7 @@ def test_sphere_search_matches_the_time_series_rule():
     radii = np.array([6.0, 8.0, 5.0, 1.0])  # the third straddles the edge; the last holds one voxel
     sums, counts = _sphere_sums(values, affine, centres, radii)
     full = np.ones(values.shape, dtype=bool)
-    for k, (c, r) in enumerate(zip(centres, radii)):
+    for k, (c, r) in enumerate(zip(centres, radii, strict=True)):
         inside = sphere_voxels(c, r, affine, full)
         assert counts[k] == inside.sum() and sums[k] == pytest.approx(values[inside].sum())
     assert counts[3] == 1
@@ -203,7 +203,7 @@ def test_group_feature_sets_side_by_side(tmp_path):
         shutil.copy(data / "phenotype" / "phenotype.tsv", bids / "phenotype")
         shutil.copy(data / "phenotype" / "phenotype.json", bids / "phenotype")
         rng = np.random.default_rng(seed)
-        for pid, r in zip(responses.participant_id, responses.r):
+        for pid, r in zip(responses.participant_id, responses.r, strict=True):
             write_connectivity(out, pid, "b0", "dmn4", rng.normal(0, 0.1, (4, 4)), regions)
             gmv = rng.normal(0.004, 0.0004, 4)
             gmv[1] += 0.002 * r  # mPFC volume tracks the response

@@ -71,7 +71,7 @@ def test_batched_classifiers_match_sklearn(p, K):
     for model, ref in refs.items():
         for C in (0.1, 10.0):
             out = predict_splits(model, [X] * 3, y, splits, [{"C": C}] * 3, K)
-            for (tr, te), o in zip(splits, out):
+            for (tr, te), o in zip(splits, out, strict=True):
                 est = ref(C)
                 if model == "logistic" and K > 2:
                     est = OneVsRestClassifier(est)
@@ -90,7 +90,7 @@ def test_batched_elastic_net_matches_sklearn():
     for alpha, l1 in ((0.5, 0.5), (0.1, 0.2), (1.0, 0.9)):
         out = predict_splits("elasticnet", [X] * 4, y, splits, [{"alpha": alpha, "l1_ratio": l1}] * 4,
                              enet_tol=1e-10)
-        for (tr, te), o in zip(splits, out):
+        for (tr, te), o in zip(splits, out, strict=True):
             net = ElasticNet(alpha=alpha, l1_ratio=l1, tol=1e-12, max_iter=100000)
             pipe = make_pipeline(StandardScaler(), TransformedTargetRegressor(net, transformer=StandardScaler()))
             np.testing.assert_allclose(o, pipe.fit(X[tr], y[tr]).predict(X[te]), atol=1e-4)
@@ -143,7 +143,7 @@ def test_engines_agree():
     for task in (_task(X, Y25), _task(X, y5, classes=("w", "s", "m", "st", "r")), _task(X, R, "regression")):
         fast = run_task(task, config)
         slow = run_task(task, replace(config, engine="sklearn"))
-        for a, b in zip(fast.results, slow.results):
+        for a, b in zip(fast.results, slow.results, strict=True):
             assert (a["model"], a["protocol"]) == (b["model"], b["protocol"])
             assert a["headline"] == pytest.approx(b["headline"], abs=0.04), (a["model"], a["protocol"])
             assert a["params"] == b["params"]

@@ -262,7 +262,8 @@ def test_missing_infusion_column_is_a_logged_skip(tmp_path, participants, phenot
 
 def test_single_first_treatment_is_a_skip(tmp_path, participants, phenotype):
     features = _features(participants["participant_id"].tolist())
-    only_ketamine = participants.assign(infusion_1=participants["infusion_1"].where(participants["infusion_1"].isna(), "d"))
+    infusion = participants["infusion_1"]
+    only_ketamine = participants.assign(infusion_1=infusion.where(infusion.isna(), "d"))
     out = run_treatment_selection(features, only_ketamine, phenotype, tmp_path)
     assert out["skipped"].startswith("fewer than two first-period treatments")
 

@@ -122,7 +122,8 @@ def build_descriptor(command: click.Command = bids_app) -> dict[str, Any]:
             "id": "output_dir",
             "name": "Output directory",
             "description": ("BIDS-Derivatives dataset: dataset_description.json, per run "
-                            "sub-<label>[/ses-<session>]/func/*_desc-denoised_timeseries.tsv and *_meas-dcm_relmat.tsv/.json, "
+                            "sub-<label>[/ses-<session>]/func/*_desc-denoised_timeseries.tsv and "
+                            "*_meas-dcm_relmat.tsv/.json, "
                             "per participant sub-<label>.html; group/ after the group level."),
             "path-template": "[OUTPUT_DIR]",
             "optional": False,

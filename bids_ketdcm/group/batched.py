@@ -171,7 +171,7 @@ def fit_logistic(
             break
         fd = (Zt @ step[..., None])[..., 0]
 
-        def objective(t, rows):
+        def objective(t, rows, theta=theta, step=step, f=f, fd=fd):
             th = theta[rows] + t[:, None] * step[rows]
             ft = f[rows] + t[:, None] * fd[rows]
             return 0.5 * (reg * th**2).sum(-1) - (Cs[rows] * log_expit(sign[rows] * ft)).sum(-1)
@@ -255,7 +255,7 @@ def fit_multinomial(
             break
         Fd = logits(step)
 
-        def trial(t, rows):
+        def trial(t, rows, F=F, Fd=Fd, theta=theta, step=step):
             return objective(F[rows] + t[:, None, None] * Fd[rows], theta[rows] + t[:, None] * step[rows], rows)
 
         theta = theta + _line_search(trial, J, slope)[:, None] * step
@@ -305,7 +305,7 @@ def fit_squared_hinge(
             break
         fd = (Zt @ step[..., None])[..., 0]
 
-        def objective(t, rows):
+        def objective(t, rows, theta=theta, step=step, f=f, fd=fd):
             th = theta[rows] + t[:, None] * step[rows]
             sl = np.maximum(0.0, 1.0 - sign[rows] * (f[rows] + t[:, None] * fd[rows]))
             return 0.5 * (th**2).sum(-1) + (cost[rows] * sl**2).sum(-1)
@@ -441,7 +441,7 @@ def _stack(Xs: list[np.ndarray], rows: list[np.ndarray]) -> tuple[np.ndarray, np
     n = max(len(r) for r in rows)
     out = np.zeros((len(rows), n) + Xs[0].shape[1:])
     mask = np.zeros((len(rows), n), dtype=bool)
-    for i, (X, r) in enumerate(zip(Xs, rows)):
+    for i, (X, r) in enumerate(zip(Xs, rows, strict=True)):
         out[i, : len(r)] = X[r]
         mask[i, : len(r)] = True
     return out, mask

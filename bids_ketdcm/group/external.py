@@ -246,7 +246,7 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
             for i, pid in enumerate(ids):
                 row = {"model_id": model.model_id, "treatment": treatment, "participant_id": pid,
                        "observed": model.classes[y[i]], "predicted": model.classes[int(proba[keep[i]].argmax())]}
-                row.update({f"proba_{c}": float(v) for c, v in zip(model.classes, proba[keep[i]])})
+                row.update({f"proba_{c}": float(v) for c, v in zip(model.classes, proba[keep[i]], strict=True)})
                 predictions.append(row)
         if curves:
             figures.append((model.model_id, _calibration_figure(curves, model.model_id)))
@@ -288,7 +288,7 @@ def training_overlap(model: SavedModel, participants: list[str], X: np.ndarray) 
     listed = set(training.get("participants", []))
     prints = training.get("feature_fingerprints")
     same, relabelled = [], []
-    for pid, row in zip(participants, X):
+    for pid, row in zip(participants, X, strict=True):
         if pid not in listed:
             continue
         if prints is None or prints.get(pid) == feature_fingerprint(row):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -463,7 +464,8 @@ def build_labels(
             if pid not in participants.index:
                 reason = "not in participants.tsv (--include-group needs its group)"
             elif group not in include_group:
-                reason = f"group {group if isinstance(group, str) else 'n/a'} not in --include-group {' '.join(include_group)}"
+                shown = group if isinstance(group, str) else "n/a"
+                reason = f"group {shown} not in --include-group {' '.join(include_group)}"
             else:
                 keep.append(pid)
                 continue
@@ -554,7 +556,7 @@ def labels_sidecar(labels: LabelSet, baseline_session: str, sessions: dict[str, 
     if "group" in labels.table:
         out["group"] = {"Description": "Group from participants.tsv"}
     for treatment, session in sessions.items():
-        col = lambda name: LabelSet.column(treatment, name)  # noqa: E731
+        col = partial(LabelSet.column, treatment)
         out[col("post")] = {"Description": f"{score} at ses-{session} ({treatment})"}
         out[col("delta")] = {"Description": f"baseline minus {score} at ses-{session}"}
         out[col("improvement")] = {

@@ -170,7 +170,7 @@ def r2_batch(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 
 def summarise(values: list[float], undefined: list[bool]) -> tuple[float, float]:
     """Mean and sample sd over the folds where a metric is defined (0 sd for one fold)."""
-    kept = np.asarray([v for v, u in zip(values, undefined) if not u], dtype=float)
+    kept = np.asarray([v for v, u in zip(values, undefined, strict=True) if not u], dtype=float)
     if kept.size == 0:
         kept = np.asarray(values, dtype=float)
     sd = float(kept.std(ddof=1)) if kept.size > 1 else 0.0

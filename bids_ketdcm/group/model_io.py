@@ -139,7 +139,8 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
                    "selection": "C chosen most often by the nested CV's inner search" if chosen
                    else "default C (no nested CV)"},
             training={"n_participants": len(task.participants), "participants": list(task.participants),
-                      "feature_fingerprints": {p: feature_fingerprint(x) for p, x in zip(task.participants, task.X)},
+                      "feature_fingerprints": {p: feature_fingerprint(x)
+                                               for p, x in zip(task.participants, task.X, strict=True)},
                       "class_counts": {c: int((task.y == i).sum()) for i, c in enumerate(task.classes)},
                       "cv_metrics": cv,
                       "apparent_metrics": {k: float(v) for k, v in apparent.items()},

@@ -197,8 +197,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
                 nulls[arm] = (suite.nulls[key], float(row.headline.iloc[0]))
         r = res[(res.treatment == "ketamine") & (res.network == task.network) & (res.target == task.target)
                 & (res.protocol == protocol)]
-        text = "\n".join(f"{m:15s} R2 {h:+.3f}  r {pr:+.3f}" for m, h, pr in zip(r.model, r.headline, r.pearson_r)) \
-            if task.kind == "regression" else ""
+        rows = zip(r.model, r.headline, r.pearson_r, strict=True)
+        text = "\n".join(f"{m:15s} R2 {h:+.3f}  r {pr:+.3f}" for m, h, pr in rows) if task.kind == "regression" else ""
         contexts.append({
             "kind": task.kind, "classes": list(task.classes), "target": task.target, "network": task.network,
             "model": model, "protocol": protocol, "metric": HEADLINE_METRIC[task.kind], "text": text,
@@ -216,8 +216,9 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         "<p class='note'><b>Exploratory</b>: every other network, target, model and protocol. Judge them by "
         "the adjusted p-values: p_holm (Holm, family-wise error over all "
         f"{int(res.p_value.notna().sum()) if len(res) else 0} permutation tests), p_bh (Benjamini-Hochberg, "
-        "false discovery rate); the verdict uses p_holm. Headline model per target (logistic regression for label schemes, elastic net "
-        f"for continuous targets) under {html.escape(protocol)}; p from {_n_perm(res)} permutations "
+        "false discovery rate); the verdict uses p_holm. Headline model per target (logistic regression for "
+        f"label schemes, elastic net for continuous targets) under {html.escape(protocol)}; "
+        f"p from {_n_perm(res)} permutations "
         "(feature rows shuffled against the labels, folds fixed). "
         f"Headline metric: {html.escape(info['headline']['definition']['classification'])} (schemes); "
         f"{html.escape(info['headline']['definition']['regression'])} (continuous). "
@@ -253,7 +254,7 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
     if info.get("peb"):
         parts += peb_section(info["peb"])
     parts.append("<h2>Figures per target and network (ketamine)</h2>")
-    for ctx, img in zip(contexts, images):
+    for ctx, img in zip(contexts, images, strict=True):
         parts.append(f"<h3>{html.escape(ctx['target'])} / seg-{html.escape(ctx['network'])}</h3>")
         parts.append(f"<img src='data:image/png;base64,{img}'>")
     parts.append("<h2>All results (headline metric)</h2>")
@@ -376,7 +377,8 @@ def _treatment_section(treatment: dict) -> list[str]:
     diff = treatment.get("difference")
     if diff:
         loss = ", ".join(f"{html.escape(k)} {v:.3f}" for k, v in diff["improvement_loss"].items())
-        parts.append(f"<p class='note'>Continuous target ({html.escape(diff['target'])}, {html.escape(diff['model'])}): "
+        parts.append(f"<p class='note'>Continuous target ({html.escape(diff['target'])}, "
+                     f"{html.escape(diff['model'])}): "
                      f"out-of-fold R^2 {diff['r2']:.3f}; improvement lost against each participant's better arm: "
                      f"{loss}; versus {html.escape(diff['reference_policy'])}: p = {diff['p_versus_reference']:.3g} "
                      f"({html.escape(diff['note'])}).</p>")

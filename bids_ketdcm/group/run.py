@@ -373,7 +373,7 @@ def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, Fea
     fs = features[best.network]
     matrix = np.full((len(fs.regions), len(fs.regions)), np.nan)
     extra = {}
-    for w, name in zip(weights, task.feature_names):
+    for w, name in zip(weights, task.feature_names, strict=True):
         idx = fs.feature_names.index(name) if name in fs.feature_names else None
         if idx is None or fs.pairs[idx] is None:
             extra[name] = float(w)

@@ -414,7 +414,7 @@ def _tree_probas(forest: RandomForestClassifier, Xs: list[np.ndarray], depths) -
             for _ in range(t.max_depth):
                 node = np.where(depth[node] > d, parent[node], node)
             ancestor[d] = node
-        for X, dest in zip(Xs, out):
+        for X, dest in zip(Xs, out, strict=True):
             leaves = tree.apply(X)
             for d in depths:
                 value = t.value[ancestor[d][leaves], 0, :]
@@ -466,7 +466,7 @@ def _outer_predictions(task: Task, model: str, splits: list[tuple], chosen: list
         problems = [(tr, te) for _, _, tr, te in splits]
         return _predict_chunked(name, [X] * len(problems), task.y, problems, params, task.n_classes), chosen
     outs, used = [], []
-    for (rep, fold, train, test), params in zip(splits, chosen):
+    for (rep, fold, train, test), params in zip(splits, chosen, strict=True):
         if model == "random_forest" and params.get("max_depth") == "oob" and len(np.unique(task.y[train])) > 1:
             out, params = _tuned_forest(task, train, test, config, seed + rep * 100 + fold)
         else:
@@ -506,7 +506,7 @@ def evaluate(task: Task, model: str, protocol: str, config: SuiteConfig
     n_rep = max(s[0] for s in splits) + 1
     shape = (len(task.y), task.n_classes) if task.kind == "classification" else (len(task.y),)
     oof = [np.zeros(shape) for _ in range(n_rep)]
-    for (rep, fold, train, test), params, out in zip(splits, chosen, outs):
+    for (rep, fold, train, test), params, out in zip(splits, chosen, outs, strict=True):
         oof[rep][test] = out
         values, undefined = _metrics(task, task.y[test], out)
         fold_flags = []
@@ -557,7 +557,7 @@ def _prediction_row(task: Task, rep: int, fold: int, idx: int, out: np.ndarray) 
     if task.kind == "classification":
         row["observed"] = task.classes[task.y[idx]]
         row["predicted"] = task.classes[int(np.argmax(out))]
-        for c, s in zip(task.classes, out):
+        for c, s in zip(task.classes, out, strict=True):
             row[f"score_{c}"] = float(s) if np.isfinite(s) else np.nan
     else:
         row["observed"] = float(task.y[idx])
@@ -753,7 +753,8 @@ def run_suite(tasks: list[Task], config: SuiteConfig, nprocs: int = 1, progress:
 
     order = sorted(range(len(tasks)), key=lambda i: -_cost(tasks[i]))
     done: dict[int, TaskResult] = {}
-    with tqdm(total=len(tasks), desc="group suite", unit="task", disable=None if progress is None else not progress) as bar:
+    disable = None if progress is None else not progress
+    with tqdm(total=len(tasks), desc="group suite", unit="task", disable=disable) as bar:
         # one thread per worker (bids_ketdcm.threads): workers x threads never exceeds nprocs
         workers, threads = ThreadPolicy(nprocs, 1).pool(len(tasks))
         with parallel_config(backend="loky", inner_max_num_threads=threads):

@@ -106,7 +106,7 @@ class PatientPrediction:
     def top_features(self, k: int = TOP_FEATURES) -> str:
         """``name (+0.52); name (-0.31)`` of the ``k`` largest contributions."""
         head = self.contributions.head(k)
-        return "; ".join(f"{f} ({c:+.2f})" for f, c in zip(head["feature"], head["contribution"]))
+        return "; ".join(f"{f} ({c:+.2f})" for f, c in zip(head["feature"], head["contribution"], strict=True))
 
 
 def predict_patients(model: SavedModel, X: np.ndarray, names: list[str], participants: list[str],
@@ -156,7 +156,7 @@ def predict_patients(model: SavedModel, X: np.ndarray, names: list[str], partici
             interval=(float(low[i]), float(high[i])),
             level=level, contributions=table.reset_index(drop=True), intercept=intercept,
             train_cv_balanced_accuracy=model.train_cv_balanced_accuracy,
-            out_of_range=[f for f, v in zip(model.feature_names, z[i]) if abs(v) > OUT_OF_RANGE_Z],
+            out_of_range=[f for f, v in zip(model.feature_names, z[i], strict=True) if abs(v) > OUT_OF_RANGE_Z],
         ))
     return out
 
@@ -182,7 +182,7 @@ def prediction_table(predictions: list[PatientPrediction]) -> pd.DataFrame:
                "interval_level": p.level, "predicted_class": p.predicted_class,
                "train_cv_balanced_accuracy": p.train_cv_balanced_accuracy, "top_features": p.top_features(),
                "out_of_range_features": ";".join(p.out_of_range)}
-        row.update({f"proba_{c}": float(v) for c, v in zip(p.classes, p.probabilities)})
+        row.update({f"proba_{c}": float(v) for c, v in zip(p.classes, p.probabilities, strict=True)})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -204,7 +204,7 @@ def write_predictions(output_dir: str | os.PathLike, subject: str, session: str 
             "model_id": p.model_id, "model_path": str(by_id[p.model_id].path),
             "model_sha256": by_id[p.model_id].manifest["files"]["model.joblib"]["sha256"],
             "label": by_id[p.model_id].manifest["label"], "classes": p.classes,
-            "probabilities": dict(zip(p.classes, map(float, p.probabilities))),
+            "probabilities": dict(zip(p.classes, map(float, p.probabilities), strict=True)),
             "positive_class": p.positive_class, "interval": list(p.interval), "interval_level": p.level,
             "intercept": p.intercept, "out_of_range_features": p.out_of_range,
             "contributions": p.contributions.to_dict("records"),

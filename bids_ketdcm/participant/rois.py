@@ -302,7 +302,7 @@ def _read_labelled_image(path: Path) -> pd.DataFrame:
         raise InputError(f"labelled network image {path} must hold integer labels only")
     data = data.astype(int)
     present = set(np.unique(data)) - {0}
-    absent = [f"{i} ({n})" for i, n in zip(index, names) if i not in present]
+    absent = [f"{i} ({n})" for i, n in zip(index, names, strict=True) if i not in present]
     if absent:
         raise InputError(
             f"labelled network image {path} has no voxel with label(s) "

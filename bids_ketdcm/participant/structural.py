@@ -123,11 +123,11 @@ def _sphere_sums(values: np.ndarray, affine: np.ndarray, centres: np.ndarray, ra
     # half-width in voxels of a sphere's bounding box along each axis: r * |row of inv(M)|
     reach = np.linalg.norm(inverse[:3, :3], axis=1)
     sums, counts = np.zeros(len(centres)), np.zeros(len(centres), dtype=int)
-    for k, (centre, radius) in enumerate(zip(centres, radii)):
+    for k, (centre, radius) in enumerate(zip(centres, radii, strict=True)):
         voxel = nib.affines.apply_affine(inverse, centre)
         lo = np.clip(np.floor(voxel - radius * reach).astype(int) - 1, 0, shape)
         hi = np.clip(np.ceil(voxel + radius * reach).astype(int) + 2, 0, shape)
-        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
+        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), axis=-1)
         grid = grid.reshape(-1, 3)
         inside = np.linalg.norm(nib.affines.apply_affine(affine, grid) - centre, axis=1) <= radius
         nearest = np.rint(voxel).astype(int)
@@ -241,7 +241,7 @@ def tissue_volumes(gm: str | os.PathLike, wm: str | os.PathLike, csf: str | os.P
     out = {}
     reference = None
     J = None
-    for tissue, path in zip(TISSUES, (gm, wm, csf)):
+    for tissue, path in zip(TISSUES, (gm, wm, csf), strict=True):
         img, p = _probabilities(path, f"{tissue} probability")
         if reference is None:
             reference, J = img, _jacobian(jacobian, img)

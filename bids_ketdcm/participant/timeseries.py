@@ -132,7 +132,7 @@ def roi_masks(
         return [(data == int(i)) & mask for i in network["index"]]
     centres = network[["x", "y", "z"]].to_numpy(float)
     radii = network["radius_mm"].to_numpy(float)
-    return [sphere_voxels(c, r, affine, mask) for c, r in zip(centres, radii)]
+    return [sphere_voxels(c, r, affine, mask) for c, r in zip(centres, radii, strict=True)]
 
 
 # --------------------------------------------------------------------------- summaries
@@ -350,7 +350,7 @@ def extract_timeseries(
     names = [str(n) for n in network["name"]]
     masks = roi_masks(network, bold_img.affine, brain)
     centres = network[["x", "y", "z"]].to_numpy(float)
-    for name, roi, centre in zip(names, masks, centres):
+    for name, roi, centre in zip(names, masks, centres, strict=True):
         if not roi.any():
             raise InputError(
                 f"ROI {name} has no voxel inside the brain mask {mask} "
@@ -405,7 +405,7 @@ def extract_timeseries(
 
     columns, roi_qc = [], {}
     used = np.zeros(union.shape, np.uint8)
-    for name, roi in zip(names, masks):
+    for name, roi in zip(names, masks, strict=True):
         index = position[roi]
         spread = raw_kept[:, index].std(axis=0)
         alive = index[spread > 0]

@@ -294,7 +294,8 @@ def _radius(networks: dict) -> float | None:
     return radii.pop() if len(radii) == 1 else None
 
 
-def _extract(work: _RunWork, network: pd.DataFrame, opts: ParticipantOptions) -> tuple[RoiTimeseries | None, str | None]:
+def _extract(work: _RunWork, network: pd.DataFrame,
+             opts: ParticipantOptions) -> tuple[RoiTimeseries | None, str | None]:
     bold = work.bold
     try:
         series = extract_timeseries(bold.bold, bold.mask, bold.confounds, network, bold.tr,

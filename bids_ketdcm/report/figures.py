@@ -172,7 +172,7 @@ def csd_figure(
     cols = min(_CSD_COLUMNS, len(panels))
     fig = Figure(figsize=(3.0 * cols, 2.3 * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, (i, j) in zip(axes.flat, panels):
+    for ax, (i, j) in zip(axes.flat, panels, strict=False):
         if i == j:
             obs, pred = observed[:, i, i].real, predicted[:, i, i].real
             title = f"{names[i]} (auto, real part)"
@@ -228,7 +228,7 @@ def connectivity_matrix_figure(A_hz: np.ndarray, A_var: np.ndarray, names: list[
                 )
     else:
         rows, cols = np.nonzero(significant)
-        for i, j in zip(rows, cols):
+        for i, j in zip(rows, cols, strict=True):
             ax.text(j, i, "*", ha="center", va="center", fontsize=9)
     ax.set_title(
         f"Posterior A (Hz); * Pp > {POSTERIOR_PROBABILITY_THRESHOLD:g}; diagonal: self-inhibition",

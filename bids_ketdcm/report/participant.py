@@ -316,7 +316,7 @@ def _summary_section(
         "Variance explained", "Mean FD (mm)", "Max FD (mm)", "Censored volumes", "Warnings",
     ]
     rows = []
-    for run, anchor, warns in zip(runs, anchors, warnings_per_run):
+    for run, anchor, warns in zip(runs, anchors, warnings_per_run, strict=True):
         qc = run.qc or {}
         skipped = run.skipped_reason is not None
         link = _e(run.run_label) if skipped else f'<a href="#{anchor}">{_e(run.run_label)}</a>'
@@ -564,7 +564,7 @@ def _per_roi(value: Any, names: list[str]) -> list[tuple[str, Any]]:
         and np.ndim(value) == 1
         and len(value) == len(names)
     ):
-        return list(zip(names, list(value)))
+        return list(zip(names, list(value), strict=True))
     return []
 
 

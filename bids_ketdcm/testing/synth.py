@@ -40,11 +40,13 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -279,7 +281,7 @@ def _rmsd(motion: np.ndarray, radius: float = 80.0) -> np.ndarray:
         m[:3, :3] = Rotation.from_euler("xyz", row[3:]).as_matrix()
         m[:3, 3] = row[:3]
         mats.append(m)
-    for before, after in zip(mats, mats[1:]):
+    for before, after in pairwise(mats):
         rel = after @ np.linalg.inv(before) - np.eye(4)
         a, t = rel[:3, :3], rel[:3, 3]
         out.append(float(np.sqrt(0.2 * radius**2 * np.trace(a.T @ a) + t @ t)))
@@ -392,9 +394,9 @@ def _motion(rng: np.random.Generator, n: int, n_spikes: int) -> np.ndarray:
 
     The drift lives below the 128 s high-pass cut-off (the two slowest cosines of
     fMRIPrep's basis, so that its squares stay there too), the jitter is white (FD
-    about 0.15 mm) and each spike displaces one volume. Motion that wanders through the signal band would share variance with
-    the ROI signals by chance and make the regression remove signal; real motion does
-    that too, but it would blur what the synthetic data are for.
+    about 0.15 mm) and each spike displaces one volume. Motion that wanders through the
+    signal band would share variance with the ROI signals by chance and make the regression
+    remove signal; real motion does that too, but it would blur what the synthetic data are for.
     """
     slow = _cosine_basis(n, TR)[:, :2] * np.sqrt(n / 2.0)  # unit amplitude
     drift = slow @ rng.normal(0.0, 1.0, size=(slow.shape[1], 6))
