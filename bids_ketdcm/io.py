@@ -10,7 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import pandas as pd
+
+from bids_ketdcm.errors import InputError
 
 
 @contextmanager
@@ -95,3 +98,33 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def load_image(path: str | os.PathLike, what: str) -> nib.spatialimages.SpatialImage:
+    """Read a NIfTI (or other volume) image, or fail with one clear message.
+
+    Parameters
+    ----------
+    path
+        The image file.
+    what
+        What the image is, for messages (e.g. ``"brain mask"``).
+
+    Returns
+    -------
+    nibabel.spatialimages.SpatialImage
+
+    Raises
+    ------
+    InputError
+        The file is missing, cannot be read, or is not a volume image (e.g. a surface).
+    """
+    try:
+        img = nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise InputError(f"{what} {path} cannot be read: {err}") from None
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise InputError(f"{what} {path} cannot be read: not a volume image ({type(img).__name__})")
+    return img

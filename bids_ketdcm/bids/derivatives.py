@@ -169,14 +169,14 @@ class RunResult:
     run_label: str
     network: str
     roi_names: list[str]
-    roi_coords: np.ndarray
-    timeseries: np.ndarray
+    roi_coords: np.ndarray | None
+    timeseries: np.ndarray | None
     tr: float
-    freqs: np.ndarray
-    csd_observed: np.ndarray
-    csd_predicted: np.ndarray
-    A_hz: np.ndarray
-    A_var: np.ndarray
+    freqs: np.ndarray | None
+    csd_observed: np.ndarray | None
+    csd_predicted: np.ndarray | None
+    A_hz: np.ndarray | None
+    A_var: np.ndarray | None
     F_history: list[float]
     free_energy: float
     iterations: int
@@ -223,7 +223,7 @@ def write_dataset_description(output_dir: Path, inputs: Mapping[str, Path], argv
     """
     output_dir = Path(output_dir)
     versions = ", ".join(f"{name} {number}" for name, number in software_versions().items())
-    generated_by = {
+    generated_by: dict[str, Any] = {
         "Name": "bids-ketdcm",
         "Version": __version__,
         "CodeURL": "https://github.com/bids-ketdcm/bids-ketdcm",
@@ -338,12 +338,14 @@ def write_connectivity(output_dir: Path, run: RunEntities, network_label: str, s
     names = list(series.names)
     with atomic_path(paths["npz"]) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(
-                handle, A=post.A, A_hz=post.A_hz, cov=post.cov, h=post.h,
-                observed_csd=post.observed_csd, predicted_csd=post.predicted_csd,
-                freqs=post.freqs, F_history=np.asarray(post.F_history[0], float),
+            arrays: dict[str, np.ndarray] = {
+                "A": post.A, "A_hz": post.A_hz, "cov": post.cov, "h": post.h,
+                "observed_csd": post.observed_csd, "predicted_csd": post.predicted_csd,
+                "freqs": post.freqs, "F_history": np.asarray(post.F_history[0], float),
                 **{f"param_{k}": v for k, v in post.params.items()},
-            )
+            }
+            # numpy's stubs read a **dict of arrays as its allow_pickle keyword
+            np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
     sidecar = {
         "Network": network_label,
         "ROIs": names,

@@ -20,6 +20,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -316,7 +317,7 @@ def collect_features(
             mats.append(chosen_table.loc[regions, regions].to_numpy())
             kept.append(pid)
             files.append(chosen_path)
-        if not kept:
+        if not kept or regions is None:
             empty.append(network)
             continue
         features[network] = _design(network, regions, kept, np.stack(mats), files, drop_diagonal)
@@ -449,7 +450,7 @@ def collect_gmv(deriv_dir: str | Path, participants: list[str], session: str | N
             kept.append(pid)
             values.append(table.loc[regions, "gmv_tiv"].to_numpy(float))
             files.append(cand["path"].iloc[0])
-        if not kept:
+        if not kept or regions is None:
             continue
         out[network] = FeatureSet(
             network=network, regions=list(regions), participants=kept, matrices=np.zeros((len(kept), 0, 0)),
@@ -498,11 +499,12 @@ def gather_features(deriv_dir: str | Path, participants: list[str], feature_sets
     bad = [f for f in feature_sets if f not in FEATURE_SETS]
     if bad:
         raise InputError(f"--features: unknown {', '.join(bad)} (choose from {', '.join(FEATURE_SETS)})")
-    gmv_kw = {k: kw.get(k) for k in ("session", "networks", "space")}
+    gmv_kw: dict[str, Any] = {k: kw.get(k) for k in ("session", "networks", "space")}
     gmv_kw["allow_missing"] = kw.get("allow_missing", False)
     out: dict[str, FeatureSet] = {}
     missing = []
-    dcm = gmv = {}
+    dcm: dict[str, FeatureSet] = {}
+    gmv: dict[str, FeatureSet] = {}
     if uses_dcm(feature_sets):
         dcm, miss = collect_features(deriv_dir, participants, **kw)
         missing.append(miss)

@@ -66,7 +66,7 @@ def compare_feature_sets(results: pd.DataFrame, protocol: str) -> pd.DataFrame:
         kind = grp.task.iloc[0]
         model = HEADLINE_MODEL[kind]
         row = {"network": network, "target": target, "model": model, "metric": HEADLINE_METRIC[kind]}
-        candidates = {}
+        candidates: dict[str, float] = {}
         for fs in present:
             sub = grp[grp.feature_set == fs]
             row[fs] = value(sub, model, protocol)
@@ -80,7 +80,7 @@ def compare_feature_sets(results: pd.DataFrame, protocol: str) -> pd.DataFrame:
         row["chance_model"] = value(first, "majority" if kind == "classification" else "mean", protocol)
         if np.isfinite(row["baseline_score_only"]):
             candidates["baseline_score_only"] = row["baseline_score_only"]
-        row["best"] = max(candidates, key=candidates.get) if candidates else None
+        row["best"] = max(candidates, key=candidates.__getitem__) if candidates else None
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -459,6 +459,7 @@ def build_labels(
                 f"{bids_dir / 'participants.tsv'} (groups: {', '.join(sorted(known))})"
             )
         keep = []
+        reason: str | None
         for pid in everyone:
             group = participants["group"].get(pid) if pid in participants.index else None
             if pid not in participants.index:

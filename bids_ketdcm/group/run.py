@@ -370,15 +370,17 @@ def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, Fea
     counts = pd.Series([tuple(sorted(p.items())) for p in chosen]).value_counts()
     params = dict(counts.index[0])
     weights = fit_full(task, best.model, params, config)
+    if weights is None:  # a comparator: no weights to show
+        return None
     fs = features[best.network]
     matrix = np.full((len(fs.regions), len(fs.regions)), np.nan)
     extra = {}
     for w, name in zip(weights, task.feature_names, strict=True):
-        idx = fs.feature_names.index(name) if name in fs.feature_names else None
-        if idx is None or fs.pairs[idx] is None:
+        pair = fs.pairs[fs.feature_names.index(name)] if name in fs.feature_names else None
+        if pair is None:
             extra[name] = float(w)
         else:
-            t, s = fs.pairs[idx]
+            t, s = pair
             matrix[t, s] = w
     return {
         "network": best.network, "target": best.target, "model": best.model, "protocol": protocol,
@@ -536,7 +538,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     peb = None if options.peb_target is None else run_peb(
         features, labels, group, options.peb_target, options.peb_permutations, options.seed)
     sessions = {"ketamine": normalise_session(options.post_session)}
-    if "placebo" in analyses:
+    if "placebo" in analyses and options.placebo_session is not None:
         sessions["placebo"] = normalise_session(options.placebo_session)
     write_tsv(group / "labels.tsv", labels.table.reset_index())
     write_json(group / "labels.json", labels_sidecar(labels, normalise_session(options.baseline_session), sessions))
@@ -678,13 +680,12 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
         the analysis (logged as a warning; nothing is written then).
     """
     key = next(iter(features))
-    reason = None
     participants = read_participants(bids_dir)
-    if options.placebo_session is None:
-        reason = "no placebo session (--placebo-session) to give the crossover's counterfactual"
-    elif participants is None:
-        reason = f"{bids_dir / 'participants.tsv'} is missing (the first infusion, infusion_1, is read from it)"
-    if reason is not None:
+    placebo_session = options.placebo_session
+    if placebo_session is None or participants is None:
+        reason = ("no placebo session (--placebo-session) to give the crossover's counterfactual"
+                  if placebo_session is None else
+                  f"{bids_dir / 'participants.tsv'} is missing (the first infusion, infusion_1, is read from it)")
         log.warning("treatment selection skipped: %s", reason)
         return {"skipped": reason, "feature_set": key}
     scores, _, _ = read_scores(bids_dir, options.score_column)
@@ -693,7 +694,7 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
     table = pd.DataFrame(fs.X, index=pd.Index(fs.participants, name="participant_id"), columns=fs.feature_names)
     treatment_options = TreatmentOptions(
         seed=options.seed, score_column=options.score_column, baseline_session=options.baseline_session,
-        ketamine_session=options.post_session, placebo_session=options.placebo_session,
+        ketamine_session=options.post_session, placebo_session=placebo_session,
         groups=tuple(options.include_group) if options.include_group else None,
         n_repeats=options.treatment_repeats, target=options.treatment_target,
     )

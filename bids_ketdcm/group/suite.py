@@ -466,14 +466,14 @@ def _outer_predictions(task: Task, model: str, splits: list[tuple], chosen: list
         problems = [(tr, te) for _, _, tr, te in splits]
         return _predict_chunked(name, [X] * len(problems), task.y, problems, params, task.n_classes), chosen
     outs, used = [], []
-    for (rep, fold, train, test), params in zip(splits, chosen, strict=True):
-        if model == "random_forest" and params.get("max_depth") == "oob" and len(np.unique(task.y[train])) > 1:
-            out, params = _tuned_forest(task, train, test, config, seed + rep * 100 + fold)
+    for (rep, fold, train, test), given in zip(splits, chosen, strict=True):
+        if model == "random_forest" and given.get("max_depth") == "oob" and len(np.unique(task.y[train])) > 1:
+            out, fitted = _tuned_forest(task, train, test, config, seed + rep * 100 + fold)
         else:
-            params = {} if params.get("max_depth") == "oob" else params
-            out = fit_predict(task, model, params, train, test, config, seed + rep * 100 + fold)
+            fitted = {} if given.get("max_depth") == "oob" else given
+            out = fit_predict(task, model, fitted, train, test, config, seed + rep * 100 + fold)
         outs.append(out)
-        used.append(params)
+        used.append(fitted)
     return outs, used
 
 
@@ -502,7 +502,9 @@ def evaluate(task: Task, model: str, protocol: str, config: SuiteConfig
         chosen = [default_params(model, config, task.kind)] * len(splits)
     outs, chosen = _outer_predictions(task, model, splits, chosen, config, seed)
     names = CLASSIFICATION_METRICS if task.kind == "classification" else REGRESSION_METRICS
-    fold_rows, pred_rows, flags = [], [], Counter()
+    fold_rows: list[dict] = []
+    pred_rows: list[dict] = []
+    flags: Counter[str] = Counter()
     n_rep = max(s[0] for s in splits) + 1
     shape = (len(task.y), task.n_classes) if task.kind == "classification" else (len(task.y),)
     oof = [np.zeros(shape) for _ in range(n_rep)]

@@ -268,7 +268,7 @@ def run_predictions(models: list[SavedModel], output_dir: str | os.PathLike, sub
         spec = {**model.manifest.get("feature_spec", {}), "session": session, "task": task, "run": None}
         spec["space"] = space or spec.get("space")
         try:
-            fs = model_features(output_dir, ids, model.feature_set, model.network, spec,
+            fs = model_features(Path(output_dir), ids, model.feature_set, model.network, spec,
                                 where=f"saved model {model.path}")
         except InputError as err:  # e.g. every run of these participants was skipped
             log.warning("%s; not predicted", err)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.io import load_image
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +288,8 @@ def _read_labelled_image(path: Path) -> pd.DataFrame:
     index = index.astype(int)
     if len(set(index)) != len(index):
         raise InputError(f"network file {labels_path} has duplicate label indices")
+    img = load_image(path, "labelled network image")
     try:
-        img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for corrupt files
         raise InputError(f"labelled network image {path} cannot be read: {err}") from None

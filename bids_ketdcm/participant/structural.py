@@ -37,6 +37,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -46,7 +47,7 @@ from scipy import ndimage
 from bids_ketdcm import __version__
 from bids_ketdcm.bids.naming import gmv_path
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.io import write_json, write_tsv
+from bids_ketdcm.io import load_image, write_json, write_tsv
 from bids_ketdcm.participant.rois import load_network, network_label
 
 log = logging.getLogger(__name__)
@@ -150,9 +151,9 @@ def _on_grid(img, reference, interpolation: str) -> np.ndarray:
 
 
 def _probabilities(path: str | os.PathLike, what: str):
+    img = load_image(path, f"{what} image")
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=float)
+        data = np.asarray(img.dataobj, dtype=np.float64)
     except Exception as err:  # nibabel raises many types for corrupt files
         raise InputError(f"{path}: cannot read the {what} image ({err})") from None
     data = np.squeeze(data)
@@ -372,7 +373,7 @@ def extract_structural(anat: AnatFiles, region_sets: dict[str, pd.DataFrame]) ->
     """
     p = anat.probseg
     volumes = tissue_volumes(p["GM"], p["WM"], p["CSF"], anat.jacobian)
-    meta = {**volumes, "Modulated": anat.jacobian is not None, "Space": anat.space,
+    meta: dict[str, Any] = {**volumes, "Modulated": anat.jacobian is not None, "Space": anat.space,
             "Sources": [str(p[t]) for t in TISSUES] + ([str(anat.jacobian)] if anat.jacobian else []),
             "Software": f"bids-ketdcm {__version__}"}
     if anat.native:

@@ -35,6 +35,7 @@ import pandas as pd
 
 from bids_ketdcm.bids.derivatives import RoiTimeseries
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.io import load_image
 from bids_ketdcm.participant.denoise import load_strategy
 
 log = logging.getLogger(__name__)
@@ -233,19 +234,10 @@ def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> tuple[d
 # --------------------------------------------------------------------------- extraction
 
 
-def _load_image(path: str | os.PathLike, what: str) -> nib.spatialimages.SpatialImage:
-    try:
-        return nib.load(str(path))
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist") from None
-    except Exception as err:  # nibabel raises many types for corrupt files
-        raise InputError(f"{what} {path} cannot be read: {err}") from None
-
-
 def _load_mask(path: str | os.PathLike, bold_img) -> np.ndarray:
     from nilearn.image import resample_to_img
 
-    img = _load_image(path, "brain mask")
+    img = load_image(path, "brain mask")
     try:
         data = np.asarray(img.dataobj)
     except Exception as err:
@@ -342,7 +334,7 @@ def extract_timeseries(
 
     if summary not in SUMMARIES:
         raise InputError(f"--roi-summary {summary!r} is not one of {', '.join(SUMMARIES)}")
-    bold_img = _load_image(bold, "BOLD image")
+    bold_img = load_image(bold, "BOLD image")
     if len(bold_img.shape) != 4:
         raise InputError(f"BOLD image {bold} must be 4D (shape {bold_img.shape})")
     n_volumes = bold_img.shape[3]

@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -140,7 +141,7 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
     device = _device(opts.device)
     networks = {network_label(n): (n, load_network(n)) for n in opts.networks} if opts.wants_dcm else {}
     check_settings(opts, runs)
-    summary: dict[str, dict[str, int]] = {}
+    summary: dict[str, dict[str, Any]] = {}
     skipped: dict[str, list[RunResult]] = defaultdict(list)
     touched: set[str] = set()
     for label, (_, network) in networks.items():
@@ -185,7 +186,7 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
             c["inverted"] + c["finished_before"] for c in summary.values()):
         reasons = sorted({r.skipped_reason for rs in skipped.values() for r in rs if r.skipped_reason})
         raise InputError("no run could be inverted:\n" + "\n".join(reasons))
-    subjects = sorted((set(opts.participant_labels) | {r.subject for r in runs}) - set(failures or {}))
+    subjects = sorted((set(opts.participant_labels) | {r.subject for r in runs}) - set(failures or ()))
     if opts.wants_gmv:
         summary["gmv"] = _structural(opts, subjects)
         subjects = sorted(set(subjects) | set(summary["gmv"].pop("subjects")))
@@ -198,7 +199,7 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
         write_dataset_description(opts.output_dir, _inputs(opts, runs))
         write_text(opts.output_dir / "logs" / "CITATION.bib", citations_bibtex())
     report_settings = _report_settings(opts, networks, str(device))
-    for subject in sorted({r.subject for r in runs} - set(failures or {})):
+    for subject in sorted({r.subject for r in runs} - set(failures or ())):
         results = [*finished_results(opts.output_dir, subject), *skipped.get(subject, [])]
         path = opts.output_dir / f"sub-{subject}.html"
         if results and (subject in touched or subject in skipped or _stale(path, opts.output_dir, subject)):
@@ -276,6 +277,8 @@ def _structural(opts: ParticipantOptions, subjects: list[str]) -> dict:
 
 def _predict(opts: ParticipantOptions, subjects: list[str]) -> dict[str, list[tuple[str, str, str]]]:
     """Predict every participant with the saved models; report sections by subject."""
+    if opts.apply_model is None:
+        return {}
     models = load_models(opts.apply_model)
     predictions = run_predictions(models, opts.output_dir, subjects, opts.one_session, space=opts.space, task=opts.task)
     return {s: [("prediction", "Prediction", report_section(p))] for s, p in predictions.items() if p}

@@ -228,7 +228,7 @@ def connectivity_matrix_figure(A_hz: np.ndarray, A_var: np.ndarray, names: list[
                 )
     else:
         rows, cols = np.nonzero(significant)
-        for i, j in zip(rows, cols, strict=True):
+        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
             ax.text(j, i, "*", ha="center", va="center", fontsize=9)
     ax.set_title(
         f"Posterior A (Hz); * Pp > {POSTERIOR_PROBABILITY_THRESHOLD:g}; diagonal: self-inhibition",

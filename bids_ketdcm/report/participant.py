@@ -365,6 +365,9 @@ def _run_section(run: RunResult, anchor: str, warns: list[str], figures_dir: Pat
     ]
     for warning in warns:
         parts.append(f'<div class="warning"><strong>Warning:</strong> {_e(warning)}</div>')
+    if (run.timeseries is None or run.roi_coords is None or run.freqs is None or run.csd_observed is None
+            or run.csd_predicted is None or run.A_hz is None or run.A_var is None):
+        raise ValueError(f"{run.run_label} {run.network}: a run without results has no run section")
     n_volumes = run.timeseries.shape[0]
     parts.append(
         _kv_table(
@@ -529,7 +532,7 @@ def _check_run(run: RunResult) -> None:
 def _settings_from_runs(runs: list[RunResult]) -> dict[str, Any]:
     """Defaults for the methods paragraph: the first inverted run's, else what skipped runs hold."""
     for run in runs:
-        if run.skipped_reason is None:
+        if run.skipped_reason is None and run.timeseries is not None:
             return {
                 "network": run.network,
                 "n_rois": len(run.roi_names),

@@ -62,6 +62,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -168,7 +169,7 @@ def generate_synthetic(config: SyntheticConfig = SyntheticConfig(), seed: int = 
 def _summary(folds: pd.DataFrame) -> dict:
     out = {}
     for method, rows in folds.groupby("method", sort=False):
-        entry = {}
+        entry: dict[str, Any] = {}
         for metric in ("auc", "rpl", "mrr", "mrr_column", "rr"):
             values = rows[metric].dropna().to_numpy()
             entry[metric] = {

@@ -252,13 +252,18 @@ class DPNNClassifier:
             n_val = int(s.validation_fraction * x.shape[0])
             val, train = perm[:n_val], perm[n_val:]
             self.init_scores = []
+            best = None
             for _ in range(s.n_init):
                 fitted = self._train_once(x, onehot, y, train, val)
                 score = min(fitted[2]) if n_val else fitted[1][-1]
                 self.init_scores.append(score)
                 if score == min(self.init_scores):
-                    self.net, self.loss_history, self.val_history, self.best_epoch = fitted
-        self.net.eval()
+                    best = fitted
+        if best is None:
+            raise ValueError(f"n_init must be at least 1 (got {s.n_init})")
+        net, self.loss_history, self.val_history, self.best_epoch = best
+        net.eval()
+        self.net = net
         return self
 
     def _train_once(
