@@ -5,7 +5,7 @@ stratified 5-fold CV repeated 4 times (20 fold-repeats). Per method: median and 
 fold-repeats of AUC, RPL, MRR (tie-aware and the paper's column-order convention) and RR;
 Wilcoxon tests of DPNN's RPL against random and the T-learner; RPL by stratum (where DPNN
 wins or loses); run time; the paper's figures for context. DPNN settings:
-``bids_ketdcm.group.dpnn_synthetic.FAST_DPNN`` (its module docstring says why they differ from
+``bids_ketdcm.testing.dpnn_synthetic.FAST_DPNN`` (its module docstring says why they differ from
 the paper's).
 
 Usage: python benchmarks/dpnn_synthetic.py [--repeats 4] [--seed 0] [--paper-batch]
@@ -17,8 +17,8 @@ import argparse
 import json
 import logging
 
-from bids_ketdcm.group.dpnn import DPNNSettings
-from bids_ketdcm.group.dpnn_synthetic import FAST_DPNN, SyntheticConfig, run_dpnn_synthetic
+from bids_ketdcm.group.treatment.dpnn import DPNNSettings
+from bids_ketdcm.testing.dpnn_synthetic import FAST_DPNN, SyntheticConfig, run_dpnn_synthetic
 
 
 def main() -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: Logging level of ``-v``: the DCM's per-iteration lines and tracebacks (between DEBUG and INFO).
+LOG_VERBOSE = 15
+
 #: What a model can learn from: spectral DCM A matrices, gray-matter volumes, or both.
 FEATURE_SETS = ("dcm", "gmv", "dcm+gmv")
 
@@ -50,6 +53,8 @@ class ParticipantOptions:
     gmv_atlases: list[str] = field(default_factory=lambda: ["power264"])
     #: Folder of saved models to predict every participant with.
     apply_model: Path | None = None
+    #: Memory the app may use in MB (``--mem-mb``): bounds the DCM's batch and chunk sizes; None: no bound.
+    mem_mb: int | None = None
 
     @property
     def one_session(self) -> str | None:

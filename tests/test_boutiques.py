@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
+from test_group_run import make_cohort
 
-from bids_ketdcm.cli.boutiques import REGENERATE, build_descriptor, render
-from bids_ketdcm.cli.app import bids_app
 from bids_ketdcm.bids.derivatives import read_connectivity
+from bids_ketdcm.cli.app import bids_app
+from bids_ketdcm.cli.boutiques import REGENERATE, build_descriptor, render
 from bids_ketdcm.testing.synth import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +68,7 @@ def test_command_line_built_by_bosh_parses_back_to_the_same_values(tmp_path):
         "bids_dir": "/data/my ds", "output_dir_name": "/out/derivs", "analysis_level": "participant",
         "participant_label": ["MOA101", "sub-MOA102"], "network": ["dmn4", "ket21"], "nprocs": 3,
         "seed": -4, "device": "cpu", "skip_bids_validation": True, "verbose": True, "session_label": ["d2"],
+        "include_group": ["MDD"],
     }
     path = tmp_path / "invocation.json"
     path.write_text(json.dumps(invocation))
@@ -81,6 +84,7 @@ def test_command_line_built_by_bosh_parses_back_to_the_same_values(tmp_path):
     assert params["participant_labels"] == ("MOA101", "sub-MOA102")
     assert params["networks"] == ("dmn4", "ket21")
     assert (params["nprocs"], params["seed"], params["device"], params["session_labels"]) == (3, -4, "cpu", ("d2",))
+    assert params["include_group"] == ("MDD",)
     assert params["skip_bids_validation"] is True and params["verbose"] == 1 and params["overwrite"] is False
     assert params["task_label"] == "rest"  # the descriptor's default-value, passed on by bosh
 
@@ -122,6 +126,35 @@ def test_bosh_launch_runs_the_participant_level(dataset, tmp_path):
     recorded = shlex.split(json.loads((out / "dataset_description.json").read_text())["GeneratedBy"][0]["CommandLine"])
     portable = [os.path.relpath(w, out) if os.path.isabs(w) else w for w in run_words[1:]]  # no host path
     assert recorded == ["bids-ketdcm", *portable]
+
+
+def test_bosh_launch_runs_the_group_level(tmp_path):
+    """Group level through bosh: the participant derivatives of every MDD participant of ds005917."""
+    bids, out = make_cohort(tmp_path / "cohort", effect=0.5)
+    invocation = tmp_path / "invocation.json"
+    invocation.write_text(json.dumps({
+        "bids_dir": str(bids), "output_dir_name": str(out), "participant_level_analysis_dir": str(out),
+        "analysis_level": "group", "n_permutations": 0, "allow_missing": True, "nprocs": 1, "include_group": ["MDD"],
+        "nested_repeats": 0,
+    }))
+    done = _bosh("exec", "launch", "--no-container", "--skip-data-collection", str(DESCRIPTOR), str(invocation),
+                 cwd=tmp_path, env=_run_env(tmp_path / "home"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    shell_line = next(x for x in done.stdout.splitlines() if x.startswith("mkdir -p "))
+    assert shlex.split(shell_line.split("; ", 1)[1])[1:4] == [str(bids), str(out), "group"]
+    results = pd.read_csv(out / "group" / "results.tsv", sep="\t")
+    assert {"ketamine", "placebo"} <= set(results.treatment) and results.headline.notna().all()
+    assert (out / "group" / "report.html").is_file()
+
+
+def test_bosh_refuses_a_group_invocation_without_output_dir_name(tmp_path):
+    """Without output_dir_name, bosh would remove [OUTPUT_DIR] from the command line: it must refuse instead."""
+    invocation = tmp_path / "invocation.json"
+    invocation.write_text(json.dumps({"bids_dir": "/data", "participant_level_analysis_dir": str(tmp_path),
+                                      "analysis_level": "group"}))
+    done = _bosh("exec", "simulate", "-i", str(invocation), str(DESCRIPTOR))
+    assert done.returncode != 0 and "output_dir_name" in done.stdout + done.stderr
+    assert "bids-ketdcm /data group" not in done.stdout
 
 
 def test_bosh_launch_reports_bad_input_with_the_descriptor_error_code(tmp_path):

@@ -48,6 +48,10 @@ def test_participant_level_writes_bids_derivatives(participant_run, dataset):
         assert f.name.endswith(f"_space-{SPACE}_seg-dmn4_meas-dcm_relmat.tsv")
         sidecar = json.loads(f.with_suffix(".json").read_text())
         assert {"Converged", "FreeEnergy", "Iterations", "VarianceExplained"} <= sidecar.keys()
+        # the evidence guarantee ran both paths and kept the higher; the default thread policy was in force
+        assert sidecar["FreeEnergy"] == max(sidecar["FreeEnergyPaths"].values())
+        assert sidecar["PathKept"] in ("exact Jacobian", "SPM12 path (finite differences)")
+        assert sidecar["Threads"]["TorchThreads"] == 1
         assert f.with_name(f.name.replace("relmat.tsv", "posterior.npz")).exists()
         ts = f.with_name(f.name.replace("_meas-dcm_relmat", "_desc-denoised_timeseries"))
         assert ts.exists() and ts.with_suffix(".json").exists()

@@ -8,6 +8,7 @@ with ``link="none"`` (identical design, connections unrelated to response) must 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,7 @@ from bids_ketdcm.testing.synth import make_synthetic_dataset
 
 SUITE = dict(include_group=("MDD",), schemes=("binary25",), targets=("improvement",),
              models=("logistic", "svm", "elasticnet", "majority", "mean"), k_values=(5,), nested_repeats=2,
-             n_permutations=199, report=False, progress=False, nprocs=2)
+             n_permutations=199, nested_permutations=49, report=False, progress=False, nprocs=2)
 
 
 def _cohort(root: Path, link: str) -> pd.DataFrame:
@@ -27,7 +28,9 @@ def _cohort(root: Path, link: str) -> pd.DataFrame:
     out = root / "derivatives"
     assert main([str(bids), str(out), "participant", "--network", "dmn4", "--skip-bids-validation"]) == 0
     run_group(bids, out, GroupOptions(**SUITE))
-    return pd.read_csv(out / "group" / "results.tsv", sep="\t").query("treatment == 'ketamine'")
+    results = pd.read_csv(out / "group" / "results.tsv", sep="\t").query("treatment == 'ketamine'")
+    results.attrs["primary"] = json.loads((out / "group" / "primary.json").read_text())
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +59,17 @@ def test_null_cohort_reports_chance(null):
     head = _row(null, "binary25", "logistic")
     assert head.p_value > 0.05 and head.balanced_accuracy < 0.7, head
     assert _row(null, "improvement", "elasticnet").p_value > 0.05
+
+
+def test_primary_analysis_planted_significant_null_not(planted, null):
+    """The pre-specified analysis (dmn4, >= 25 % response, logistic, repeated stratified 5-fold)."""
+    hit, miss = planted.attrs["primary"], null.attrs["primary"]
+    assert hit["plan"]["target"] == "binary25" and hit["n"] == 27
+    ba = hit["models"]["imaging"]["balanced_accuracy"]
+    assert hit["p_value"] < 0.05 and ba["ci95"][0] > 0.5, ba
+    assert hit["comparisons"]["imaging - baseline_score"]["balanced_accuracy"]["ci95"][0] > 0
+    assert miss["p_value"] > 0.05, miss["models"]["imaging"]
+    for primary in (hit, miss):
+        flow = {f["step"]: f["n"] for f in primary["participant_flow"]}
+        assert flow["analysed in the primary analysis"] == 27
+        assert not primary["placebo"]["powered"]  # one placebo responder (>= 25 %) among the 24 with p2: no power

@@ -10,8 +10,8 @@ import torch
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import log_loss
 
-from bids_ketdcm.group.dpnn import DPNN, DPNNClassifier, DPNNSettings, prototype_variance
-from bids_ketdcm.group.dpnn_synthetic import SyntheticConfig, generate_synthetic, run_dpnn_synthetic
+from bids_ketdcm.group.treatment.dpnn import DPNN, DPNNClassifier, DPNNSettings, prototype_variance
+from bids_ketdcm.testing.dpnn_synthetic import SyntheticConfig, generate_synthetic, run_dpnn_synthetic
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ from bids_ketdcm.testing import synth
 DATA = DS005917
 NOISE_HZ = 0.15
 FAST = dict(include_group=("MDD",), schemes=("binary25", "binary50"), targets=(), models=("logistic", "majority"),
-            nested_repeats=2, report=False, progress=False, allow_missing=True)
+            nested_repeats=2, nested_permutations=0, report=False, progress=False, allow_missing=True)
 
 
 def true_connectivity(seed: int, link: str) -> tuple[list[str], list[str], np.ndarray]:

@@ -73,7 +73,7 @@ def test_invalid_runs_are_listed(deriv):
 
 
 def test_bad_networks_sessions_and_regions(deriv, tmp_path):
-    with pytest.raises(InputError, match="--network: dmn99 not found.*dmn3, net2"):
+    with pytest.raises(InputError, match="networks dmn99 not found.*dmn3, net2"):
         collect_features(deriv, ["sub-01"], networks=("dmn99",))
     with pytest.raises(InputError, match="no sub-\\*/ses-p9/func"):
         collect_features(deriv, ["sub-01"], session="p9")

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import DS005917
+
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.labels import build_labels
+from bids_ketdcm.group.primary import load_plan
 
 # Hand counts (tests/test_labels.py lists the participants): 27 MDD with MADRS at b0 and d2;
 # >= 25 % response 13, >= 50 % response 6, remission (d2 <= 10) 4.
@@ -71,3 +72,17 @@ def test_cohort_options_reach_the_labels(tmp_path, capsys):
     assert "--post-session 'd2'" in capsys.readouterr().err
     assert np.isfinite(table.baseline).all()
     assert json.dumps(list(table.columns))
+
+
+def test_analysis_plan_defaults_file_and_overrides(tmp_path):
+    plan = load_plan(None)
+    assert (plan.network, plan.target, plan.model, plan.n_splits, plan.n_repeats) == ("dmn4", "binary25", "logistic",
+                                                                                       5, 10)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"network": "ket21", "target": "binary50", "n_repeats": 20}))
+    assert load_plan(path).network == "ket21" and load_plan(path, target="remission").target == "remission"
+    path.write_text(json.dumps({"netwrok": "dmn4"}))
+    with pytest.raises(InputError, match="unknown key.*netwrok"):
+        load_plan(path)
+    with pytest.raises(InputError, match="--primary-target 'improvement'.*must be binary"):
+        load_plan(None, target="improvement")

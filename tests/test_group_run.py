@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import DS005917
+
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group import GroupOptions, run_group
 from bids_ketdcm.group.features import write_connectivity
@@ -46,7 +46,8 @@ def make_cohort(root: Path, effect: float, noise: float = 0.05, seed: int = 0) -
     return bids, out
 
 
-FAST = dict(include_group=("MDD",), n_permutations=99, nested_repeats=2, rf_trees=20, progress=False)
+FAST = dict(include_group=("MDD",), n_permutations=99, nested_repeats=2, nested_permutations=49, rf_trees=20,
+            progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,9 @@ def test_planted_link_is_found(planted):
     res = pd.read_csv(group / "results.tsv", sep="\t")
     ket = res[(res.treatment == "ketamine") & (res.target == "binary25")]
     head = ket[(ket.model == "logistic") & (ket.protocol == "kfold5")].iloc[0]
-    assert head.p_value < 0.05 and head.n_permutations == 99
+    assert head.n_permutations == 99 and head.p_value < 0.1  # one 5-fold split: exploratory
+    primary = summary["primary"]  # the pre-specified analysis: 10 repeats of the same model
+    assert primary["p_value"] < 0.05 and primary["models"]["imaging"]["balanced_accuracy"]["ci95"][0] > 0.5
     imaging = ket[~ket.model.isin(["majority", "baseline_score"]) & (ket.protocol == "nested")]
     assert imaging.headline.max() >= 0.8
     assert head.headline > ket[(ket.model == "majority") & (ket.protocol == "kfold5")].headline.iloc[0]
@@ -107,7 +110,22 @@ def test_outputs_are_complete(planted):
     info = json.loads((group / "results.json").read_text())
     assert info["headline"]["metric"] == {"classification": "balanced_accuracy", "regression": "r2"}
     html = (group / "report.html").read_text()
-    assert "<h2>Summary</h2>" in html and html.count("data:image/png") == 10  # 9 targets + weights
+    assert html.index("Primary analysis (pre-specified)") < html.index("Participant flow") \
+        < html.index("Exploratory analyses (not pre-specified)")
+    assert html.count("data:image/png") == 10  # 9 targets + weights
+    # multiplicity: Holm >= BH >= raw on every tested row; max-statistic over the ketamine k-fold grid
+    tested = res[res.p_value.notna()]
+    assert (tested.p_holm >= tested.p_bh - 1e-12).all() and (tested.p_bh >= tested.p_value - 1e-12).all()
+    grid = tested[tested.p_maxstat.notna()]
+    assert set(grid.treatment) == {"ketamine"} and set(grid.protocol) == {"kfold5"} and len(grid) == 9
+    assert (grid.p_maxstat >= grid.p_value - 1e-12).all()
+    assert info["best_model"]["p_maxstat"] == pytest.approx(grid.p_maxstat.min())
+    # nested permutations (inner search redone) on the ketamine binary targets
+    nested = tested[(tested.protocol == "nested")]
+    assert set(nested.target) == {"binary25", "binary50", "remission"} and set(nested.treatment) == {"ketamine"}
+    assert (nested.n_permutations == 49).all()
+    flow = {f["step"]: f["n"] for f in info["participant_flow"]}
+    assert flow["in the chosen group (MDD)"] == 33 and flow["analysed in the primary analysis"] == 27
 
 
 def test_null_cohort_reports_chance_and_is_reproducible(tmp_path):
@@ -147,8 +165,8 @@ def test_hostile_inputs(tmp_path):
     with pytest.raises(InputError, match="ketamine binary25 seg-dmn4: 2 participants with labels and features"):
         run_group(bids, out, GroupOptions(**{**quick, "include_group": ("BP",)}))
     # every bad option reported at once
-    with pytest.raises(InputError, match="models: unknown svr.*k values.*--nprocs"):
+    with pytest.raises(InputError, match="GroupOptions.models: unknown svr.*GroupOptions.k_values.*--nprocs"):
         run_group(bids, out, GroupOptions(models=("svr",), k_values=(1, 5), nprocs=0))
-    with pytest.raises(InputError, match="permutation models: random_forest cannot be permuted"):
+    with pytest.raises(InputError, match="GroupOptions.permutation_models: random_forest cannot be permuted"):
         run_group(bids, out, GroupOptions(permutation_models=("random_forest",)))
     assert not (out / "group" / "report.html").exists()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from bids_ketdcm.cli.app import bids_app, tools
+from bids_ketdcm.cli.app import bids_app
+from bids_ketdcm.cli.tools import tools
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bids_ketdcm"
 #: Options of other programs that messages name, by program.

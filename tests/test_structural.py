@@ -217,7 +217,8 @@ def test_group_feature_sets_side_by_side(tmp_path):
     bids, out = cohort(tmp_path / "a", 0)
     options = dict(include_group=("MDD",), schemes=("binary50",), targets=(),
                    models=("logistic", "majority", "baseline_score"),
-                   nested_repeats=2, n_permutations=99, report=False, progress=False, allow_missing=True,
+                   nested_repeats=2, nested_permutations=0, n_permutations=99, report=False, progress=False,
+                   allow_missing=True,
                    feature_sets=("dcm", "gmv", "dcm+gmv"))
     run_group(bids, out, GroupOptions(**{**options, "report": True}, save_model=tmp_path / "models"))
     res = pd.read_csv(out / "group" / "results.tsv", sep="\t")

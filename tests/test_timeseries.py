@@ -14,17 +14,17 @@ from nilearn.maskers import NiftiSpheresMasker
 from nilearn.signal import clean
 
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.participant.denoise import preset_names
 from bids_ketdcm.participant.rois import load_network
-from bids_ketdcm.testing.synth import _cosine_basis, make_synthetic_dataset
 from bids_ketdcm.participant.timeseries import (
     DEFAULT_DENOISE,
-    DENOISE_STRATEGIES,
     RunSkipped,
     eigenvariate,
     extract_timeseries,
     load_run_confounds,
     sphere_voxels,
 )
+from bids_ketdcm.testing.synth import _cosine_basis, make_synthetic_dataset
 
 SPACE = "MNI152NLin2009cAsym"
 TR = 2.5
@@ -121,7 +121,7 @@ def test_series_recover_simulated_signals(dataset, prefix):
     assert series.denoise["Confounds"][:2] == ["cosine00", "cosine01"] or "csf" in series.denoise["Confounds"]
 
 
-@pytest.mark.parametrize("denoise", [d for d in DENOISE_STRATEGIES if d != "none"])
+@pytest.mark.parametrize("denoise", [d for d in preset_names() if d != "none"])
 def test_every_strategy_extracts_the_cleaned_signal(dataset, denoise):
     """The ROI series equal the true signal put through the same confound regression."""
     files = _files(dataset, RUNS[0])
@@ -166,7 +166,7 @@ def test_qc_figures(dataset):
         assert 20 < roi["tsnr"] < 2000
         assert 0 < roi["variance_explained"] <= 1
 
-    scrubbed = _extract(files, denoise="scrubbing", fd_threshold=0.5)
+    scrubbed = _extract(files, denoise="scrubbing")
     high = np.flatnonzero(table["framewise_displacement"].fillna(0) > 0.5)
     assert high.size > 0, "the synthetic run should contain motion spikes"
     assert not set(high) & set(scrubbed.kept_volumes)
@@ -175,7 +175,7 @@ def test_qc_figures(dataset):
     assert q["n_kept"] == len(scrubbed.kept_volumes) == scrubbed.data.shape[0]
     assert q["n_volumes"] == q["n_kept"] + q["n_scrubbed"] + q["n_non_steady_state"]
     assert q["n_scrubbed"] >= high.size
-    assert scrubbed.denoise["FDThreshold"] == 0.5
+    assert scrubbed.denoise["Parameters"]["fd_threshold"] == 0.5
 
 
 def test_labelled_image_network_equals_spheres(dataset, tmp_path):

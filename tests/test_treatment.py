@@ -10,22 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DS005917
 
 import bids_ketdcm.group.run as group_run
-from conftest import DS005917
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.dpnn import DPNNSettings
 from bids_ketdcm.group.features import write_connectivity
-from bids_ketdcm.group.treatment import (
-    CaseBasedKNN,
-    SelectionProblem,
-    TreatmentOptions,
-    build_crossover_cohort,
-    cross_validate_selection,
-    run_treatment_selection,
-)
-from bids_ketdcm.group.treatment_metrics import (
+from bids_ketdcm.group.treatment.cohort import TreatmentOptions, build_crossover_cohort
+from bids_ketdcm.group.treatment.cv import SelectionProblem, cross_validate_selection
+from bids_ketdcm.group.treatment.dpnn import DPNNSettings
+from bids_ketdcm.group.treatment.methods import CaseBasedKNN
+from bids_ketdcm.group.treatment.metrics import (
     compare_methods,
     reciprocal_rank,
     recommend,
@@ -33,6 +28,7 @@ from bids_ketdcm.group.treatment_metrics import (
     response_rate,
     selection_metrics,
 )
+from bids_ketdcm.group.treatment.workflow import run_treatment_selection
 
 DS = DS005917
 

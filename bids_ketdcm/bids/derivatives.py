@@ -46,12 +46,12 @@ BIDS_VERSION = "1.10.0"
 
 #: Files BIDS has no place for: time series (BEP012), relational matrices (BEP017) and
 #: morphometry tables, proposed but not in the specification the validator knows; the full
-#: DCM posterior (NumPy archive), predictions, the HTML reports, the logs and the work folder.
+#: DCM posterior (NumPy archive), predictions, the HTML reports and their figures, the logs and the work folder.
 #: The ROI masks (``desc-NET_mask.nii.gz``) are BIDS files: the validator sees every subject.
 #: Folder names without a trailing slash: the validator (bids-validator-deno 3) matches them only so.
 BIDSIGNORE = "\n".join([
     "*_timeseries.tsv", "*_timeseries.json", "*_relmat.tsv", "*_relmat.json", "*_morph.tsv", "*_morph.json",
-    "*_predictions.tsv", "*_predictions.json", "*_posterior.npz", "*.html", "logs", "work", "",
+    "*_predictions.tsv", "*_predictions.json", "*_posterior.npz", "*.html", "logs", "work", "figures", "",
 ])
 
 CONNECTIVITY_DESCRIPTION = {
@@ -390,3 +390,45 @@ def finished_results(output_dir: Path, subject: str) -> list[RunResult]:
             denoise_strategy=str(series_meta.get("DenoiseStrategy", {}).get("Name", "")),
         ))
     return out
+
+
+def read_posterior(connectivity_tsv: Path) -> dict[str, Any]:
+    """The full DCM posterior behind one connectivity TSV (what PEB needs).
+
+    Parameters
+    ----------
+    connectivity_tsv
+        A ``..._meas-dcm_relmat.tsv`` written by :func:`write_connectivity`.
+
+    Returns
+    -------
+    dict
+        ``params`` (posterior means by SPM's names), ``cov`` (P, P) posterior covariance in
+        SPM's order, ``F`` free energy, ``timeseries`` (T, n) the series inverted (the prior
+        of models with more than 8 regions depends on it), ``names`` the regions.
+
+    Raises
+    ------
+    ValueError
+        The posterior NPZ, sidecar or time series is missing or unreadable (the message
+        names the file).
+    """
+    entities = parse_name(connectivity_tsv)
+    run = RunEntities.from_mapping(entities)
+    output_dir = Path(connectivity_tsv).parents[3 if run.session else 2]
+    paths = connectivity_paths(output_dir, run, entities["seg"])
+    series_path = timeseries_paths(output_dir, run, entities["seg"])["tsv"]
+    current = paths["npz"]
+    try:
+        with np.load(paths["npz"]) as npz:
+            params = {k[len("param_"):]: np.asarray(npz[k], float) for k in npz.files if k.startswith("param_")}
+            cov = np.asarray(npz["cov"], float)
+        current = paths["json"]
+        meta = json.loads(paths["json"].read_text(encoding="utf-8"))
+        current = series_path
+        names = list(meta["ROIs"])
+        series = pd.read_csv(series_path, sep="\t")[names].to_numpy(float)
+        return {"params": params, "cov": cov, "F": float(meta["FreeEnergy"]), "timeseries": series,
+                "names": names}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{current}: cannot read the DCM posterior ({exc})") from None

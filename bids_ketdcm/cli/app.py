@@ -16,22 +16,54 @@ import click
 
 from bids_ketdcm import __version__
 from bids_ketdcm.cli.group_options import group_kwargs, group_options
+from bids_ketdcm.cli.options import (
+    DCM,
+    FEATURES,
+    FILTERING,
+    GROUP,
+    OTHER,
+    PERFORMANCE,
+    ROIS,
+    WORKFLOW,
+    SectionedCommand,
+    option,
+)
+from bids_ketdcm.config import LOG_VERBOSE
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.participant.denoise import load_strategy, preset_names
 
 log = logging.getLogger("bids_ketdcm")
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
-SUBCOMMANDS = ("synth", "dpnn-synthetic")
+#: ``--mem-mb`` below this leaves no room for the Python process itself.
+MIN_MEM_MB = 512
+#: Resident memory of one group-level worker process (measured: benchmarks/group_speed.py workers, sklearn
+#: and pandas loaded, about 300 MB; rounded up). ``--mem-mb`` allows one process per this many MB.
+WORKER_MB = 400
+#: Libraries whose messages only ``-vv`` shows.
+_QUIET_LIBRARIES = ("nilearn", "bids", "bidsschematools")
+#: Libraries kept at WARNING even with ``-vv`` (their debug messages are about fonts and files).
+_SILENT_LIBRARIES = ("matplotlib", "PIL", "numba", "h5py", "fsspec")
 #: Options that take several space-separated values, as in fMRIPrep (see :func:`_expand_multi`).
 MULTI_VALUED = ("--participant-label", "--session-label")
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose + 1, 2)  # default INFO, -v DEBUG
+def setup_logging(verbose: int) -> None:
+    """Log to stderr: INFO by default, -v adds the per-iteration lines and tracebacks, -vv debug.
+
+    Parameters
+    ----------
+    verbose
+        How many times ``-v`` was given.
+    """
+    level = (logging.INFO, LOG_VERBOSE, logging.DEBUG)[min(verbose, 2)]
+    logging.addLevelName(LOG_VERBOSE, "VERBOSE")
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
-    logging.getLogger("nilearn").setLevel(logging.WARNING)
-    logging.getLogger("bids").setLevel(logging.WARNING)
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    for name in _SILENT_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _strip_sub(label: str) -> str:
@@ -199,64 +231,79 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
                             f"add --features {m.feature_set} and --network {m.network}")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=SectionedCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("bids_dir", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.argument("analysis_level", type=click.Choice(["participant", "group"]))
-@click.option("--participant-label", "participant_labels", multiple=True,
-              help="Subject label(s), with or without 'sub-', space-separated (--participant-label 01 02). "
-              "Default: all.")
-@click.option("--session-label", "session_labels", multiple=True,
-              help="Session label(s), with or without 'ses-', space-separated. Participant default: every "
-              "session with a run of --task-label (and datasets without sessions). Group: the session of the "
-              "features (default b0).")
-@click.option("--task-label", default="rest", show_default=True, help="Task of the resting BOLD runs.")
-@click.option("--fmriprep-dir", type=click.Path(path_type=Path),
-              help="fMRIPrep derivatives. Default: BIDS_DIR/derivatives/fmriprep (or BIDS_DIR itself).")
-@click.option("--space", default="MNI152NLin2009cAsym", show_default=True, help="Template space of the BOLD.")
-@click.option("--network", "networks", multiple=True, default=("dmn4",), show_default=True,
-              help="dmn4, dmn11, dmn15, ket21, or a path to an ROI TSV / labelled NIfTI (repeatable).")
-@click.option("--denoise", default="simple", show_default=True,
-              help="Confound strategy: simple, scrubbing, compcor, spm, 9p, 36p, none.")
-@click.option("--roi-summary", type=click.Choice(["eigenvariate", "mean"]), default="eigenvariate",
-              show_default=True, help="ROI summary: first eigenvariate (SPM's VOI) or mean.")
-@click.option("--bids-filter-file", type=click.Path(path_type=Path), help="pybids filters (JSON keyed by 'bold').")
-@click.option("--work-dir", type=click.Path(path_type=Path), help="Work folder (pybids index). Default: OUTPUT_DIR/work.")
-@click.option("--nprocs", type=click.IntRange(min=1), help="CPUs the app may keep busy (threads x processes). "
-              "Default: every CPU of this process's affinity mask.")
-@click.option("--omp-nthreads", type=click.IntRange(min=1), help="Most threads one task (a DCM inversion, a model "
-              "fit) uses: torch intra/inter-op and BLAS. Default: 1 (fastest on busy machines; see README).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Torch device for DCM inversion.")
-@click.option("--dcm-jacobian", type=click.Choice(["analytic", "autograd", "finite-difference"]),
-              default="analytic", show_default=True,
-              help="Exact Jacobian by structured forward mode (fast), the same by torch.func autograd (slower), "
-              "or SPM12's finite differences (SPM's path exactly).")
-@click.option("--dcm-csd-model", type=click.Choice(["spm12", "direct"]), default="spm12", show_default=True,
-              help="Predicted CSD: SPM12's (with its AR(7) round trip), or direct (the transfer-function CSD "
-              "without it: fits 1/f-like spectra better, not SPM12).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@click.option("--overwrite", is_flag=True, help="Redo runs whose outputs already exist.")
-@click.option("--skip-bids-validation", is_flag=True, help="Do not run the BIDS validator on BIDS_DIR.")
-@click.option("--n-permutations", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="Group level: label permutations per headline model.")
-@click.option("--allow-missing", is_flag=True, help="Group level: go on with participants that have derivatives.")
-@click.option("--features", multiple=True, type=click.Choice(["dcm", "gmv", "dcm+gmv"]), default=("dcm",),
-              show_default=True, help="Participant: dcm (spectral DCM) and/or gmv (gray-matter volume). Group: the "
-              "feature sets compared by the suite (repeatable).")
-@click.option("--gmv-atlas", "gmv_atlases", multiple=True, default=("power264",), show_default=True,
-              help="Participant, gmv: whole-brain atlas besides the --network regions: power264, or a TSV of "
-              "spheres / labelled NIfTI (repeatable).")
-@click.option("--save-model", type=click.Path(path_type=Path),
-              help="Group: save the final model of every label scheme and feature set to this folder.")
-@click.option("--apply-model", type=click.Path(path_type=Path),
-              help="Participant: predict each participant with the saved models of this folder (research tool, "
-              "not a clinical device). Group: validate them on this dataset (no refitting).")
-@click.option("--treatment-selection", is_flag=True,
-              help="Group: also recommend ketamine or placebo per participant (DPNN and baselines on the "
-              "crossover; needs participants.tsv infusion_1 and both post-infusion sessions).")
+@option("--participant-label", "participant_labels", multiple=True, section=FILTERING,
+        help="Subject label(s), with or without 'sub-', space-separated (--participant-label 01 02). "
+        "Default: all.")
+@option("--session-label", "session_labels", multiple=True, section=FILTERING,
+        help="Session label(s), with or without 'ses-', space-separated. Participant default: every "
+        "session with a run of --task-label (and datasets without sessions). Group: the session of the "
+        "features (default b0).")
+@option("--task-label", default="rest", show_default=True, section=FILTERING, help="Task of the resting BOLD runs.")
+@option("--fmriprep-dir", type=click.Path(path_type=Path), section=FILTERING,
+        help="fMRIPrep derivatives. Default: BIDS_DIR/derivatives/fmriprep (or BIDS_DIR itself).")
+@option("--space", default="MNI152NLin2009cAsym", show_default=True, section=FILTERING,
+        help="Template space of the BOLD.")
+@option("--bids-filter-file", type=click.Path(path_type=Path), section=FILTERING,
+        help="pybids filters (JSON keyed by 'bold').")
+@option("--network", "networks", multiple=True, default=("dmn4",), show_default=True, section=ROIS,
+        help="dmn4, dmn11, dmn15, ket21, or a path to an ROI TSV / labelled NIfTI (repeatable).")
+@option("--denoise", default="simple", show_default=True, section=ROIS,
+        help=f"Confound strategy: a preset ({', '.join(preset_names())}) or the path of your own strategy "
+        "JSON file (same form as the presets in bids_ketdcm/data/denoise; recorded in the sidecars).")
+@option("--roi-summary", type=click.Choice(["eigenvariate", "mean"]), default="eigenvariate",
+        show_default=True, section=ROIS, help="ROI summary: first eigenvariate (SPM's VOI) or mean.")
+@option("--dcm-jacobian", type=click.Choice(["analytic", "autograd", "finite-difference"]),
+        default="analytic", show_default=True, section=DCM,
+        help="Exact Jacobian by structured forward mode (fast), the same by torch.func autograd (slower), "
+        "or SPM12's finite differences (SPM's path exactly).")
+@option("--dcm-csd-model", type=click.Choice(["spm12", "direct"]), default="spm12", show_default=True, section=DCM,
+        help="Predicted CSD: SPM12's (with its AR(7) round trip), or direct (the transfer-function CSD "
+        "without it: fits 1/f-like spectra better, not SPM12).")
+@option("--features", multiple=True, type=click.Choice(["dcm", "gmv", "dcm+gmv"]), default=("dcm",),
+        show_default=True, section=FEATURES,
+        help="Participant: dcm (spectral DCM) and/or gmv (gray-matter volume). Group: the "
+        "feature sets compared by the suite (repeatable).")
+@option("--gmv-atlas", "gmv_atlases", multiple=True, default=("power264",), show_default=True, section=FEATURES,
+        help="Participant, gmv: whole-brain atlas besides the --network regions: power264, or a TSV of "
+        "spheres / labelled NIfTI (repeatable).")
+@option("--save-model", type=click.Path(path_type=Path), section=FEATURES,
+        help="Group: save the final model of every label scheme and feature set to this folder.")
+@option("--apply-model", type=click.Path(path_type=Path), section=FEATURES,
+        help="Participant: predict each participant with the saved models of this folder (research tool, "
+        "not a clinical device). Group: validate them on this dataset (no refitting).")
+@option("--n-permutations", type=click.IntRange(min=0), default=1000, show_default=True, section=GROUP,
+        help="Group level: label permutations per headline model.")
+@option("--allow-missing", is_flag=True, section=GROUP,
+        help="Group level: go on with participants that have derivatives.")
+@option("--treatment-selection", is_flag=True, section=GROUP,
+        help="Group: also recommend ketamine or placebo per participant (DPNN and baselines on the "
+        "crossover; needs participants.tsv infusion_1 and both post-infusion sessions).")
+@option("--nprocs", type=click.IntRange(min=1), section=PERFORMANCE,
+        help="CPUs the app may keep busy (threads x processes). Default: every CPU of this process's affinity mask.")
+@option("--omp-nthreads", type=click.IntRange(min=1), section=PERFORMANCE,
+        help="Most threads one task (a DCM inversion, a model fit) uses: torch intra/inter-op and BLAS. Default: 1 "
+        "(fastest on busy machines; see README).")
+@option("--mem-mb", type=click.IntRange(min=MIN_MEM_MB), section=PERFORMANCE,
+        help="Memory the app may use, in MB: bounds the DCM's CPU chunk of subjects and the number of "
+        f"group-level processes (about {WORKER_MB} MB each). Default: no bound.")
+@option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+        section=PERFORMANCE, help="Torch device for DCM inversion.")
+@option("--work-dir", type=click.Path(path_type=Path), section=WORKFLOW,
+        help="Work folder (pybids index). Default: OUTPUT_DIR/work.")
+@option("--seed", type=int, default=0, show_default=True, section=WORKFLOW, help="Random seed.")
+@option("--overwrite", is_flag=True, section=WORKFLOW, help="Redo runs whose outputs already exist.")
+@option("--reports-only", is_flag=True, section=WORKFLOW,
+        help="Participant: only rewrite the HTML reports from the derivatives already in OUTPUT_DIR "
+        "(no denoising, no inversion).")
+@option("--skip-bids-validation", is_flag=True, section=WORKFLOW, help="Do not run the BIDS validator on BIDS_DIR.")
 @group_options
-@click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
+@option("-v", "--verbose", count=True, section=OTHER,
+        help="More logging: -v adds the DCM's per-iteration lines and tracebacks; -vv debug messages, "
+        "those of pybids and nilearn included.")
 @click.version_option(__version__, "--version", prog_name="bids-ketdcm")
 def bids_app(**kw) -> None:
     """bids-ketdcm: spectral DCM of resting fMRI to predict ketamine response.
@@ -266,7 +313,7 @@ def bids_app(**kw) -> None:
     OUTPUT_DIR      where the BIDS-Derivatives are written
     ANALYSIS_LEVEL  participant (per subject) or group (prediction suite)
     """
-    _setup_logging(kw["verbose"])
+    setup_logging(kw["verbose"])
     from bids_ketdcm.threads import limit_threads, resolve
 
     problems: list[str] = []
@@ -282,33 +329,39 @@ def bids_app(**kw) -> None:
     _check_paths(kw, problems)
     bids_filter = _read_filter(kw["bids_filter_file"], problems)
     from bids_ketdcm.participant.rois import load_network
-    from bids_ketdcm.participant.timeseries import DENOISE_STRATEGIES
 
     for spec in kw["networks"]:
         try:
             load_network(spec)
         except InputError as err:
             problems.append(str(err))
-    if kw["denoise"] not in DENOISE_STRATEGIES:
-        problems.append(f"--denoise {kw['denoise']}: unknown strategy; choose from {', '.join(DENOISE_STRATEGIES)}")
+    try:
+        load_strategy(kw["denoise"])
+    except InputError as err:
+        problems.append(str(err))
+    if kw["reports_only"] and kw["analysis_level"] != "participant":
+        problems.append("--reports-only is a participant-level option (the group report is rewritten by each "
+                        "group run)")
+    if kw["reports_only"] and kw["overwrite"]:
+        problems.append("--reports-only and --overwrite: give one (rewrite the reports, or redo the runs)")
     _check_model_options(kw, problems)
     if problems:
         raise InputError("\n".join(problems))
     from bids_ketdcm.bids.layout import check_writable_dir
 
     check_writable_dir(output_dir, "OUTPUT_DIR")  # what permissions alone do not tell (root, /proc)
-    if kw["analysis_level"] == "participant":
-        _participant(kw, bids_dir, output_dir, work_dir, bids_filter)
-    else:
+    if kw["analysis_level"] == "group":
         _group(kw, bids_dir, output_dir)
+    else:
+        _participant(kw, bids_dir, output_dir, work_dir, bids_filter)
 
 
 def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bids_filter: dict | None) -> None:
     from bids_ketdcm.bids.layout import find_bold_runs, validate_bids
     from bids_ketdcm.config import ParticipantOptions, uses_dcm
-    from bids_ketdcm.participant.workflow import run_participant
+    from bids_ketdcm.participant.workflow import rewrite_reports, run_participant
 
-    if not kw["skip_bids_validation"]:
+    if not kw["skip_bids_validation"] and not kw["reports_only"]:
         validate_bids(bids_dir)
     labels = [_strip_sub(x) for x in kw["participant_labels"]]
     sessions = list(kw["session_labels"]) or None
@@ -324,14 +377,15 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
         networks=list(kw["networks"]), denoise=kw["denoise"], roi_summary=kw["roi_summary"],
         bids_filter=bids_filter, device=kw["device"], seed=kw["seed"], overwrite=kw["overwrite"],
         jacobian=kw["dcm_jacobian"], csd_model=kw["dcm_csd_model"], features=list(kw["features"]),
-        gmv_atlases=list(kw["gmv_atlases"]), apply_model=kw["apply_model"],
+        gmv_atlases=list(kw["gmv_atlases"]), apply_model=kw["apply_model"], mem_mb=kw["mem_mb"],
     )
+    if kw["reports_only"]:
+        written = rewrite_reports(opts, runs)
+        log.info("rewrote %d participant report(s) from the derivatives in %s", len(written), output_dir)
+        return
     summary = run_participant(opts, runs, failures)
     for label, counts in summary.items():
-        if "inverted" in counts:
-            log.info("%s: %d inverted, %d skipped, %d finished before", label, counts["inverted"],
-                     counts["skipped"], counts["finished_before"])
-        else:
+        if "inverted" not in counts:  # the networks' lines were logged as each ended
             log.info("%s: %s", label, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     if failures:
         done = len({r.subject for r in runs} - set(failures))
@@ -339,11 +393,35 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
                          + "\n".join(f"sub-{s}: {m}" for s, m in sorted(failures.items())))
 
 
+def group_processes(nprocs: int, mem_mb: int | None) -> int:
+    """Processes of the group level: ``--nprocs``, fewer when ``--mem-mb`` cannot hold them.
+
+    Parameters
+    ----------
+    nprocs
+        ``--nprocs``.
+    mem_mb
+        ``--mem-mb``, or None.
+
+    Returns
+    -------
+    int
+        At least 1; at most one per :data:`WORKER_MB` of the budget.
+    """
+    if mem_mb is None:
+        return nprocs
+    allowed = max(1, mem_mb // WORKER_MB)
+    if allowed < nprocs:
+        log.info("--mem-mb %d: %d group-level process(es) instead of --nprocs %d (about %d MB each)", mem_mb,
+                 allowed, nprocs, WORKER_MB)
+    return min(nprocs, allowed)
+
+
 def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
     from bids_ketdcm.group.run import GroupOptions, run_group
 
-    opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=kw["nprocs"], seed=kw["seed"],
-                        allow_missing=kw["allow_missing"],
+    opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=group_processes(kw["nprocs"], kw["mem_mb"]),
+                        seed=kw["seed"], allow_missing=kw["allow_missing"],
                         feature_session=kw["session_labels"][0] if kw["session_labels"] else "b0",
                         feature_sets=tuple(kw["features"]), save_model=kw["save_model"],
                         apply_model=kw["apply_model"], treatment_selection=kw["treatment_selection"],
@@ -352,53 +430,33 @@ def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
     log.info("group results: %s", output_dir / "group")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def tools() -> None:
-    """bids-ketdcm tools."""
-
-
-@tools.command("synth")
-@click.argument("outdir", type=click.Path(path_type=Path))
-@click.option("--n-subjects", type=click.IntRange(min=1), help="Number of participants (default: the 27 with MADRS b0 and d2).")
-@click.option("--network", default="dmn4", show_default=True, help="Network whose ROIs carry the simulated signals.")
-@click.option("--link", type=click.Choice(["planted", "none"]), default="planted", show_default=True,
-              help="Plant a link between A and the real MADRS response, or none (null cohort).")
-@click.option("--n-scans", type=click.IntRange(min=64), default=192, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-v", "--verbose", count=True)
-def synth_command(outdir: Path, n_subjects: int | None, network: str, link: str, n_scans: int, seed: int,
-                  verbose: int) -> None:
-    """Write a ds005917-shaped synthetic dataset (raw BIDS + fMRIPrep derivatives) to OUTDIR."""
-    _setup_logging(verbose)
-    from bids_ketdcm.testing.synth import make_synthetic_dataset
-
-    path = make_synthetic_dataset(outdir, n_subjects=n_subjects, network=network, link=link, seed=seed,
-                                  n_scans=n_scans)
-    click.echo(str(path))
-
-
-@tools.command("dpnn-synthetic")
-@click.argument("outdir", type=click.Path(path_type=Path))
-@click.option("--repeats", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-v", "--verbose", count=True)
-def dpnn_synthetic_command(outdir: Path, repeats: int, seed: int, verbose: int) -> None:
-    """Run the DPNN paper's synthetic treatment-selection experiment; write results to OUTDIR."""
-    _setup_logging(verbose)
-    from bids_ketdcm.group.dpnn_synthetic import run_dpnn_synthetic
-
-    result = run_dpnn_synthetic(outdir=outdir, repeats=repeats, seed=seed)
-    click.echo(json.dumps(result.get("summary", {}), default=str))
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: dispatch, map errors to exit codes, never show a traceback for bad input."""
+    """Entry point of the BIDS-App (``bids-ketdcm``); see :func:`run_command`."""
+    return run_command(bids_app, "bids-ketdcm", argv)
+
+
+def run_command(command: click.Command, prog_name: str, argv: list[str] | None = None) -> int:
+    """Run a click command; map errors to exit codes, never show a traceback for bad input.
+
+    Parameters
+    ----------
+    command
+        The click command (the BIDS-App, or the tools group).
+    prog_name
+        The program's name in usage and error messages.
+    argv
+        Arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 success, 1 a failure of the program, 2 bad input or usage.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = tools if argv and argv[0] in SUBCOMMANDS else bids_app
     if command is bids_app:
         argv = _expand_multi(argv)
     try:
-        command.main(args=argv, prog_name="bids-ketdcm", standalone_mode=False)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.ClickException as err:
@@ -411,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"bids-ketdcm: error: {err}", err=True)
         return EXIT_INPUT
     except Exception as err:  # a failure of the program: one line, traceback only with -v
-        log.debug("traceback", exc_info=True)
+        log.log(LOG_VERBOSE, "traceback", exc_info=True)
         click.echo(f"bids-ketdcm: internal error: {type(err).__name__}: {err} (run with -v for the traceback)",
                    err=True)
         return EXIT_FAILURE

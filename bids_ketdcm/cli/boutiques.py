@@ -9,14 +9,19 @@ builds. Regenerate it with::
 
 The layout follows Boutiques' own BIDS-App template (``bosh validate --bids`` passes):
 ``mkdir -p [OUTPUT_DIR]; bids-ketdcm [BIDS_DIR] [OUTPUT_DIR] [ANALYSIS_LEVEL]
-[PARTICIPANT_LABEL] [SESSION_LABEL] ...``, with OUTPUT_DIR given either as a name to
-create (participant level) or as an existing folder of participant results (group
-level), and the output folder as the one output.
+[PARTICIPANT_LABEL] [SESSION_LABEL] ...``, with the output folder as the one output.
+The template has two inputs with the value key ``[OUTPUT_DIR]``: ``output_dir_name``
+(a String) and ``participant_level_analysis_dir`` (a File). ``bosh`` fills the command
+line input by input and removes the key of an input without a value, so whichever of the
+two comes first must always be given: ``output_dir_name`` is required at both levels, and
+``participant_level_analysis_dir`` (the same folder) may be added at the group level of a
+container run, so that ``bosh`` mounts the participant results.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import click
 
 from bids_ketdcm import __version__
 from bids_ketdcm.cli.app import EXIT_FAILURE, EXIT_INPUT, EXIT_OK, bids_app
+from bids_ketdcm.cli.options import SECTIONS
 
 PROGRAM = "bids-ketdcm"
 CODE_URL = "https://github.com/bids-ketdcm/bids-ketdcm"
@@ -48,19 +54,20 @@ _OUTPUT_DIR_NAME = {
     "id": "output_dir_name",
     "name": "Output directory name",
     "type": "String",
-    "description": ("Folder where the BIDS-Derivatives are written (created if missing); give this for the "
-                    "participant level."),
+    "description": ("Folder where the BIDS-Derivatives are written (created if missing): at the participant "
+                    "level, and at the group level the folder holding the participant-level derivatives."),
     "value-key": "[OUTPUT_DIR]",
-    "optional": True,
+    "optional": False,
 }
 _PARTICIPANT_RESULTS_DIR = {
     "id": "participant_level_analysis_dir",
     "name": "Participant-level results",
     "type": "File",
-    "description": ("Existing OUTPUT_DIR holding the participant-level derivatives; give this for the group "
-                    "level (container runs mount it)."),
+    "description": ("Group level in a container: the same folder as output_dir_name, given again so that "
+                    "Boutiques mounts the participant-level derivatives."),
     "value-key": "[OUTPUT_DIR]",
     "optional": True,
+    "requires-inputs": ["output_dir_name"],
 }
 
 
@@ -109,15 +116,7 @@ def build_descriptor(command: click.Command = bids_app) -> dict[str, Any]:
         "schema-version": "0.5",
         "container-image": {"type": "docker", "image": f"{IMAGE}:{__version__}", "entrypoint": True},
         "inputs": inputs,
-        "groups": [{
-            "id": "output_directory",
-            "name": "Output directory",
-            "description": ("A name to create (participant level) or the existing participant-level results "
-                            "(group level)."),
-            "members": [_OUTPUT_DIR_NAME["id"], _PARTICIPANT_RESULTS_DIR["id"]],
-            "mutually-exclusive": True,
-            "one-is-required": True,
-        }],
+        "groups": _groups(command, params),
         "output-files": [{
             "id": "output_dir",
             "name": "Output directory",
@@ -131,6 +130,17 @@ def build_descriptor(command: click.Command = bids_app) -> dict[str, Any]:
         "tags": {"domain": ["neuroinformatics", "fmri", "bids-app", "dcm", "effective-connectivity"]},
         "custom": {"bids-ketdcm:regenerate": REGENERATE},
     }
+
+
+def _groups(command: click.Command, params: list[click.Parameter]) -> list[dict[str, Any]]:
+    """Boutiques groups: the sections of ``--help`` (:mod:`bids_ketdcm.cli.options`), in its order."""
+    members: dict[str, list[str]] = {}
+    for param in params:
+        section = getattr(param, "section", None)
+        if section is not None:
+            members.setdefault(section, []).append(_identifier(param))
+    return [{"id": re.sub(r"\W+", "_", name.lower()).strip("_"), "name": name, "members": members[name]}
+            for name in SECTIONS if name in members]
 
 
 def render(descriptor: dict[str, Any] | None = None) -> str:

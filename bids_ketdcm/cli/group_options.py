@@ -12,39 +12,52 @@ from typing import Any
 
 import click
 
+from bids_ketdcm.cli.options import GROUP, option
+
+
+def _option(*param_decls: str, **attrs: Any) -> Callable:
+    """An option of the help's group-level section."""
+    return option(*param_decls, section=GROUP, **attrs)
+
+
 _OPTIONS = [
-    click.option("--include-group", "include_group", multiple=True,
+    _option("--include-group", "include_group", multiple=True,
                  help="Group: participants.tsv 'group' values to analyse (repeatable), e.g. MDD. Required when "
                  "that column holds several groups (patients and controls are never mixed silently)."),
-    click.option("--score-column", default="MADRS_Total", show_default=True,
+    _option("--score-column", default="MADRS_Total", show_default=True,
                  help="Group: phenotype column of the depression score (long or wide phenotype tables)."),
-    click.option("--baseline-session", default="b0", show_default=True,
+    _option("--baseline-session", default="b0", show_default=True,
                  help="Group: session of the baseline score (with or without 'ses-')."),
-    click.option("--post-session", default="d2", show_default=True,
+    _option("--post-session", default="d2", show_default=True,
                  help="Group: session of the score after ketamine."),
-    click.option("--placebo-session", default="p2", show_default=True,
+    _option("--placebo-session", default="p2", show_default=True,
                  help="Group: session of the score after placebo; 'none' skips the placebo analyses."),
-    click.option("--nested-repeats", type=click.IntRange(min=0), default=10, show_default=True,
+    _option("--nested-repeats", type=click.IntRange(min=0), default=10, show_default=True,
                  help="Group: repeats of the exploratory nested CV (0: no nested CV)."),
-    click.option("--nested-permutations", type=click.IntRange(min=0), default=100, show_default=True,
-                 help="Group: permutations of the nested CV of each headline model, the inner search redone "
-                 "in every permutation."),
-    click.option("--analysis-plan", type=click.Path(path_type=Path),
+    _option("--nested-permutations", type=click.IntRange(min=0), default=100, show_default=True,
+                 help="Group: permutations of the nested CV of the logistic model on the ketamine binary "
+                 "targets, the inner search redone in every permutation."),
+    _option("--analysis-plan", type=click.Path(path_type=Path),
                  help="Group: JSON file naming the primary analysis (keys network, target, model, n_splits, "
                  "n_repeats, stratify_order); default: dmn4, binary25 (>= 25 % response), logistic, "
                  "repeated stratified 5-fold."),
-    click.option("--primary-network", help="Group: network of the primary analysis (overrides the plan)."),
-    click.option("--primary-target", help="Group: label scheme of the primary analysis (overrides the plan)."),
-    click.option("--clinical-column", "clinical_columns", multiple=True,
+    _option("--primary-network", help="Group: network of the primary analysis (overrides the plan)."),
+    _option("--primary-target", help="Group: label scheme of the primary analysis (overrides the plan)."),
+    _option("--clinical-column", "clinical_columns", multiple=True,
                  help="Group: participants.tsv column of the clinical model besides the baseline score "
                  "(repeatable). Default: age, sex and infusion order (infusion_1), where present."),
-    click.option("--treatment-repeats", type=click.IntRange(min=1), default=10, show_default=True,
+    _option("--treatment-repeats", type=click.IntRange(min=1), default=10, show_default=True,
                  help="Group, --treatment-selection: repeats of the treatment-selection cross-validation."),
-    click.option("--treatment-target", type=click.Choice(["response", "difference"]), default="response",
+    _option("--treatment-target", type=click.Choice(["response", "difference"]), default="response",
                  show_default=True,
                  help="Group, --treatment-selection: response per arm, or the within-subject difference "
                  "(ketamine minus placebo improvement, a continuous target)."),
-    click.option("--allow-training-overlap", is_flag=True,
+    _option("--peb", "peb_target", type=click.Choice(["post", "delta", "improvement"]),
+                 help="Group: also predict this continuous ketamine target by PEB leave-one-out (SPM's "
+                 "spm_dcm_loo over the full DCM posteriors), one model per network."),
+    _option("--peb-permutations", type=click.IntRange(min=0), default=99, show_default=True,
+                 help="Group, --peb: permutations of the PEB leave-one-out (each redoes every fit)."),
+    _option("--allow-training-overlap", is_flag=True,
                  help="Group, --apply-model: validate even on participants the models were trained on "
                  "(flagged in the report; not an external validation)."),
 ]
@@ -52,8 +65,8 @@ _OPTIONS = [
 
 def group_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator adding every group-level option to a click command."""
-    for option in reversed(_OPTIONS):
-        command = option(command)
+    for decorate in reversed(_OPTIONS):
+        command = decorate(command)
     return command
 
 
@@ -86,4 +99,6 @@ def group_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
         "treatment_repeats": kw["treatment_repeats"],
         "treatment_target": kw["treatment_target"],
         "allow_training_overlap": kw["allow_training_overlap"],
+        "peb_target": kw["peb_target"],
+        "peb_permutations": kw["peb_permutations"],
     }

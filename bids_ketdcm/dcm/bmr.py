@@ -165,7 +165,7 @@ def _tensors(peb: PEBResult, device: str | torch.device) -> tuple[torch.Tensor, 
 
 def _evaluate(qE, qC, pE, pC, K: torch.Tensor, chunk: int = 64):
     out = [reduce_off(qE, qC, pE, pC, K[i:i + chunk]) for i in range(0, K.shape[0], chunk)]
-    return tuple(torch.cat(parts) for parts in zip(*out))
+    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
 
 
 def search_reduced(peb: PEBResult, device: str | torch.device = "cpu") -> ModelAverage:
@@ -191,7 +191,6 @@ def search_reduced(peb: PEBResult, device: str | torch.device = "cpu") -> ModelA
         Over the last search step's models (F relative to the full model).
     """
     qE, qC, pE, pC = _tensors(peb, device)
-    P = qE.shape[0]
     q = np.diag(peb.pC)
     small = q[q < 1024]
     present = q > (small.mean() / 1024 if small.size else 0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -21,6 +23,8 @@ def fit(
     spm_path_check: bool = True,
     csd_model: str = "spm12",
     progress: bool = False,
+    on_subject_done: Callable[[int, int, bool], None] | None = None,
+    chunk_bytes: int | None = None,
 ) -> Posterior:
     """Invert spectral DCM on raw ROI time series: scaling, CSD, priors, inversion.
 
@@ -46,6 +50,8 @@ def fit(
         SPM12); see :func:`bids_ketdcm.dcm.invert`.
     progress
         Log one line per iteration.
+    on_subject_done, chunk_bytes
+        Per-subject completion callback and CPU chunk budget; see :func:`bids_ketdcm.dcm.invert`.
 
     Returns
     -------
@@ -71,7 +77,7 @@ def fit(
     prior_cov_A = np.stack([projected_A_covariance(s) for s in scaled]) if n > MAX_NODES else None
     post = invert(csd, freqs, prior_cov_A=prior_cov_A, max_iterations=max_iterations,
                   device=device, jacobian=jacobian, spm_path_check=spm_path_check, csd_model=csd_model,
-                  progress=progress)
+                  progress=progress, on_subject_done=on_subject_done, chunk_bytes=chunk_bytes)
     post.scale = np.asarray(scales)
     return post if batched else post.subject(0)
 

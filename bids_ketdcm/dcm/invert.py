@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,7 +195,8 @@ class _Problem:
                                             self.csd_model)
         if self.jacobian == "autograd":
             tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
-            return vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)
+            pred, jac = vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)  # type: ignore[arg-type,misc]
+            return pred, jac
         step = math.exp(-8.0)
         shifted = (p[:, None, :] + step * torch.eye(R, dtype=p.dtype, device=p.device)).reshape(b * R, R)
         mean, basis = mean.repeat_interleave(R, 0), basis.repeat_interleave(R, 0)
@@ -218,6 +220,8 @@ def invert(
     spm_path_check: bool = True,
     csd_model: str = "spm12",
     progress: bool = False,
+    on_subject_done: Callable[[int, int, bool], None] | None = None,
+    chunk_bytes: int | None = None,
 ) -> Posterior:
     """Invert spectral DCM on given cross-spectral features (SPM12's ``spm_nlsi_GN``).
 
@@ -255,6 +259,13 @@ def invert(
         :data:`bids_ketdcm.dcm.model.CSD_MODELS`.
     progress
         Log one line per iteration at INFO level.
+    on_subject_done
+        Called as ``on_subject_done(b, iterations, converged)`` when subject ``b`` of the
+        batch has converged, and for the others when the iteration cap is reached (a
+        progress bar can advance per subject inside a batch).
+    chunk_bytes
+        Memory budget of one chunk of subjects on the CPU (default
+        :data:`CPU_CHUNK_BYTES`); the numbers do not depend on it.
 
     Returns
     -------
@@ -300,13 +311,25 @@ def invert(
         jacobian,
         csd_model,
     )
+    chunk = chunk_bytes or CPU_CHUNK_BYTES
+    check = spm_path_check and jacobian != "finite-difference"
+    report = None if on_subject_done is None else lambda b, k, converged, F: on_subject_done(b, k, converged)
     state = _gauss_newton(problem, max_iterations, progress,
-                          _CONVERGENCE_GAIN if jacobian == "finite-difference" else POLISH_GAIN)
+                          _CONVERGENCE_GAIN if jacobian == "finite-difference" else POLISH_GAIN,
+                          None if check else report, chunk)
     path = np.full(B, "spm" if jacobian == "finite-difference" else "exact")
     F_exact = F_spm = None
-    if spm_path_check and jacobian != "finite-difference":
+    if check:
         problem.jacobian = "finite-difference"
-        spm_state = _gauss_newton(problem, max_iterations, progress, _CONVERGENCE_GAIN)
+        exact = state
+
+        def kept(b: int, k: int, converged: bool, F: float) -> None:  # each subject once, with the path kept
+            if on_subject_done is not None:
+                spm_wins = F > float(exact["best"]["F"][b])
+                on_subject_done(b, k if spm_wins else int(exact["iterations"][b]),
+                                converged if spm_wins else bool(exact["converged"][b]))
+
+        spm_state = _gauss_newton(problem, max_iterations, progress, _CONVERGENCE_GAIN, kept, chunk)
         F_exact, F_spm = state["best"]["F"].cpu().numpy(), spm_state["best"]["F"].cpu().numpy()
         state = _keep_higher_evidence(state, spm_state)
         path = np.where(F_spm > F_exact, "spm", "exact")
@@ -336,7 +359,9 @@ def _keep_higher_evidence(exact: dict, spm: dict) -> dict:
     }
 
 
-def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_gain: float) -> dict:
+def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_gain: float,
+                  on_subject_done: Callable[[int, int, bool, float], None] | None = None,
+                  chunk_bytes: int | None = None) -> dict:
     """Run SPM's variational Laplace loop for every subject until each has converged.
 
     ``converged`` is SPM's criterion (4 successive predicted gains below 0.1); a subject
@@ -369,7 +394,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
     converged_at = torch.full((B,), max_iterations + POLISH_ITERATIONS, dtype=torch.long, device=dev)
     history: list[list[float]] = [[] for _ in range(B)]
     n_data = nf * K
-    chunk = _chunk_size(problem)
+    chunk = _chunk_size(problem, chunk_bytes or CPU_CHUNK_BYTES)
     for k in range(1, max_iterations + 1):
         active = torch.nonzero(~stopped).flatten()
         if active.numel() == 0:
@@ -431,9 +456,15 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
             converged_at[idx] = torch.where(converged[idx], torch.clamp(converged_at[idx], max=k), converged_at[idx])
             polish_run[idx] = torch.where(gain < stop_gain, polish_run[idx] + 1, torch.zeros_like(run[idx]))
             stopped[idx] = (polish_run[idx] >= _CONVERGENCE_RUN) | (k >= converged_at[idx] + POLISH_ITERATIONS)
+            if on_subject_done is not None:  # the chunk's subjects were active: those stopped now are done
+                for b in idx[stopped[idx]].tolist():
+                    on_subject_done(b, k, bool(converged[b]), float(best["F"][b]))
             if progress:
                 log.info("iteration %d: %d active, F = %s", k, idx.numel(),
                          np.array2string(best["F"][idx].cpu().numpy(), precision=2))
+    if on_subject_done is not None:  # stopped by the iteration cap
+        for b in torch.nonzero(~stopped).flatten().tolist():
+            on_subject_done(b, int(iterations[b]), bool(converged[b]), float(best["F"][b]))
     return {"best": best, "iterations": iterations, "converged": converged, "history": history}
 
 
@@ -445,13 +476,13 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
 CPU_CHUNK_BYTES = 64 * 2**20
 
 
-def _chunk_size(problem: _Problem) -> int:
-    """Subjects per chunk: all of them on a GPU; on the CPU as many as fit CPU_CHUNK_BYTES."""
+def _chunk_size(problem: _Problem, chunk_bytes: int = CPU_CHUNK_BYTES) -> int:
+    """Subjects per chunk: all of them on a GPU; on the CPU as many as fit ``chunk_bytes``."""
     B, _, n, _ = problem.y.shape
     if problem.y.device.type != "cpu":
         return B
     R = problem.ipc.shape[-1]
-    return max(1, min(B, CPU_CHUNK_BYTES // (n * n * R * R * 8)))
+    return max(1, min(B, chunk_bytes // (n * n * R * R * 8)))
 
 
 def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, jte: torch.Tensor, err2: torch.Tensor,

@@ -142,6 +142,7 @@ def transfer_function(
     system = sigma[None, :, None, None] * eye - A[:, None, :, :].to(sigma.dtype)
     neuronal = torch.linalg.inv(system) * INPUT_GAIN
     hemo = hemodynamic_transfer(sigma, params["transit"], params["decay"], params["epsilon"])
+    assert isinstance(hemo, torch.Tensor)  # without partials: one tensor
     S = hemo[..., :, None] * neuronal
     if clamp_subjects is not None and clamp_subjects.numel() > 0:
         S = S.index_add(0, clamp_subjects, _clamp_correction(params, clamp_subjects, sigma))
@@ -159,6 +160,7 @@ def _clamp_correction(
     hemo = hemodynamic_transfer(
         lam, params["transit"][subjects], params["decay"][subjects], params["epsilon"][subjects]
     )  # (b, k, n)
+    assert isinstance(hemo, torch.Tensor)  # without partials: one tensor
     residue = hemo.transpose(-1, -2)[:, :, :, None] * right[:, :, :, None] * left[:, None, :, :]
     # residue[b, i, k, j] = h_i(lam_k) right[i, k] left[k, j]
     diff = 1.0 / (sigma[None, :, None] - lam_clamped[:, None, :]) - 1.0 / (sigma[None, :, None] - lam[:, None, :])

@@ -35,6 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .csd import scale_timeseries, validate_timeseries
+from .invert import Posterior
+from .priors import ParamLayout, prior_covariance, prior_mean
+
 #: SPM's threshold of the principal subspace in ``spm_svd`` (relative eigenvalue energy).
 SUBSPACE_TOLERANCE = 1e-6
 #: Ratio of the group prior covariance of the effects to the mean subject prior (SPM: alpha 1).
@@ -47,6 +51,8 @@ LOG_PRECISION_VARIANCE = 1.0 / 16.0
 PRECISION_FLOOR = math.exp(-8.0)
 #: Fraction of the prior precision SPM12 adds to each subject's posterior precision.
 POSTERIOR_PRECISION_BOOST = 1.0 / 16.0
+#: The log precisions are converged when a Newton step gains less than this (nats).
+CONVERGENCE_GAIN = 1e-7
 PRECISION_MODELS = ("single", "all")
 
 
@@ -85,7 +91,7 @@ class SubjectPosteriors:
         if not all(np.all(np.isfinite(a)) for a in (self.Ep, self.Cp, self.pE, self.pC, self.F)):
             raise ValueError("subject posteriors contain NaN or infinite values")
 
-    def take(self, rows: np.ndarray) -> "SubjectPosteriors":
+    def take(self, rows: np.ndarray) -> SubjectPosteriors:
         """The posteriors of a subset of subjects (``rows`` indexes or a boolean mask)."""
         idx = np.arange(len(self.names))[rows]
         return SubjectPosteriors(self.Ep[idx], self.Cp[idx], self.pE[idx], self.pC[idx],
@@ -140,6 +146,81 @@ class PEBResult:
     subject_Cp: np.ndarray
     subject_F: np.ndarray
     iterations: int
+
+
+def a_parameter_index(n: int) -> np.ndarray:
+    """Positions of the n x n A parameters in the flat parameter vector (SPM's order)."""
+    return np.arange(ParamLayout(n).slices()["A"].start, ParamLayout(n).slices()["A"].stop)
+
+
+def posteriors_from_fit(post: Posterior, y: np.ndarray, names: list[str]) -> SubjectPosteriors:
+    """The first-level posteriors of a batched :func:`bids_ketdcm.dcm.fit` and their priors.
+
+    Parameters
+    ----------
+    post
+        Batched posterior of B runs.
+    y
+        (B, T, n) the time series the runs were inverted from (the prior of models with more
+        than 8 regions depends on them, as in SPM).
+    names
+        Subject labels.
+
+    Returns
+    -------
+    SubjectPosteriors
+    """
+    y = np.asarray(y, dtype=float)
+    n = y.shape[-1]
+    pC = np.stack([prior_covariance(n, scale_timeseries(validate_timeseries(run))[0]) for run in y])
+    pE = np.tile(prior_mean(n), (y.shape[0], 1))
+    return SubjectPosteriors(Ep=ParamLayout(n).pack(post.params), Cp=np.asarray(post.cov, float), pE=pE,
+                             pC=pC, F=np.asarray(post.F, float), names=list(names))
+
+
+def temper(posteriors: SubjectPosteriors, scale: float) -> SubjectPosteriors:
+    """The posteriors under each subject's likelihood raised to the power ``1/scale``.
+
+    The Gaussian likelihood implied by a posterior and its prior has precision
+    ``qP - pP`` and information ``qP qE - pP pE``; both are divided by ``scale`` and the
+    posterior is recomputed under the same prior. ``scale`` > 1 widens overconfident
+    posteriors: spectral DCM at 192 scans gives posterior SDs of A several times smaller
+    than its errors (SPM12's own too: errors 6-9 posterior SDs on the reference cases), a
+    calibration PEB cannot see (its between-subject variance absorbs the error, and the
+    empirical prior becomes wider than the first-level one). Measure ``scale`` as the
+    variance of the errors in posterior SDs on simulated data of the same acquisition.
+
+    Parameters
+    ----------
+    posteriors
+        First-level posteriors.
+    scale
+        Likelihood temperature (1: unchanged, SPM).
+
+    Returns
+    -------
+    SubjectPosteriors
+        Free energies unchanged.
+    """
+    if not scale > 0:
+        raise ValueError(f"the likelihood scale must be positive (got {scale})")
+    if scale == 1:
+        return posteriors
+    t = lambda a: torch.as_tensor(np.asarray(a, dtype=float))  # noqa: E731
+    pC = t(posteriors.pC)
+    V, mask = principal_basis(pC)
+    Vt = V.transpose(-1, -2)
+    qP, pP = _inv(_project(t(posteriors.Cp), V, mask)), _inv(_project(pC, V, mask))
+    q_e = (Vt @ t(posteriors.Ep)[..., None])[..., 0]
+    p_e = (Vt @ t(posteriors.pE)[..., None])[..., 0]
+    sP = pP + (qP - pP) / scale
+    sC = _inv(sP)
+    s_e = (sC @ (pP @ p_e[..., None] + (qP @ q_e[..., None] - pP @ p_e[..., None]) / scale))[..., 0]
+    pE = t(posteriors.pE)
+    Ep = (V @ s_e[..., None])[..., 0] + pE - (V @ (Vt @ pE[..., None]))[..., 0]
+    Cp = V @ (sC * mask[..., None, :] * mask[..., :, None]) @ Vt
+    return SubjectPosteriors(Ep=Ep.numpy(), Cp=Cp.numpy(), pE=posteriors.pE, pC=posteriors.pC,
+                             F=posteriors.F, names=list(posteriors.names))
 
 
 def principal_basis(cov: torch.Tensor, tol: float = SUBSPACE_TOLERANCE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +322,7 @@ def _design_prior(X: torch.Tensor) -> torch.Tensor:
 class _Problem:
     """A PEB problem in the subjects' own principal subspaces (see :func:`fit_peb`)."""
 
-    A: torch.Tensor       # (N, R, Nb): maps b to each subject's reduced prior mean
+    X: torch.Tensor       # (N, Nx) design: subject i's prior mean is B x_i, b = vec(B)
     V: torch.Tensor       # (N, K, R): subject subspace inside U
     mask: torch.Tensor    # (N, R)
     qP: torch.Tensor      # (N, R, R)
@@ -264,20 +345,34 @@ def _subject_terms(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch
     return rP, sC, rP - rP @ sC @ rP
 
 
-def _objective(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Profile objective L(b*(g), g), the optimal b and the Hessian in b (negative)."""
-    rP, sC, G = _subject_terms(prob, g)
-    c = (rP @ sC @ prob.a[..., None])[..., 0]
-    At = prob.A.transpose(-1, -2)
-    H = prob.bP + (At @ G @ prob.A).sum(0)
-    rhs = prob.bP @ prob.bE + (At @ c[..., None])[..., 0].sum(0)
-    b = torch.linalg.solve(H, rhs)
-    r = (prob.A @ b)[..., None]
+def _per_subject(prob: _Problem, rP: torch.Tensor, sC: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sum over subjects of F_i + dF_i: first-level evidence plus the reduction to N(B x_i, rC)."""
+    Nx = prob.X.shape[1]
+    B = b.reshape(Nx, -1).T
+    r = (prob.V.transpose(-1, -2) @ (prob.X @ B.T)[..., None])  # (N, R, 1)
     h = prob.a[..., None] + rP @ r
     per_subject = 0.5 * (_logdet(rP) + _logdet(sC) - (r.transpose(-1, -2) @ rP @ r)[..., 0, 0]
                          + (h.transpose(-1, -2) @ sC @ h)[..., 0, 0]) + prob.const
+    return per_subject.sum()
+
+
+def _objective(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Profile objective L(b*(g), g), the optimal b and the Hessian in b (negative).
+
+    With ``r_i = V_i' (x_i' kron I) b`` the objective is quadratic in b, with curvature
+    ``bP + sum_i (x_i x_i') kron (V_i G_i V_i')``: assembled from K x K blocks, never from
+    the (R, K Nx) maps themselves.
+    """
+    rP, sC, G = _subject_terms(prob, g)
+    c = (rP @ sC @ prob.a[..., None])[..., 0]
+    V = prob.V
+    M = V @ G @ V.transpose(-1, -2)
+    K, Nx = M.shape[-1], prob.X.shape[1]
+    H = prob.bP + torch.einsum("na,nb,nkl->akbl", prob.X, prob.X, M).reshape(Nx * K, Nx * K)
+    rhs = prob.bP @ prob.bE + torch.einsum("na,nk->ak", prob.X, (V @ c[..., None])[..., 0]).reshape(-1)
+    b = torch.linalg.solve(H, rhs)
     d = b - prob.bE
-    L = per_subject.sum() - 0.5 * d @ prob.bP @ d - 0.5 * g @ prob.gP @ g
+    L = _per_subject(prob, rP, sC, b) - 0.5 * d @ prob.bP @ d - 0.5 * g @ prob.gP @ g
     return L, b, H
 
 
@@ -292,7 +387,7 @@ def _newton(prob: _Problem, g0: torch.Tensor, max_iterations: int) -> tuple[torc
     value = f(g)
     for it in range(1, max_iterations + 1):
         grad = torch.autograd.functional.jacobian(f, g)
-        hess = torch.autograd.functional.hessian(f, g)
+        hess = torch.autograd.functional.hessian(f, g, vectorize=True)
         evals, evecs = torch.linalg.eigh((hess + hess.T) / 2)
         scale = evals.abs().clamp(min=1e-3 * float(evals.abs().max()) + 1e-9)
         step = evecs @ ((evecs.T @ grad) / scale)
@@ -304,8 +399,9 @@ def _newton(prob: _Problem, g0: torch.Tensor, max_iterations: int) -> tuple[torc
             step = step / 2
         else:
             return g, it
+        gain = float(new - value)
         g, value = g + step, new
-        if float(grad.abs().max()) < 1e-6 or float(step.abs().max()) < 1e-10:
+        if gain < CONVERGENCE_GAIN or float(step.abs().max()) < 1e-10:
             return g, it
     return g, max_iterations
 
@@ -319,6 +415,7 @@ def fit_peb(
     max_iterations: int = 64,
     device: str | torch.device = "cpu",
     subject_posteriors: bool = True,
+    start: np.ndarray | None = None,
 ) -> PEBResult:
     """Fit the second-level model (SPM's ``spm_dcm_peb(P, M, field)``).
 
@@ -340,6 +437,8 @@ def fit_peb(
         Torch device.
     subject_posteriors
         Also compute the empirical-Bayes subject posteriors (``PEBResult.subject_*``).
+    start
+        Starting log precisions (default 0, SPM's prior mean); e.g. those of a similar fit.
 
     Returns
     -------
@@ -377,9 +476,6 @@ def fit_peb(
     const = 0.5 * (_logdet(qP) - _logdet(pP) - _quad(q_e, qP) + _quad(p_e, pP)) + t(posteriors.F)
     Xt = t(X)
     Nx = X.shape[1]
-    # b = vec(B), B (K, Nx); rE_i = B x_i = kron(x_i', I_K) b; in subject space V_i' rE_i
-    kron_x = torch.einsum("nx,kl->nkxl", Xt, torch.eye(K, dtype=Xt.dtype, device=Xt.device))
-    A = V.transpose(-1, -2) @ kron_x.reshape(N, K, Nx * K)
     M_pC = PC / BETWEEN_SUBJECT_RATIO
     pq = _inv(Ut @ M_pC @ U)
     if precision == "single":
@@ -395,9 +491,10 @@ def fit_peb(
     bE = torch.cat([Ut @ PE, torch.zeros((Nx - 1) * K, dtype=U.dtype, device=U.device)])
     Ng = Q.shape[0]
     gP = torch.eye(Ng, dtype=U.dtype, device=U.device) / LOG_PRECISION_VARIANCE
-    prob = _Problem(A=A, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
+    prob = _Problem(X=Xt, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
                     bP=bP, gP=gP)
-    g, iterations = _newton(prob, torch.zeros(Ng, dtype=U.dtype, device=U.device), max_iterations)
+    g0 = torch.zeros(Ng, dtype=U.dtype, device=U.device) if start is None else t(start)
+    g, iterations = _newton(prob, g0, max_iterations)
     L, b, Hbb = _objective(prob, g)
     H_profile = torch.autograd.functional.hessian(lambda x: _objective(prob, x)[0], g)
     Cb = _inv(Hbb)
@@ -427,11 +524,7 @@ def fit_peb(
 def _fixed_b_objective(prob: _Problem, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The objective at fixed group parameters (SPM's conditional covariance of g)."""
     rP, sC, _ = _subject_terms(prob, g)
-    r = (prob.A @ b)[..., None]
-    h = prob.a[..., None] + rP @ r
-    per_subject = 0.5 * (_logdet(rP) + _logdet(sC) - (r.transpose(-1, -2) @ rP @ r)[..., 0, 0]
-                         + (h.transpose(-1, -2) @ sC @ h)[..., 0, 0]) + prob.const
-    return per_subject.sum() - 0.5 * g @ prob.gP @ g
+    return _per_subject(prob, rP, sC, b) - 0.5 * g @ prob.gP @ g
 
 
 def _empirical_bayes(result: PEBResult, posteriors: SubjectPosteriors, complexity: float,

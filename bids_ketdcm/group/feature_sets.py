@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bids_ketdcm.bids.naming import GMV_SUFFIX
+from bids_ketdcm.config import FEATURE_SETS, uses_dcm, uses_gmv
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.features import (
     FeatureSet,
@@ -27,8 +29,6 @@ from bids_ketdcm.group.features import (
     parse_entities,
 )
 from bids_ketdcm.group.labels import normalise_participant, normalise_session
-from bids_ketdcm.config import FEATURE_SETS, uses_dcm, uses_gmv
-from bids_ketdcm.bids.naming import GMV_SUFFIX
 from bids_ketdcm.participant.structural import read_gmv
 
 log = logging.getLogger(__name__)

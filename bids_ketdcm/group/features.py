@@ -257,7 +257,7 @@ def collect_features(
         unknown = [n for n in networks if n not in available]
         if unknown:
             raise InputError(
-                f"--network: {', '.join(unknown)} not found in {deriv_dir} for ses-{session} "
+                f"networks {', '.join(unknown)} not found in {deriv_dir} for ses-{session} "
                 f"(networks found: {', '.join(available)})"
             )
         chosen = list(networks)

@@ -15,6 +15,8 @@ All functions are vectorised over resamples; none draws random numbers without a
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.special import expit, logit
 from scipy.stats import rankdata
@@ -74,8 +76,10 @@ def repeat_metrics(y: np.ndarray, prob: np.ndarray, index: np.ndarray | None = N
     """
     index = np.arange(len(y))[None] if index is None else index
     yb = y[index]
-    ba = np.nanmean([balanced_accuracy_rows(yb, (p >= 0.5)[index].astype(int)) for p in prob], axis=0)
-    auc = np.nanmean([auc_rows(yb, p[index]) for p in prob], axis=0)
+    with warnings.catch_warnings():  # a resample holding one class: NaN, left out of intervals
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ba = np.nanmean([balanced_accuracy_rows(yb, (p >= 0.5)[index].astype(int)) for p in prob], axis=0)
+        auc = np.nanmean([auc_rows(yb, p[index]) for p in prob], axis=0)
     return {"balanced_accuracy": ba, "roc_auc": auc}
 
 
@@ -151,7 +155,7 @@ def paired_swap_test(y: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, seed
                 for m in ("balanced_accuracy", "roc_auc")}
     swap = np.random.default_rng(seed).random((n_swaps, len(y))) < 0.5
     null = {m: np.zeros(n_swaps) for m in observed}
-    for a, b in zip(prob_a, prob_b):
+    for a, b in zip(prob_a, prob_b, strict=True):
         pa, pb = np.where(swap, b, a), np.where(swap, a, b)
         yb = np.broadcast_to(y, pa.shape)
         null["balanced_accuracy"] += (balanced_accuracy_rows(yb, (pa >= 0.5).astype(int))
@@ -232,8 +236,12 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, offset: np.ndarray, slope: bool)
     return beta
 
 
+#: Risk thresholds of the decision curve.
+THRESHOLDS = np.round(np.arange(0.1, 0.71, 0.1), 2)
+
+
 def calibration(y: np.ndarray, prob: np.ndarray, prevalence_prob: np.ndarray,
-                thresholds: np.ndarray = np.arange(0.1, 0.71, 0.1)) -> dict:
+                thresholds: np.ndarray = THRESHOLDS) -> dict:
     """Calibration of out-of-fold probabilities.
 
     Parameters
@@ -304,9 +312,71 @@ def adjust_grid(p_values: np.ndarray, gains: np.ndarray, nulls: list[np.ndarray 
     out = {"p_holm": holm(p_values), "p_bh": benjamini_hochberg(p_values),
            "p_maxstat": np.full(len(p_values), np.nan)}
     family = [i for i, null in enumerate(nulls) if null is not None]
-    if family:
-        sizes = {len(nulls[i]) for i in family}  # type: ignore[arg-type]
-        if len(sizes) == 1:
-            stacked = np.vstack([nulls[i] for i in family])
-            out["p_maxstat"][family] = max_statistic_p(gains[family], stacked)
+    arrays = [null for null in nulls if null is not None]
+    if arrays and len({len(a) for a in arrays}) == 1:
+        stacked = np.vstack(arrays)
+        out["p_maxstat"][family] = max_statistic_p(gains[family], stacked)
     return out
+
+
+def headline_rows(y: np.ndarray, pred: np.ndarray, kind: str, n_classes: int) -> np.ndarray:
+    """Headline metric of each resample: balanced accuracy (classes present) or R^2.
+
+    Parameters
+    ----------
+    y, pred
+        (B, n) observed and predicted class indices (classification) or values (regression).
+    kind
+        ``"classification"`` or ``"regression"``.
+    n_classes
+        Number of classes K.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B,) values; NaN where undefined (a single class, or a constant target).
+    """
+    if kind == "regression":
+        total = ((y - y.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(total > 0, 1 - ((y - pred) ** 2).sum(axis=1) / total, np.nan)
+    recalls = []
+    for c in range(n_classes):
+        size = (y == c).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recalls.append(np.where(size > 0, ((y == c) & (pred == c)).sum(axis=1) / size, np.nan))
+    stacked = np.array(recalls)
+    present = np.isfinite(stacked).sum(axis=0)
+    return np.where(present > 1, np.nansum(stacked, axis=0) / np.maximum(present, 1), np.nan)
+
+
+def bootstrap_headline(y: np.ndarray, preds: np.ndarray, kind: str, n_classes: int, index: np.ndarray,
+                       reference: np.ndarray | None = None) -> list[float]:
+    """95 % participant-bootstrap interval of the headline metric (mean over CV repeats).
+
+    Parameters
+    ----------
+    y
+        (n,) observed classes or values.
+    preds
+        (R, n) out-of-fold predictions of R repeats.
+    kind, n_classes
+        As :func:`headline_rows`.
+    index
+        (B, n) bootstrap indices.
+    reference
+        (R', n) a comparator's predictions on the same participants: the interval is then
+        that of the difference.
+
+    Returns
+    -------
+    list of float
+        ``[low, high]``.
+    """
+    def value(p: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean([headline_rows(y[index], r[index], kind, n_classes) for r in p], axis=0)
+
+    boot = value(preds) if reference is None else value(preds) - value(reference)
+    return _interval(boot)

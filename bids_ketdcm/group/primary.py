@@ -18,7 +18,8 @@ order is known. A JSON analysis plan (``--analysis-plan``) or ``--primary-networ
 * calibration of the prior-corrected probabilities (:func:`inference.prior_corrected`):
   intercept, slope, Brier score beside the prevalence-only Brier, decision curve;
 * crossover: response by infusion order and a first-period-only sensitivity analysis
-  (ketamine-first participants, whose post-ketamine session is the first period);
+  (ketamine-first participants, whose post-ketamine session is the first period; at most
+  200 permutations);
 * drug specificity: the same out-of-fold predictions scored against the same participants'
   placebo outcomes, with a paired bootstrap of the AUC difference and the number of
   placebo responders (the check has no power with fewer than 3 in a class).
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CLINICAL = ("age", "sex", "infusion_1")
 #: Fewest participants of a class for a check to have any power.
 MIN_CLASS = 3
+#: Permutations of the first-period sensitivity analysis (a check, not the headline).
+FIRST_PERIOD_PERMUTATIONS = 200
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ def _oof(X: np.ndarray, y: np.ndarray, splits: list, n_repeats: int) -> tuple[np
     outs = batched.predict_splits("logistic", [X] * len(splits), y, splits, [{"C": 1.0}] * len(splits), 2)
     k = len(splits) // n_repeats
     raw, corrected = np.zeros((n_repeats, len(y))), np.zeros((n_repeats, len(y)))
-    for i, ((train, test), out) in enumerate(zip(splits, outs)):
+    for i, ((train, test), out) in enumerate(zip(splits, outs, strict=True)):
         n_pos = y[train].sum()
         raw[i // k, test] = out[:, 1]
         corrected[i // k, test] = prior_corrected(out[:, 1], n_pos, len(train) - n_pos)
@@ -284,7 +287,8 @@ def run_primary(plan: AnalysisPlan, inputs: PrimaryInputs) -> dict:
     classes = labels.schemes[plan.target].classes
     y = np.array([classes.index(v) for v in values[ids]])
     if len(ids) < 4 or np.bincount(y, minlength=2).min() < 2:
-        reason = f"{len(ids)} participants, class counts {np.bincount(y, minlength=2).tolist()}: too few to cross-validate"
+        counts = np.bincount(y, minlength=2).tolist()
+        reason = f"{len(ids)} participants, class counts {counts}: too few to cross-validate"
         log.warning("primary analysis not run: %s", reason)
         return {"plan": asdict(plan), "skipped": reason}
     rows = [fs.participants.index(p) for p in ids]
@@ -318,7 +322,7 @@ def run_primary(plan: AnalysisPlan, inputs: PrimaryInputs) -> dict:
     calib["brier_balanced_weights"] = float(np.mean((raw["imaging"].mean(axis=0) - y) ** 2))
     result = {
         "plan": asdict(plan), "description": plan.describe(), "skipped": None,
-        "n": len(y), "class_counts": dict(zip(classes, np.bincount(y, minlength=2).tolist())),
+        "n": len(y), "class_counts": dict(zip(classes, np.bincount(y, minlength=2).tolist(), strict=True)),
         "folds": fold_rule, "n_permutations": len(null), "features": fs.feature_names,
         "clinical_features": clinical_names,
         "models": models, "comparisons": comparisons, "p_value": p_value,
@@ -364,8 +368,10 @@ def _crossover(X: np.ndarray, y: np.ndarray, order: np.ndarray | None, plan: Ana
     splits, rule = _splits(yf, None, sub, _seed(inputs.seed, "first period"))
     raw, _ = _oof(Xf, yf, splits, sub.n_repeats)
     est = bootstrap_binary(yf, raw, bootstrap_indices(len(yf), _seed(inputs.seed, "first boot")))
-    null = _permutation_null(Xf, yf, splits, sub.n_repeats, inputs.n_permutations, _seed(inputs.seed, "first perm"))
-    p = float((1 + np.sum(null >= est["balanced_accuracy"]["estimate"] - 1e-12)) / (1 + len(null)))
+    null = _permutation_null(Xf, yf, splits, sub.n_repeats, min(inputs.n_permutations, FIRST_PERIOD_PERMUTATIONS),
+                             _seed(inputs.seed, "first perm"))
+    p = float((1 + np.sum(null >= est["balanced_accuracy"]["estimate"] - 1e-12)) / (1 + len(null))) \
+        if len(null) else float("nan")
     out["first_period"] = {"n": int(first.sum()), "responders": int(yf.sum()), "folds": rule, **est, "p_value": p}
     return out
 
@@ -380,7 +386,7 @@ def _placebo(labels: LabelSet, plan: AnalysisPlan, ids: list[str], y: np.ndarray
     classes = labels.schemes[plan.target].classes
     yp = np.array([classes.index(values[p]) for p in np.array(ids)[keep]])
     n_resp = int(yp.sum())
-    out = {"available": True, "n": int(keep.sum()), "placebo_responders": n_resp,
+    out: dict = {"available": True, "n": int(keep.sum()), "placebo_responders": n_resp,
            "ketamine_responders_same_participants": int(y[keep].sum())}
     if min(n_resp, len(yp) - n_resp) < MIN_CLASS:
         out["powered"] = False

@@ -13,22 +13,19 @@ from __future__ import annotations
 import base64
 import html
 import io
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from bids_ketdcm.group.metrics import confusion
+from bids_ketdcm.group.peb_analysis import peb_section
 from bids_ketdcm.group.suite import HEADLINE_METRIC, HEADLINE_MODEL, SuiteResult, Task
 from bids_ketdcm.io import write_text
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
-table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
-.note{color:#555;font-size:0.9em}img{max-width:100%}h2{border-bottom:2px solid #ddd}
-"""
+from bids_ketdcm.provenance import command_line, software_versions
+from bids_ketdcm.report.methods import group_methods_paragraph
+from bids_ketdcm.report.render import render_page
 
 
 def _png(fig) -> str:
@@ -57,9 +54,9 @@ def _target_figure(ctx: dict) -> str:
         yhat = head.predicted.map(classes.index).to_numpy()
         cm = confusion(y, yhat, len(classes))
         ax = axes[0]
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center")
+        ax.imshow(cm, cmap="Blues", vmin=0)
+        for (i, j), v in np.ndenumerate(cm):  # white on the dark cells, black on the light ones
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
         ax.set_xticks(range(len(classes)), classes, rotation=30, fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_xlabel("predicted")
@@ -106,7 +103,7 @@ def _target_figure(ctx: dict) -> str:
         vals = folds[folds.model == model][ctx["metric"]].to_numpy(float)
         ax.bar(np.arange(len(vals)) + i * width, vals, width, label=model)
     ax.set_xlabel(f"fold ({ctx['protocol']})")
-    ax.set_ylabel(ctx["metric"])
+    ax.set_ylabel(ctx["metric"].replace("_", " "))
     ax.set_title("per-fold headline metric", fontsize=9)
     ax.legend(fontsize=6)
     ax = axes[3]
@@ -114,7 +111,7 @@ def _target_figure(ctx: dict) -> str:
         color = "C0" if label == "ketamine" else "C1"
         ax.hist(null, bins=30, alpha=0.5, color=color, label=f"{label} null")
         ax.axvline(obs, color=color, lw=2, label=f"{label} observed")
-    ax.set_xlabel(ctx["metric"])
+    ax.set_xlabel(ctx["metric"].replace("_", " ") + " (permuted labels)")
     ax.set_title(f"permutation null: {ctx['model']}", fontsize=9)
     if ctx["nulls"]:
         ax.legend(fontsize=6)
@@ -146,12 +143,15 @@ def _weights_figure(best: dict) -> str:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, na_rep="n/a", float_format=lambda v: f"{v:.3f}", border=0)
+    """A table with readable headers (``n_permutations`` -> ``N permutations``), empty columns left out."""
+    empty = [c for c in frame.columns if frame[c].isna().all() or frame[c].astype(str).str.strip().eq("").all()]
+    shown = frame.drop(columns=empty).rename(columns=lambda c: str(c).replace("_", " ").capitalize())
+    return shown.to_html(index=False, na_rep="n/a", float_format=lambda v: f"{v:.3f}", border=0, classes="data")
 
 
 def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[Task],
                  best: dict | None, summary: pd.DataFrame, nprocs: int = 1,
-                 treatment: dict | None = None) -> None:
+                 treatment: dict | None = None, qc: dict[str, pd.DataFrame] | None = None) -> None:
     """Write the group report.
 
     Parameters
@@ -173,6 +173,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
     treatment
         Result of the group level's treatment selection (``run._treatment_selection``), or
         None when it was not asked for.
+    qc
+        Per network, the participants' QC table (:func:`bids_ketdcm.group.qc.qc_table`).
     """
     from joblib import Parallel, delayed
 
@@ -205,11 +207,15 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
     # starting workers (importing matplotlib) costs about as much as ten figures
     jobs = max(1, nprocs) if len(contexts) > 12 else 1
     images = Parallel(n_jobs=jobs)(delayed(_target_figure)(c) for c in contexts)
+    primary = "\n".join(["<section id='primary'>", *primary_section(info["primary"], info["participant_flow"]),
+                         "</section>"])
     parts = [
-        f"<html><head><meta charset='utf-8'><title>bids-ketdcm group report</title><style>{_CSS}</style></head><body>",
-        "<h1>bids-ketdcm group report</h1>",
-        "<h2>Summary</h2>",
-        "<p class='note'>Headline model per target (logistic regression for label schemes, elastic net "
+        "<section id='results'>",
+        "<h2>Exploratory analyses (not pre-specified)</h2>",
+        "<p class='note'><b>Exploratory</b>: every other network, target, model and protocol. Judge them by "
+        "the adjusted p-values: p_holm (Holm, family-wise error over all "
+        f"{int(res.p_value.notna().sum()) if len(res) else 0} permutation tests), p_bh (Benjamini-Hochberg, "
+        "false discovery rate); the verdict uses p_holm. Headline model per target (logistic regression for label schemes, elastic net "
         f"for continuous targets) under {html.escape(protocol)}; p from {_n_perm(res)} permutations "
         "(feature rows shuffled against the labels, folds fixed). "
         f"Headline metric: {html.escape(info['headline']['definition']['classification'])} (schemes); "
@@ -232,7 +238,9 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
             "<h2>Weights of the best model</h2>",
             f"<p class='note'>{html.escape(best['model'])} on ketamine {html.escape(best['target'])}, "
             f"seg-{html.escape(best['network'])}: {best['headline_metric']} {best['headline']:.3f} "
-            f"({best['protocol']}; chosen as the {html.escape(best['selection'])}), refitted on all "
+            f"({best['protocol']}; chosen as the {html.escape(best['selection'])}: raw p {best['p_value']:.3g}, "
+            f"max-statistic p {best['p_maxstat']:.3g} over the {best['grid_size']} models it was chosen from), "
+            "refitted on all "
             f"participants with {best['params']}. "
             + ("Coefficients on standardised A entries" + (f" for class {best['class']}" if best["class"] else "")
                if best["kind"] == "coefficient" else "Impurity importances")
@@ -241,6 +249,8 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         ]
     if treatment is not None:
         parts += _treatment_section(treatment)
+    if info.get("peb"):
+        parts += peb_section(info["peb"])
     parts.append("<h2>Figures per target and network (ketamine)</h2>")
     for ctx, img in zip(contexts, images):
         parts.append(f"<h3>{html.escape(ctx['target'])} / seg-{html.escape(ctx['network'])}</h3>")
@@ -252,8 +262,80 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         parts.append(_table(wide))
     parts.append("<h2>Definitions</h2><ul>")
     parts += [f"<li><b>{html.escape(m)}</b>: {html.escape(d)}</li>" for m, d in info["models"].items()]
-    parts.append("</ul></body></html>")
-    write_text(path, "\n".join(parts))
+    parts.append("</ul></section>")
+    qc = qc or {}
+    page = render_page(
+        "group.html", title="group report",
+        nav=[("primary", "Primary analysis"), ("methods", "Methods"), ("qc", "Participant QC"),
+             ("results", "Exploratory"), ("software", "Software")], primary=primary,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command_line=command_line(),
+        versions=software_versions(), methods=group_methods_paragraph(info, qc),
+        qc={n: t.to_dict(orient="records") for n, t in qc.items()}, sections=["\n".join(parts)])
+    write_text(path, page)
+
+
+def _ci(est: dict) -> str:
+    lo, hi = est["ci95"]
+    return f"{est['estimate']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def primary_section(primary: dict, flow: list[dict]) -> list[str]:
+    """HTML of the primary analysis: the result in plain words, comparators, calibration,
+    crossover and placebo checks, and the participant flow."""
+    parts = ["<h2>Primary analysis (pre-specified)</h2>"]
+    if primary.get("skipped"):
+        parts.append(f"<p><b>Not run</b>: {html.escape(primary['skipped'])}.</p>")
+    else:
+        parts.append(f"<p><b>{html.escape(primary['statement'])}</b></p>")
+        parts.append(f"<p class='note'>Folds: {html.escape(primary['folds'])}; p from {primary['n_permutations']} "
+                     "permutations (feature rows shuffled, folds fixed, every repeat refitted); 95 % intervals: "
+                     "participant bootstrap of the out-of-fold predictions. Clinical model: "
+                     f"{html.escape(', '.join(primary['clinical_features']))}.</p>")
+        parts.append(_table(pd.DataFrame([
+            {"model": m, "balanced accuracy [95 % CI]": _ci(v["balanced_accuracy"]), "AUC [95 % CI]": _ci(v["roc_auc"])}
+            for m, v in primary["models"].items()])))
+        parts.append("<p>Paired differences on the same folds (bootstrap interval; p: paired swap test):</p>")
+        parts.append(_table(pd.DataFrame([
+            {"comparison": c, "balanced accuracy difference": _ci(v["balanced_accuracy"]),
+             "p (BA)": round(v["balanced_accuracy"]["p_value"], 4), "AUC difference": _ci(v["roc_auc"]),
+             "p (AUC)": round(v["roc_auc"]["p_value"], 4)} for c, v in primary["comparisons"].items()])))
+        cal = primary["calibration"]
+        parts.append(
+            f"<p>Calibration (probabilities without class reweighting, prior-corrected inside each training "
+            f"fold): intercept {cal['intercept']:.2f} (ideal 0), slope {cal['slope']:.2f} (ideal 1); Brier "
+            f"{cal['brier']:.3f} against {cal['brier_prevalence']:.3f} for the prevalence alone (balanced-weight "
+            f"probabilities: {cal['brier_balanced_weights']:.3f}); mean probability {cal['mean_probability']:.3f}, "
+            f"prevalence {cal['prevalence']:.3f}.</p>")
+        parts.append(_table(pd.DataFrame(cal["decision_curve"]).rename(columns={"model": "net benefit (model)"})))
+        cross = primary["crossover"]
+        if cross.get("available"):
+            by = ", ".join(f"{k.replace('_', ' ')}: {v['responders']}/{v['n']}"
+                           for k, v in cross["response_by_order"].items())
+            first = cross["first_period"]
+            text = (f"first-period only (ketamine first, n = {first['n']}): balanced accuracy "
+                    f"{_ci(first['balanced_accuracy'])}, p = {first['p_value']:.3g}"
+                    if "skipped" not in first else f"first-period analysis not run: {first['skipped']}")
+            parts.append(f"<p>Crossover: responders by infusion order {html.escape(by)}; order used as "
+                         f"{html.escape(cross['order_as'])}; sensitivity analysis, {html.escape(text)}.</p>")
+        else:
+            parts.append(f"<p>Crossover: {html.escape(cross['note'])}.</p>")
+        plc = primary["placebo"]
+        if not plc.get("available"):
+            parts.append(f"<p>Drug specificity: {html.escape(plc['note'])}.</p>")
+        elif not plc["powered"]:
+            parts.append(f"<p>Drug specificity: <b>no power</b>. {html.escape(plc['note'])}.</p>")
+        else:
+            d = plc["auc_difference"]
+            parts.append(
+                f"<p>Drug specificity ({plc['n']} participants, {plc['placebo_responders']} placebo responders): "
+                f"AUC against ketamine outcomes {_ci(plc['ketamine']['roc_auc'])}, against placebo outcomes "
+                f"{_ci(plc['placebo']['roc_auc'])}; difference {_ci(d)}, p = {d['p_value']:.3g}. "
+                f"{html.escape(plc['note'])}.</p>")
+    parts.append("<h3>Participant flow</h3>")
+    parts.append(_table(pd.DataFrame([
+        {"step": f["step"], "participants": f["n"],
+         "left out (why)": "; ".join(f"{r}: {n}" for r, n in f["excluded"].items())} for f in flow])))
+    return parts
 
 
 def _treatment_section(treatment: dict) -> list[str]:

@@ -4,15 +4,18 @@
 
 * ``labels.tsv`` (+ ``labels.json``): every scheme and continuous target per participant;
   ``labels_excluded.tsv``: each participant left out of an analysis and why;
-* ``results.tsv``: one row per analysis x network x target x model x protocol with every
-  metric, the headline metric and the permutation p-value;
+* ``primary.json`` (+ ``primary_predictions.tsv``): the pre-specified primary analysis
+  (:mod:`bids_ketdcm.group.primary`) and the participant flow;
+* ``results.tsv``: the exploratory grid, one row per analysis x network x target x model x
+  protocol with every metric, the headline metric, the permutation p-value, its Holm,
+  Benjamini-Hochberg and max-statistic adjustments and bootstrap intervals;
 * ``folds.tsv``: the metrics of every fold; ``predictions.tsv``: out-of-fold
   predictions per participant;
 * ``results.json``: definitions, options, label counts, skipped analyses, permutation
   nulls and the summary; ``report.html``: the group report;
 * with ``treatment_selection``: ``treatment_selection.tsv``, ``treatment_selection.png``,
   ``treatment_selection_participants.tsv`` and ``treatment_selection.json``
-  (:func:`bids_ketdcm.group.treatment.run_treatment_selection`), unless the cohort cannot
+  (:func:`bids_ketdcm.group.treatment.workflow.run_treatment_selection`), unless the cohort cannot
   support it, which is logged and recorded, and the rest of the group level goes on.
 """
 
@@ -29,8 +32,9 @@ import pandas as pd
 from bids_ketdcm import __version__
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.feature_sets import gather_features
+from bids_ketdcm.group.peb_analysis import run_peb
 from bids_ketdcm.group.features import FeatureSet
-from bids_ketdcm.group.inference import adjust_grid
+from bids_ketdcm.group.inference import adjust_grid, bootstrap_headline, bootstrap_indices
 from bids_ketdcm.group.labels import (
     SCHEME_NAMES,
     TARGETS,
@@ -42,9 +46,9 @@ from bids_ketdcm.group.labels import (
     read_scores,
 )
 from bids_ketdcm.group.primary import PrimaryInputs, load_plan, run_primary
+from bids_ketdcm.group.qc import write_group_tables
 from bids_ketdcm.group.suite import (
     ALL_MODELS,
-    COMPARATORS,
     HEADLINE_DEFINITION,
     HEADLINE_METRIC,
     HEADLINE_MODEL,
@@ -128,6 +132,10 @@ class GroupOptions:
     treatment_target: str = "response"
     #: External validation: accept participants the models were trained on (flagged).
     allow_training_overlap: bool = False
+    #: Also run PEB leave-one-out prediction of this continuous ketamine target (None: off).
+    peb_target: str | None = None
+    #: Permutations of the PEB leave-one-out (each redoes every leave-one-out fit).
+    peb_permutations: int = 99
 
     def __post_init__(self) -> None:
         # a single name given as a string means a one-element list, not its characters
@@ -144,24 +152,29 @@ class GroupOptions:
         problems = []
         bad = [s for s in self.schemes if s not in SCHEME_NAMES]
         if bad:
-            problems.append(f"schemes: unknown {', '.join(bad)} (choose from {', '.join(SCHEME_NAMES)})")
+            problems.append(f"GroupOptions.schemes: unknown {', '.join(bad)} (choose from {', '.join(SCHEME_NAMES)})")
+        if self.peb_target is not None and self.peb_target not in TARGETS:
+            problems.append(f"--peb: unknown target {self.peb_target} (choose from {', '.join(TARGETS)})")
+        if self.peb_permutations < 0:
+            problems.append(f"--peb-permutations: must be >= 0 (got {self.peb_permutations})")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
-            problems.append(f"targets: unknown {', '.join(bad)} (choose from {', '.join(TARGETS)})")
+            problems.append(f"GroupOptions.targets: unknown {', '.join(bad)} (choose from {', '.join(TARGETS)})")
         bad = [m for m in self.models if m not in ALL_MODELS]
         if bad:
-            problems.append(f"models: unknown {', '.join(bad)} (choose from {', '.join(ALL_MODELS)})")
+            problems.append(f"GroupOptions.models: unknown {', '.join(bad)} (choose from {', '.join(ALL_MODELS)})")
         bad = [m for m in self.permutation_models or () if m not in PERMUTABLE]
         if bad:
             problems.append(
-                f"permutation models: {', '.join(bad)} cannot be permuted (choose from {', '.join(PERMUTABLE)})"
+                f"GroupOptions.permutation_models: {', '.join(bad)} cannot be permuted "
+                f"(choose from {', '.join(PERMUTABLE)})"
             )
         if not self.k_values or any(k < 2 for k in self.k_values):
-            problems.append(f"k values: every k must be >= 2 (got {list(self.k_values)})")
+            problems.append(f"GroupOptions.k_values: every k must be >= 2 (got {list(self.k_values)})")
         if self.nested_repeats < 0:
             problems.append(f"--nested-repeats: must be >= 0 (got {self.nested_repeats})")
         if self.nested_outer_k < 2 or self.inner_k < 2:
-            problems.append("nested_outer_k and inner_k (GroupOptions) must be >= 2")
+            problems.append("GroupOptions.nested_outer_k and inner_k must be >= 2")
         if self.n_permutations < 0:
             problems.append(f"--n-permutations: must be >= 0 (got {self.n_permutations})")
         if self.nested_permutations < 0:
@@ -175,15 +188,15 @@ class GroupOptions:
         except InputError as err:
             problems.append(str(err))
         if self.rf_trees < 1:
-            problems.append(f"rf_trees (GroupOptions): must be >= 1 (got {self.rf_trees})")
+            problems.append(f"GroupOptions.rf_trees: must be >= 1 (got {self.rf_trees})")
         if self.nprocs < 1:
             problems.append(f"--nprocs: must be >= 1 (got {self.nprocs})")
         if self.engine not in ("batched", "sklearn"):
-            problems.append(f"engine (GroupOptions): 'batched' or 'sklearn' (got {self.engine!r})")
+            problems.append(f"GroupOptions.engine: 'batched' or 'sklearn' (got {self.engine!r})")
         if normalise_session(self.baseline_session) == normalise_session(self.post_session):
             problems.append("--baseline-session and --post-session must differ")
         if not self.schemes and not self.targets:
-            problems.append("schemes and targets (GroupOptions): nothing to predict")
+            problems.append("GroupOptions.schemes and targets: nothing to predict")
         from bids_ketdcm.config import FEATURE_SETS
 
         bad = [f for f in self.feature_sets if f not in FEATURE_SETS]
@@ -233,7 +246,8 @@ def _tasks(labels: LabelSet, features: dict[str, FeatureSet], options: GroupOpti
                     if treatment == "ketamine":
                         raise InputError(
                             f"{where}: {reason}; cannot cross-validate (check --include-group, "
-                            f"--score-column and the sessions, or leave {target!r} out with GroupOptions.schemes/targets)"
+                            f"--score-column and the sessions, or leave {target!r} out of "
+                            "GroupOptions.schemes / targets)"
                         )
                     log.warning("skipping %s: %s", where, reason)
                     skipped.append({"treatment": treatment, "network": network, "target": target, "reason": reason})
@@ -288,6 +302,46 @@ def _adjust(suite: SuiteResult, tasks: list[Task], config: SuiteConfig) -> None:
         res[name] = values
     res["analysis"] = "exploratory"
     suite.results = res[[c for c in res.columns if c not in tail] + tail]
+
+
+def _intervals(suite: SuiteResult, tasks: list[Task], config: SuiteConfig, seed: int) -> None:
+    """95 % bootstrap intervals of the headline model's headline metric (balanced accuracy or
+    R^2) and of its paired differences against the comparators (the chance model and the
+    baseline score alone), on the same out-of-fold predictions; columns ``ci95_low``,
+    ``ci95_high``, ``diff_<comparator>_ci95`` of the headline model's rows."""
+    res, pred = suite.results, suite.predictions
+    if res.empty or pred.empty:
+        return
+    groups = pred.groupby(["treatment", "network", "target", "model", "protocol"], sort=False)
+    for column in ("ci95_low", "ci95_high", "diff_chance_ci95", "diff_baseline_score_ci95"):
+        res[column] = np.nan if column.startswith("ci95") else None
+    for task in tasks:
+        head = HEADLINE_MODEL[task.kind]
+        index = bootstrap_indices(len(task.y), seed, 1000)
+        lookup = {p: i for i, p in enumerate(task.participants)}
+        for protocol in (config.permutation_protocol, "nested"):
+            arrays = {}
+            for model in (head, "majority" if task.kind == "classification" else "mean", "baseline_score"):
+                key = (task.treatment, task.network, task.target, model, protocol)
+                if key not in groups.groups:
+                    continue
+                rows = groups.get_group(key)
+                values = rows.predicted.map(task.classes.index) if task.kind == "classification" else rows.predicted
+                out = np.zeros((int(rows.repeat.max()) + 1, len(task.y)))
+                out[rows.repeat.to_numpy(int), rows.participant_id.map(lookup).to_numpy(int)] = values.to_numpy(float)
+                arrays[model] = out
+            if head not in arrays:
+                continue
+            sel = ((res.treatment == task.treatment) & (res.network == task.network) & (res.target == task.target)
+                   & (res.model == head) & (res.protocol == protocol))
+            low, high = bootstrap_headline(task.y, arrays[head], task.kind, task.n_classes, index)
+            res.loc[sel, "ci95_low"], res.loc[sel, "ci95_high"] = low, high
+            for name, model in (("chance", "majority" if task.kind == "classification" else "mean"),
+                                ("baseline_score", "baseline_score")):
+                if model in arrays:
+                    lo, hi = bootstrap_headline(task.y, arrays[head], task.kind, task.n_classes, index,
+                                                reference=arrays[model])
+                    res.loc[sel, f"diff_{name}_ci95"] = f"{lo:.3f} to {hi:.3f}"
 
 
 def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, FeatureSet],
@@ -380,6 +434,8 @@ def summary_table(results: pd.DataFrame, config: SuiteConfig) -> pd.DataFrame:
             "network": network, "target": target, "model": model, "metric": HEADLINE_METRIC[kind],
             f"{proto}": None if head is None else round(float(head.headline), 3),
             "p_value": None if head is None or np.isnan(p) else round(float(p), 4),
+            "ci95": None if head is None or "ci95_low" not in head or np.isnan(head.ci95_low)
+            else f"{head.ci95_low:.3f} to {head.ci95_high:.3f}",
             "p_holm": None if np.isnan(p_holm) else round(float(p_holm), 4),
             "p_bh": None if head is None or "p_bh" not in head or np.isnan(head.p_bh) else round(float(head.p_bh), 4),
             "nested_mean": None if nested is None else round(float(nested.headline), 3),
@@ -451,10 +507,18 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     suite = run_suite(tasks, config, nprocs=options.nprocs, progress=options.progress)
     log.info("suite done in %.1f s", time.perf_counter() - start)
     _adjust(suite, tasks, config)
+    _intervals(suite, tasks, config, options.seed)
+    spent = suite.results.pop("permutation_seconds") if "permutation_seconds" in suite.results else None
     participants = read_participants(bids_dir)
     plan = load_plan(options.analysis_plan, options.primary_network, options.primary_target)
+    suite_done = time.perf_counter()
     primary = run_primary(plan, PrimaryInputs(labels, features, participants, options.clinical_columns,
                                               options.n_permutations, options.seed))
+    timings = {"suite": round(suite_done - start, 2), "primary": round(time.perf_counter() - suite_done, 2)}
+    if spent is not None:  # seconds in the workers, summed (results.tsv stays free of timings)
+        nested = suite.results.protocol == "nested"
+        timings["kfold_permutations_cpu"] = round(float(spent[~nested].sum()), 2)
+        timings["nested_permutations_cpu"] = round(float(spent[nested].sum()), 2)
     log.info("primary analysis done at %.1f s", time.perf_counter() - start)
     summary = summary_table(suite.results, config)
     best = _best_weights(tasks, suite, features, config)
@@ -463,9 +527,13 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
 
         save_group_models(options.save_model, tasks, suite, labels, options)
 
+    started = time.perf_counter()
     treatment = _treatment_selection(bids_dir, output_dir, features, options) if options.treatment_selection else None
+    timings["treatment_selection"] = round(time.perf_counter() - started, 2)
 
     group = output_dir / "group"
+    peb = None if options.peb_target is None else run_peb(
+        features, labels, group, options.peb_target, options.peb_permutations, options.seed)
     sessions = {"ketamine": normalise_session(options.post_session)}
     if "placebo" in analyses:
         sessions["placebo"] = normalise_session(options.placebo_session)
@@ -475,6 +543,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
     write_tsv(group / "results.tsv", suite.results)
     write_tsv(group / "folds.tsv", suite.folds)
     write_tsv(group / "predictions.tsv", suite.predictions)
+    qc = write_group_tables(group, features)
     flow = participant_flow(labels, participants, features, primary, options)
     if primary.get("skipped") is None:
         write_tsv(group / "primary_predictions.tsv", primary["predictions"])
@@ -516,12 +585,15 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         "best_model": None if best is None else {**best, "weights": best["weights"]},
         "nulls": suite.nulls,
         "treatment_selection": treatment,
+        "peb": peb,
         "results": suite.results.to_dict(orient="records"),
         "seconds": round(time.perf_counter() - start, 2),
+        "timings": timings,
     }
     outputs = {name: str(group / name) for name in (
         "labels.tsv", "labels.json", "labels_excluded.tsv", "results.tsv", "folds.tsv",
-        "predictions.tsv", "results.json", "primary.json")}
+        "predictions.tsv", "results.json", "primary.json",
+        *(f"seg-{n}_{kind}.tsv" for n in qc for kind in ("qc", "edges")))}
     if primary.get("skipped") is None:
         outputs["primary_predictions.tsv"] = str(group / "primary_predictions.tsv")
     if treatment is not None and treatment["skipped"] is None:
@@ -530,7 +602,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         from bids_ketdcm.group.report import write_report
 
         write_report(group / "report.html", info, suite, tasks, best, summary, nprocs=options.nprocs,
-                     treatment=treatment)
+                     treatment=treatment, qc=qc)
         log.info("report written at %.1f s", time.perf_counter() - start)
         outputs["report.html"] = str(group / "report.html")
     info["seconds"] = round(time.perf_counter() - start, 2)
@@ -540,7 +612,7 @@ def run_group(bids_dir: str | Path, output_dir: str | Path, options: GroupOption
         "outputs": outputs, "participants": n_part, "label_counts": counts, "skipped": skipped,
         "summary": summary.to_dict(orient="records"), "seconds": info["seconds"],
         "n_tasks": len(tasks), "treatment_selection": treatment, "primary": primary_record,
-        "participant_flow": flow,
+        "participant_flow": flow, "timings": timings,
     }
 
 
@@ -602,11 +674,12 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
     Returns
     -------
     dict
-        :func:`~bids_ketdcm.group.treatment.run_treatment_selection`'s result plus
+        :func:`~bids_ketdcm.group.treatment.workflow.run_treatment_selection`'s result plus
         ``feature_set`` (its key); ``skipped`` holds the reason when the data cannot support
         the analysis (logged as a warning; nothing is written then).
     """
-    from bids_ketdcm.group.treatment import TreatmentOptions, run_treatment_selection
+    from bids_ketdcm.group.treatment.cohort import TreatmentOptions
+    from bids_ketdcm.group.treatment.workflow import run_treatment_selection
 
     key = next(iter(features))
     reason = None

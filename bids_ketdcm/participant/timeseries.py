@@ -7,7 +7,8 @@ What this step does, and why (it mirrors what SPM's VOI extraction hands to spec
    labelled image resampled to the BOLD grid.
 2. Confounds: fMRIPrep's confounds table through
    :func:`nilearn.interfaces.fmriprep.load_confounds_strategy` /
-   :func:`~nilearn.interfaces.fmriprep.load_confounds` (see :data:`DENOISE_STRATEGIES`).
+   :func:`~nilearn.interfaces.fmriprep.load_confounds`, as the strategy file says
+   (:mod:`bids_ketdcm.participant.denoise`).
    Non-steady-state volumes are always dropped; scrubbing strategies also drop
    high-motion volumes.
 3. Cleaning: :func:`nilearn.signal.clean` regresses the confounds out of every ROI voxel
@@ -34,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.participant.denoise import load_strategy
 
 log = logging.getLogger(__name__)
 
@@ -45,75 +47,6 @@ SUMMARIES = ("eigenvariate", "mean")
 DEFAULT_DENOISE = "spm"
 #: Minimum seconds of data left after scrubbing (XCP-D's ``--min-time`` default).
 DEFAULT_MIN_KEPT_SECONDS = 240.0
-
-#: Our ``--denoise`` names -> nilearn call. ``preset`` names a
-#: ``load_confounds_strategy`` denoise_strategy (``kwargs`` override its settings);
-#: otherwise ``kwargs`` go to ``load_confounds``.
-DENOISE_STRATEGIES: dict[str, dict[str, Any]] = {
-    "simple": {
-        "preset": "simple",
-        "kwargs": {},
-        "description": "nilearn 'simple': 24 motion parameters (6 + derivatives + "
-        "squares), mean WM and CSF signals, cosine high-pass (fMRIPrep, 128 s)",
-    },
-    "simple+gsr": {
-        "preset": "simple",
-        "kwargs": {"global_signal": "basic"},
-        "description": "nilearn 'simple' with global signal regression",
-    },
-    "scrubbing": {
-        "preset": "scrubbing",
-        "kwargs": {},
-        "description": "nilearn 'scrubbing': 24 motion parameters, WM and CSF signals "
-        "with derivatives and squares, cosine high-pass; volumes with FD > fd_threshold "
-        "mm or standardised DVARS > std_dvars_threshold removed, with segments shorter "
-        "than 5 volumes",
-    },
-    "compcor": {
-        "preset": "compcor",
-        "kwargs": {},
-        "description": "nilearn 'compcor': 24 motion parameters, every retained "
-        "anatomical CompCor component (combined WM+CSF mask), cosine high-pass",
-    },
-    "spm": {
-        "preset": None,
-        "kwargs": {
-            "strategy": ("high_pass", "motion", "wm_csf"),
-            "motion": "basic",
-            "wm_csf": "basic",
-        },
-        "description": "SPM resting-state DCM practice (Razi et al. 2015): 6 motion "
-        "parameters, mean WM and CSF signals, cosine high-pass",
-    },
-    "9p": {
-        "preset": None,
-        "kwargs": {
-            "strategy": ("high_pass", "motion", "wm_csf", "global_signal"),
-            "motion": "basic",
-            "wm_csf": "basic",
-            "global_signal": "basic",
-        },
-        "description": "9 parameters (Satterthwaite et al. 2013): 6 motion, WM, CSF, "
-        "global signal, plus cosine high-pass",
-    },
-    "36p": {
-        "preset": None,
-        "kwargs": {
-            "strategy": ("high_pass", "motion", "wm_csf", "global_signal"),
-            "motion": "full",
-            "wm_csf": "full",
-            "global_signal": "full",
-        },
-        "description": "36 parameters (Ciric et al. 2017): the 9 with derivatives and "
-        "squares, plus cosine high-pass",
-    },
-    "none": {
-        "preset": None,
-        "kwargs": {"strategy": ()},
-        "description": "no confound regression (non-steady-state volumes still removed)",
-    },
-}
-
 
 class RunSkipped(InputError):
     """A run to skip with a logged reason (e.g. too few volumes left after scrubbing).
@@ -146,6 +79,11 @@ class RoiTimeseries:
     denoise
         Description of the denoising: strategy name, nilearn call, confound columns
         used, summary method.
+    fd
+        Framewise displacement (mm) of every BOLD volume (NaN where fMRIPrep has none),
+        for the report's motion figure; None without the column.
+    mean_bold
+        The run's mean BOLD image, for the report's figure of the ROIs on it.
     voxels
         The voxels the series were made of (every ROI together), a 3D image on the BOLD grid.
     """
@@ -157,6 +95,8 @@ class RoiTimeseries:
     kept_volumes: np.ndarray
     qc: dict[str, Any] = field(default_factory=dict)
     denoise: dict[str, Any] = field(default_factory=dict)
+    fd: np.ndarray | None = None
+    mean_bold: nib.Nifti1Image | None = None
     voxels: nib.Nifti1Image | None = None
 
     def to_frame(self) -> pd.DataFrame:
@@ -280,8 +220,6 @@ def load_run_confounds(
     denoise: str,
     *,
     confounds_file: str | os.PathLike | None = None,
-    fd_threshold: float = 0.5,
-    std_dvars_threshold: float = 1.5,
 ) -> tuple[pd.DataFrame | None, np.ndarray | None]:
     """Select the confounds of one run with nilearn.
 
@@ -291,11 +229,10 @@ def load_run_confounds(
         Path of the fMRIPrep ``desc-preproc_bold`` image (nilearn finds the confounds
         TSV and JSON beside it).
     denoise
-        A key of :data:`DENOISE_STRATEGIES`.
+        A preset name or the path of a strategy JSON file
+        (:func:`bids_ketdcm.participant.denoise.load_strategy`).
     confounds_file
         The confounds TSV (only used to name it in error messages).
-    fd_threshold, std_dvars_threshold
-        Scrubbing thresholds (strategy ``scrubbing`` only).
 
     Returns
     -------
@@ -304,27 +241,14 @@ def load_run_confounds(
     sample_mask : numpy.ndarray or None
         Indices of the volumes to keep; None keeps all.
     """
-    from nilearn.interfaces.fmriprep import load_confounds, load_confounds_strategy
+    from nilearn.interfaces import fmriprep
 
-    if denoise not in DENOISE_STRATEGIES:
-        raise InputError(
-            f"--denoise {denoise!r} is not a known strategy; choose one of "
-            f"{', '.join(DENOISE_STRATEGIES)}"
-        )
-    spec = DENOISE_STRATEGIES[denoise]
-    kwargs = dict(spec["kwargs"])
-    if denoise == "scrubbing":
-        kwargs.update(fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold)
+    strategy = load_strategy(denoise)
     where = confounds_file or f"the confounds file of {bold}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
-            if spec["preset"]:
-                confounds, sample_mask = load_confounds_strategy(
-                    str(bold), denoise_strategy=spec["preset"], **kwargs
-                )
-            else:
-                confounds, sample_mask = load_confounds(str(bold), **kwargs)
+            confounds, sample_mask = getattr(fmriprep, strategy.function)(str(bold), **strategy.parameters)
     except (ValueError, KeyError, OSError) as err:
         message = str(err).replace("\n", " ").replace("\t", "")
         raise InputError(
@@ -335,7 +259,7 @@ def load_run_confounds(
     return confounds, sample_mask
 
 
-def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> dict:
+def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> tuple[dict, np.ndarray | None]:
     try:
         table = pd.read_csv(confounds_file, sep="\t", na_values=["n/a"])
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
@@ -346,13 +270,13 @@ def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> dict:
             f"has {n_volumes} volumes"
         )
     if "framewise_displacement" not in table.columns:
-        return {"mean_fd": None, "max_fd": None}
-    fd = pd.to_numeric(table["framewise_displacement"], errors="coerce").to_numpy(float)
-    fd = fd[np.isfinite(fd)]
+        return {"mean_fd": None, "max_fd": None}, None
+    trace = pd.to_numeric(table["framewise_displacement"], errors="coerce").to_numpy(float)
+    fd = trace[np.isfinite(trace)]
     return {
         "mean_fd": float(fd.mean()) if fd.size else None,
         "max_fd": float(fd.max()) if fd.size else None,
-    }
+    }, trace
 
 
 # --------------------------------------------------------------------------- extraction
@@ -397,7 +321,8 @@ def _load_mask(path: str | os.PathLike, bold_img) -> np.ndarray:
     return mask
 
 
-def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> np.ndarray:
+def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """The (T, V) series of the ``union`` voxels, and the run's mean image."""
     try:
         data = np.asarray(img.dataobj)
     except Exception as err:  # truncated gzip, wrong size ...
@@ -407,7 +332,7 @@ def _bold_voxels(path: str | os.PathLike, img, union: np.ndarray) -> np.ndarray:
     series = data[union].T.astype(float)  # (T, V)
     if not np.all(np.isfinite(series)):
         raise InputError(f"BOLD image {path} holds NaN or infinite values inside the ROIs")
-    return series
+    return series, nib.Nifti1Image(data.mean(axis=3, dtype=np.float32), img.affine)
 
 
 def extract_timeseries(
@@ -420,8 +345,6 @@ def extract_timeseries(
     denoise: str = DEFAULT_DENOISE,
     summary: str = "eigenvariate",
     detrend: bool = False,
-    fd_threshold: float = 0.5,
-    std_dvars_threshold: float = 1.5,
     min_kept_seconds: float = DEFAULT_MIN_KEPT_SECONDS,
 ) -> RoiTimeseries:
     """Denoise one fMRIPrep BOLD run and summarise every ROI.
@@ -442,14 +365,13 @@ def extract_timeseries(
     tr
         Repetition time (s).
     denoise
-        A key of :data:`DENOISE_STRATEGIES`.
+        A preset name or the path of a strategy JSON file
+        (:func:`bids_ketdcm.participant.denoise.load_strategy`).
     summary
         ``"eigenvariate"`` (SPM's VOI) or ``"mean"``.
     detrend
         Also remove a linear trend (the cosine regressors already hold SPM's drift
         model; off by default).
-    fd_threshold, std_dvars_threshold
-        Scrubbing thresholds for ``denoise="scrubbing"``.
     min_kept_seconds
         Fewer seconds of data left after removing volumes raises :class:`RunSkipped`.
 
@@ -487,12 +409,11 @@ def extract_timeseries(
     union = np.logical_or.reduce(masks)
     position = np.full(brain.shape, -1)
     position[union] = np.arange(union.sum())
-    raw = _bold_voxels(bold, bold_img, union)
+    raw, mean_bold = _bold_voxels(bold, bold_img, union)
 
     _check_confound_values(confounds, None)
     selected, sample_mask = load_run_confounds(
         bold, denoise, confounds_file=confounds,
-        fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold,
     )
     if selected is not None and len(selected) != n_volumes:
         raise InputError(
@@ -503,7 +424,8 @@ def extract_timeseries(
         _check_confound_values(confounds, [str(c) for c in selected.columns])
     kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask, int)
     qc: dict[str, Any] = {"n_volumes": int(n_volumes)}
-    qc.update(_run_motion_qc(confounds, n_volumes))
+    motion, fd = _run_motion_qc(confounds, n_volumes)
+    qc.update(motion)
     n_non_steady = _count_non_steady(confounds)
     qc.update(
         n_non_steady_state=n_non_steady,
@@ -568,22 +490,14 @@ def extract_timeseries(
         roi_qc[name] = entry
     qc["rois"] = roi_qc
 
-    spec = DENOISE_STRATEGIES[denoise]
     description = {
-        "Name": denoise,
-        "Description": spec["description"],
-        "Nilearn": (
-            f"load_confounds_strategy(denoise_strategy={spec['preset']!r})"
-            if spec["preset"] else "load_confounds"
-        ) + (f" with {spec['kwargs']}" if spec["kwargs"] else ""),
+        **load_strategy(denoise).record(),
         "Confounds": [] if selected is None else [str(c) for c in selected.columns],
         "Detrend": detrend,
         "Standardize": False,
         "MeanCentred": True,
         "Summary": summary,
     }
-    if denoise == "scrubbing":
-        description.update(FDThreshold=fd_threshold, StdDVARSThreshold=std_dvars_threshold)
     return RoiTimeseries(
         data=np.column_stack(columns),
         names=names,
@@ -592,6 +506,8 @@ def extract_timeseries(
         kept_volumes=kept,
         qc=qc,
         denoise=description,
+        fd=fd,
+        mean_bold=mean_bold,
         voxels=nib.Nifti1Image(used, bold_img.affine),
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,15 @@ from bids_ketdcm.bids.derivatives import (
 )
 from bids_ketdcm.bids.layout import BoldRun, resolve_fmriprep_dir
 from bids_ketdcm.bids.naming import RunEntities, connectivity_paths
-from bids_ketdcm.config import ParticipantOptions
+from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions
 from bids_ketdcm.dcm import fit
+from bids_ketdcm.dcm.invert import CPU_CHUNK_BYTES
+from bids_ketdcm.dcm.priors import ParamLayout
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_text
+from bids_ketdcm.participant.denoise import load_strategy
 from bids_ketdcm.participant.rois import load_network, network_label
 from bids_ketdcm.participant.timeseries import (
-    DENOISE_STRATEGIES,
     RoiTimeseries,
     RunSkipped,
     extract_timeseries,
@@ -44,8 +47,15 @@ from bids_ketdcm.report import (
     update_participant_report,
     write_participant_report,
 )
+from bids_ketdcm.report.participant import write_run_figures
 
 log = logging.getLogger(__name__)
+
+#: Share of ``--mem-mb`` the DCM's batch state and its Gauss-Newton chunk may take (half each).
+DCM_MEMORY_SHARE = 0.25
+#: (R x R) float64 matrices the inversion keeps per subject of a batch (posterior and best covariance,
+#: Hessian, Gram sums, ...), R the parameters of the prior subspace; counted high.
+SUBJECT_MATRICES = 8
 
 
 @dataclass
@@ -63,12 +73,9 @@ def result_settings(opts: ParticipantOptions, network: pd.DataFrame) -> dict:
     (its full record), the ROI summary, the ROIs themselves (a digest of the table), the
     predicted-CSD model, the Jacobian and the iteration limit.
     """
-    strategy = dict(DENOISE_STRATEGIES[opts.denoise]) if opts.denoise in DENOISE_STRATEGIES else {}
     table = network[[c for c in ("name", "x", "y", "z", "radius_mm", "index") if c in network]]
     return {
-        "DenoiseStrategy": {"Name": opts.denoise, "Preset": strategy.get("preset"),
-                            "Arguments": {k: list(v) if isinstance(v, tuple) else v
-                                          for k, v in strategy.get("kwargs", {}).items()}},
+        "DenoiseStrategy": load_strategy(opts.denoise).record(),
         "ROISummary": opts.roi_summary,
         "ROIDigest": hashlib.sha1(table.to_csv(index=False).encode()).hexdigest()[:16],
         "CSDModel": opts.csd_model,
@@ -143,6 +150,7 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
         done_before = len(works) - len(todo)
         if done_before:
             log.info("%s: %d run(s) already finished with these settings, skipped", label, done_before)
+        started = time.perf_counter()
         for work in tqdm(todo, desc=f"{label}: extracting ROI time series", unit="run", disable=None):
             if failures is not None and work.bold.subject in failures:
                 continue
@@ -158,13 +166,20 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
         for w in ready:
             assert w.series is not None
             write_timeseries(opts.output_dir, w.entities, label, network, w.series, w.bold.sources, settings)
-        _invert_all(ready, label, opts, device, settings)
+            write_run_figures(opts.output_dir, w.entities.subject, w.entities.label, label, w.series)
+            log.info("sub-%s %s %s: ROI time series, %d of %d volumes kept (%.0f s elapsed)", w.entities.subject,
+                     w.entities.label, label, w.series.data.shape[0],
+                     w.series.qc.get("n_volumes", w.series.data.shape[0]), time.perf_counter() - started)
+        iterations, n_converged = _invert_all(ready, label, network, opts, device, settings, started)
         touched |= {w.bold.subject for w in ready}
         for w in todo:
             if w.skipped:
                 skipped[w.bold.subject].append(_skipped_report(w, label, network))
         summary[label] = {"inverted": len(ready), "skipped": sum(1 for w in todo if w.skipped),
                           "finished_before": done_before}
+        log.info("%s: %d run(s) inverted (%d converged; iterations median %s, max %s), %d skipped, %d finished "
+                 "before (%.0f s)", label, len(ready), n_converged, int(np.median(iterations)) if iterations else "-",
+                 max(iterations, default="-"), summary[label]["skipped"], done_before, time.perf_counter() - started)
     if networks and not opts.wants_gmv and not failures and not any(
             c["inverted"] + c["finished_before"] for c in summary.values()):
         reasons = sorted({r.skipped_reason for rs in skipped.values() for r in rs if r.skipped_reason})
@@ -181,19 +196,58 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
     if touched or finished_before or skipped or opts.wants_gmv or sections:
         write_dataset_description(opts.output_dir, _inputs(opts, runs))
         write_text(opts.output_dir / "logs" / "CITATION.bib", citations_bibtex())
-    report_settings = {"roi_summary": opts.roi_summary, "radius_mm": _radius(networks), "space": opts.space,
-                       "denoise_strategy": opts.denoise, "device": str(device), "csd_model": opts.csd_model}
+    report_settings = _report_settings(opts, networks, str(device))
     for subject in sorted({r.subject for r in runs} - set(failures or {})):
         results = [*finished_results(opts.output_dir, subject), *skipped.get(subject, [])]
         path = opts.output_dir / f"sub-{subject}.html"
         if results and (subject in touched or subject in skipped or _stale(path, opts.output_dir, subject)):
             write_participant_report(path, subject, results, report_settings,
                                      extra_sections=sections.get(subject))
-            log.info("report: %s", path)
             sections.pop(subject, None)
     for subject in sorted(sections):  # no run processed now: add to the report
         update_participant_report(opts.output_dir / f"sub-{subject}.html", subject, sections[subject])
     return summary
+
+
+def rewrite_reports(opts: ParticipantOptions, runs: list[BoldRun]) -> list[str]:
+    """``--reports-only``: write the participants' reports again from the results on disk.
+
+    Parameters
+    ----------
+    opts
+        Settings (``output_dir`` and those the report lists).
+    runs
+        BOLD runs found by :func:`bids_ketdcm.bids.layout.find_bold_runs`: their participants
+        are reported.
+
+    Returns
+    -------
+    list of str
+        The participants whose report was written.
+
+    Raises
+    ------
+    InputError
+        When the output folder holds no finished result of these participants.
+    """
+    networks = {network_label(n): (n, load_network(n)) for n in opts.networks}
+    written = []
+    for subject in sorted({r.subject for r in runs}):
+        results = finished_results(opts.output_dir, subject)
+        if results:
+            devices = ", ".join(sorted({r.device for r in results}))
+            write_participant_report(opts.output_dir / f"sub-{subject}.html", subject, results,
+                                     _report_settings(opts, networks, devices))
+            written.append(subject)
+    if not written:
+        raise InputError(f"--reports-only: OUTPUT_DIR {opts.output_dir} holds no finished result of these "
+                         "participants; run the participant level first")
+    return written
+
+
+def _report_settings(opts: ParticipantOptions, networks: dict, device: str) -> dict:
+    return {"roi_summary": opts.roi_summary, "radius_mm": _radius(networks), "space": opts.space,
+            "denoise_strategy": load_strategy(opts.denoise).name, "device": device, "csd_model": opts.csd_model}
 
 
 def _inputs(opts: ParticipantOptions, runs: list[BoldRun]) -> dict[str, Path]:
@@ -261,30 +315,72 @@ def _extract(work: _RunWork, network: pd.DataFrame, opts: ParticipantOptions) ->
     return series, None
 
 
-def _invert_all(ready: list[_RunWork], label: str, opts: ParticipantOptions, device: torch.device,
-                settings: dict) -> None:
-    """Invert runs in batches of equal length and TR; write each run's outputs."""
+def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: ParticipantOptions,
+                device: torch.device, settings: dict, started: float) -> tuple[list[int], int]:
+    """Invert runs in batches of equal length and TR; write each run's outputs.
+
+    One log line per run as its inversion ends (the bar advances per run inside a batch),
+    with the elapsed time and iterations. Returns the iterations of every run and the
+    number that converged.
+    """
     groups: dict[tuple, list[_RunWork]] = defaultdict(list)
     for w in ready:
         assert w.series is not None
         groups[(w.series.data.shape[0], round(w.series.tr, 6))].append(w)
     bar = tqdm(total=len(ready), desc=f"{label}: spectral DCM", unit="run", disable=None)
+    iterations, n_converged = [], 0
+    batch_size, chunk_bytes = dcm_batching(opts, len(network))
     for (_, tr), members in groups.items():
-        for start in range(0, len(members), opts.batch_size):
-            chunk = members[start : start + opts.batch_size]
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+
+            def done(b: int, n_iterations: int, converged: bool, chunk: list[_RunWork] = chunk) -> None:
+                entities = chunk[b].entities
+                log.log(logging.INFO if converged else logging.WARNING,
+                        "sub-%s %s %s: DCM %s after %d iterations (%.0f s elapsed)", entities.subject,
+                        entities.label, label, "converged" if converged else "did NOT converge", n_iterations,
+                        time.perf_counter() - started)
+                bar.update(1)
+
             post = fit(np.stack([w.series.data for w in chunk if w.series is not None]), tr, device=device,
-                       jacobian=opts.jacobian, csd_model=opts.csd_model,
-                       max_iterations=opts.max_iterations)
+                       jacobian=opts.jacobian, csd_model=opts.csd_model, max_iterations=opts.max_iterations,
+                       progress=log.isEnabledFor(LOG_VERBOSE), on_subject_done=done, chunk_bytes=chunk_bytes)
             for b, w in enumerate(chunk):
                 sub = post.subject(b)
                 sub.seconds = post.seconds / len(chunk)
                 assert w.series is not None
                 write_connectivity(opts.output_dir, w.entities, label, w.series, sub, w.bold.sources, settings)
-                if not sub.converged:
-                    log.warning("sub-%s %s %s: DCM did not converge in %d iterations",
-                                w.entities.subject, w.entities.label, label, sub.iterations)
-            bar.update(len(chunk))
+                iterations.append(int(sub.iterations))
+                n_converged += bool(sub.converged)
     bar.close()
+    return iterations, n_converged
+
+
+def dcm_batching(opts: ParticipantOptions, n_regions: int) -> tuple[int, int | None]:
+    """Subjects per DCM call and the CPU chunk budget, under ``--mem-mb``.
+
+    Parameters
+    ----------
+    opts
+        Settings (``batch_size``, ``mem_mb``).
+    n_regions
+        Regions of the network.
+
+    Returns
+    -------
+    batch_size : int
+        ``opts.batch_size``, or fewer so that :data:`SUBJECT_MATRICES` R x R matrices per
+        subject fit half of :data:`DCM_MEMORY_SHARE` of the budget.
+    chunk_bytes : int or None
+        None without a budget (the engine's default), else the other half, at most
+        :data:`bids_ketdcm.dcm.invert.CPU_CHUNK_BYTES`.
+    """
+    if opts.mem_mb is None:
+        return opts.batch_size, None
+    half = opts.mem_mb * 2**20 * DCM_MEMORY_SHARE / 2
+    size = ParamLayout(n_regions).size
+    per_subject = SUBJECT_MATRICES * size * size * 8
+    return max(1, min(opts.batch_size, int(half // per_subject))), int(min(CPU_CHUNK_BYTES, half))
 
 
 def _skipped_report(w: _RunWork, label: str, network: pd.DataFrame) -> RunResult:

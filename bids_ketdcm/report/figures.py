@@ -105,7 +105,7 @@ def glass_brain_figure(
     with warnings.catch_warnings():
         # A directed (non-symmetric) graph is what we want; nilearn warns about it.
         warnings.simplefilter("ignore", UserWarning)
-        plotting.plot_connectome(
+        display = plotting.plot_connectome(
             edges,
             np.asarray(coords, dtype=float),
             node_color=colors,
@@ -118,6 +118,9 @@ def glass_brain_figure(
             figure=fig,
             axes=(0.0, legend_height / height, 1.0, 1.0 - legend_height / height),
         )
+    if getattr(display, "_cbar", None) is not None:
+        display._cbar.set_label("effective connectivity (Hz)", fontsize=9)
+        display._cbar.ax.yaxis.set_label_position("left")
     handles = [
         Line2D([], [], marker="o", linestyle="", markersize=8, color=colors[k]) for k in range(n)
     ]
@@ -142,7 +145,8 @@ def timeseries_figure(timeseries: np.ndarray, tr: float, names: list[str]) -> Fi
         ax.plot(time, z[:, k] + offsets[k], color=colors[k], linewidth=0.9)
     ax.set_yticks(offsets, names)
     ax.set_xlim(time[0], time[-1] if T > 1 else tr)
-    ax.set_xlabel("time (s)")
+    ax.set_xlabel("time of the kept volumes (s)")
+    ax.set_ylabel("z-score (offset per ROI)")
     ax.set_title(f"ROI time series (z-scored for display; {T} volumes, TR = {tr:g} s)")
     ax.spines[["top", "right", "left"]].set_visible(False)
     ax.tick_params(axis="y", length=0)
@@ -180,6 +184,7 @@ def csd_figure(
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.set_xlabel("frequency (Hz)", fontsize=8)
+        ax.set_ylabel("power (a.u.)" if i == j else "|cross-spectrum| (a.u.)", fontsize=8)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -246,4 +251,86 @@ def convergence_figure(F_history: list[float], converged: bool, iterations: int)
         color="black" if converged else "tab:red",
     )
     ax.grid(alpha=0.3)
+    return fig
+
+
+def motion_figure(fd: np.ndarray, kept_volumes: np.ndarray, tr: float, threshold: float) -> Figure:
+    """Framewise displacement over the run, with the removed volumes shaded.
+
+    Parameters
+    ----------
+    fd
+        FD (mm) of every volume of the run (NaN where fMRIPrep gives none, e.g. the first).
+    kept_volumes
+        Indices of the volumes the denoising kept; the others are shaded.
+    tr
+        Repetition time (s).
+    threshold
+        Mean-FD threshold of the QC (mm), drawn as a dashed line.
+    """
+    fd = np.asarray(fd, dtype=float)
+    time = np.arange(fd.size) * tr
+    removed = np.setdiff1d(np.arange(fd.size), np.asarray(kept_volumes, dtype=int))
+    fig = Figure(figsize=(10, 2.6), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(time, fd, color="tab:blue", linewidth=1.0, label="framewise displacement")
+    for k in removed:
+        ax.axvspan(time[k] - tr / 2, time[k] + tr / 2, color="tab:red", alpha=0.25, linewidth=0)
+    ax.axhline(threshold, color="0.3", linestyle="--", linewidth=0.9, label=f"QC threshold {threshold:g} mm")
+    if np.isfinite(fd).any():
+        ax.axhline(float(np.nanmean(fd)), color="tab:blue", linestyle=":", linewidth=0.9,
+                   label=f"mean {np.nanmean(fd):.3f} mm")
+    ax.set_xlim(0, max(time[-1], tr) if fd.size else tr)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("FD (mm)")
+    ax.set_title(f"head motion: {removed.size} of {fd.size} volumes removed (shaded)", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8, frameon=False, ncol=3)
+    return fig
+
+
+def roi_overlay_figure(mean_bold, coords: np.ndarray, names: list[str]) -> Figure:
+    """Each ROI centre on an axial slice of the participant's own mean BOLD image.
+
+    One panel per region: the slice of the mean BOLD (template space, millimetre axes,
+    neurological view: left is left) through the region's centre, the centre marked in
+    the region's colour (as in the other figures).
+
+    Parameters
+    ----------
+    mean_bold
+        The run's mean BOLD image (a nibabel image).
+    coords
+        (n, 3) ROI centres (mm).
+    names
+        ROI names.
+    """
+    from nilearn.image import reorder_img  # imported here: nilearn takes seconds to import
+
+    img = reorder_img(mean_bold, resample="continuous")  # RAS axes, diagonal affine
+    data = np.asarray(img.dataobj, dtype=float)
+    affine = img.affine
+    coords = np.asarray(coords, dtype=float)
+    n = len(names)
+    columns = min(n, 6)
+    rows = int(np.ceil(n / columns))
+    fig = Figure(figsize=(2.2 * columns, 2.4 * rows + 0.3), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    colors = roi_colors(n)
+    scale = np.diag(affine)[:3]
+    origin = affine[:3, 3]
+    extent = (origin[0] - scale[0] / 2, origin[0] + scale[0] * (data.shape[0] - 0.5),
+              origin[1] - scale[1] / 2, origin[1] + scale[1] * (data.shape[1] - 0.5))
+    vmax = float(np.percentile(data[data > 0], 99)) if (data > 0).any() else 1.0
+    for k, ax in enumerate(axes.flat):
+        if k >= n:
+            ax.set_visible(False)
+            continue
+        z = int(np.clip(round((coords[k, 2] - origin[2]) / scale[2]), 0, data.shape[2] - 1))
+        ax.imshow(data[:, :, z].T, cmap="gray", origin="lower", extent=extent, vmin=0, vmax=vmax)
+        ax.scatter([coords[k, 0]], [coords[k, 1]], s=60, color=colors[k], edgecolors="white", linewidths=1.0)
+        ax.set_title(f"{names[k]} (z = {coords[k, 2]:g} mm)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("x (mm)", fontsize=7)
+        if k % columns == 0:
+            ax.set_ylabel("y (mm)", fontsize=7)
     return fig

@@ -7,9 +7,10 @@ spectral DCM settings, software versions) in prose a researcher can paste into a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Mapping
+from typing import Any
 
 #: Distribution names whose versions the methods paragraph reports, in citation order.
 SOFTWARE = ("bids-ketdcm", "torch", "nilearn", "nibabel", "pybids")
@@ -360,3 +361,66 @@ def _frequency_bounds(tr: float, n_volumes: Any) -> tuple[str, str]:
         duration = int(n_volumes) * tr
         low = f"{1.0 / min(128.0, duration):.4g} Hz (1/{min(128.0, duration):g} Hz)"
     return low, high
+
+
+def group_methods_paragraph(info: Mapping[str, Any], qc: Mapping[str, Any] | None = None) -> str:
+    """An auto-generated methods paragraph of the group level, from its ``results.json`` content.
+
+    Parameters
+    ----------
+    info
+        What the group level records in ``results.json``: ``sessions``, ``participants``
+        (per analysis), ``networks`` (regions and participants per network), ``suite``
+        (``models``, ``k_values``, ``nested_outer_k``, ``nested_repeats``, ``inner_k``,
+        ``n_permutations``), ``headline`` (``definition`` and ``permutation_protocol``) and
+        ``options`` (``score_column``, ``schemes``).
+    qc
+        Per network, the QC table of :func:`bids_ketdcm.group.qc.qc_table` (its
+        ``converged`` column is summarised).
+
+    Returns
+    -------
+    str
+        One paragraph of plain text.
+    """
+    suite, sessions, options = info["suite"], info["sessions"], info.get("options", {})
+    score = options.get("score_column") or "MADRS"
+    networks = info.get("networks", {})
+    net_text = "; ".join(f"'{name}' ({len(n['regions'])} regions, {n['participants']} participants)"
+                         for name, n in networks.items()) or "none"
+    sentences = [
+        f"At the group level, the posterior effective connectivity matrices A of the participant level "
+        f"(spectral DCM of the baseline session, ses-{sessions.get('baseline')}) were the features of "
+        f"each network: {net_text}."
+    ]
+    for network, table in (qc or {}).items():
+        converged = table["converged"].astype("boolean")
+        sentences.append(
+            f"Of the {len(table)} inversions of '{network}', {int(converged.sum())} converged (median "
+            f"{float(table['iterations'].median()):.0f} iterations; median variance explained "
+            f"{100 * float(table['variance_explained'].median()):.1f} %; median mean framewise displacement "
+            f"{float(table['mean_fd_mm'].median()):.3f} mm)."
+        )
+    post = sessions.get("ketamine")
+    placebo = f" and, as the specificity check, after placebo (ses-{sessions['placebo']})" \
+        if sessions.get("placebo") else ""
+    schemes = options.get("schemes") or []
+    sentences.append(
+        f"Response labels were the percentage improvement of the {score} from ses-{sessions.get('baseline')} "
+        f"to the day after ketamine (ses-{post}){placebo}"
+        + (f", in the schemes {', '.join(schemes)}" if schemes else "")
+        + f"; {', '.join(f'{k} {v}' for k, v in info.get('participants', {}).items())} participants were labelled."
+    )
+    sentences.append(
+        f"The models ({', '.join(suite['models'])}) were evaluated by stratified k-fold cross-validation "
+        f"(k = {', '.join(str(k) for k in suite['k_values'])}) and by repeated nested cross-validation "
+        f"({suite['nested_repeats']} repeats of {suite['nested_outer_k']} outer folds, {suite['inner_k']} inner "
+        "folds tuning the hyper-parameters), with scaling and tuning inside the training folds only."
+    )
+    headline = info["headline"]
+    sentences.append(
+        f"The headline metrics were {headline['definition']['classification']} (label schemes) and "
+        f"{headline['definition']['regression']} (continuous targets); their p-values come from "
+        f"{suite['n_permutations']} label permutations under {headline['permutation_protocol']}."
+    )
+    return " ".join(sentences)

@@ -9,19 +9,22 @@ there is no script and no external resource.
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
 import math
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from bids_ketdcm.bids.derivatives import RunResult
-from bids_ketdcm.io import write_text
+from bids_ketdcm.io import atomic_path, write_text
 from bids_ketdcm.report import figures
 from bids_ketdcm.report.methods import citations_bibtex, formatted_references, methods_paragraph, software_versions
+from bids_ketdcm.report.render import render_page
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +41,86 @@ DEFAULT_QC_THRESHOLDS = {
 }
 
 
-#: Display names of the QC keys the pipeline writes; other keys are shown as they are.
+#: Display names of the QC keys the pipeline writes; other keys are shown with underscores as spaces.
 _QC_LABELS = {
-    "mean_fd": "mean FD (mm)",
-    "max_fd": "maximum FD (mm)",
-    "n_scrubbed": "censored volumes",
-    "n_volumes": "volumes",
-    "roi_voxels": "voxels",
-    "roi_tsnr": "tSNR",
+    "mean_fd": "Mean framewise displacement (mm)",
+    "max_fd": "Maximum framewise displacement (mm)",
+    "n_scrubbed": "Censored volumes (high motion)",
+    "n_volumes": "Volumes in the run",
+    "n_kept": "Volumes kept",
+    "n_non_steady_state": "Non-steady-state volumes removed",
+    "roi_voxels": "Voxels",
+    "roi_tsnr": "Temporal SNR",
 }
+
+#: Display names (with units) of the analysis settings in the About section.
+_SETTING_LABELS = {
+    "network": "Network",
+    "n_rois": "Regions",
+    "tr": "Repetition time (s)",
+    "n_volumes": "Volumes",
+    "device": "Device",
+    "denoise_strategy": "Denoising strategy",
+    "roi_summary": "ROI summary",
+    "radius_mm": "Sphere radius (mm)",
+    "space": "Template space",
+    "csd_model": "Predicted-CSD model",
+    "qc_thresholds": "QC thresholds",
+}
+
+#: The figures the participant level draws while it extracts a run, stored in ``sub-X/figures/``
+#: (as fMRIPrep's reports keep theirs) and embedded by every later report of the run.
+RUN_FIGURES = {
+    "rois": ("ROIs on the participant's mean BOLD",
+             "Regions of interest (centres, projected onto each view) on this run's own mean BOLD image in "
+             "template space: check that they sit in brain tissue of this participant."),
+    "motion": ("Head motion",
+               "Framewise displacement (fMRIPrep, mm) of every volume; shaded: volumes removed by the denoising "
+               "(non-steady-state or censored); dashed: the QC threshold of the mean FD."),
+}
+
+
+def run_figure_path(output_dir: str | Path, subject: str, run_label: str, network: str, kind: str) -> Path:
+    """Where the participant level stores a figure of :data:`RUN_FIGURES` for one run and network."""
+    label = subject.removeprefix("sub-")
+    return Path(output_dir) / f"sub-{label}" / "figures" / f"sub-{label}_{run_label}_seg-{network}_desc-{kind}_bold.png"
+
+
+def write_run_figures(output_dir: str | Path, subject: str, run_label: str, network: str, series: Any,
+                      thresholds: Mapping[str, float] | None = None) -> list[Path]:
+    """Draw the figures of :data:`RUN_FIGURES` for one run from its extraction, and store them.
+
+    Parameters
+    ----------
+    output_dir
+        The derivatives folder.
+    subject, run_label, network
+        The run (``run_label`` as :attr:`RunResult.run_label`).
+    series
+        The run's :class:`~bids_ketdcm.participant.timeseries.RoiTimeseries` (``mean_bold``,
+        ``fd``, ``kept_volumes``, ``coords``, ``names``, ``tr``).
+    thresholds
+        Overrides of :data:`DEFAULT_QC_THRESHOLDS`.
+
+    Returns
+    -------
+    list of Path
+        The files written (a figure whose input is missing is left out).
+    """
+    t = {**DEFAULT_QC_THRESHOLDS, **dict(thresholds or {})}
+    drawn = {}
+    if series.mean_bold is not None:
+        drawn["rois"] = figures.roi_overlay_figure(series.mean_bold, series.coords, list(series.names))
+    if series.fd is not None:
+        drawn["motion"] = figures.motion_figure(series.fd, series.kept_volumes, series.tr, t["mean_fd"])
+    written = []
+    for kind, fig in drawn.items():
+        path = run_figure_path(output_dir, subject, run_label, network, kind)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+        fig.clear()
+        written.append(path)
+    return written
 
 
 
@@ -106,25 +180,18 @@ def write_participant_report(
     nav = [("summary", "Summary")] + [(anchor, title) for anchor, title, _ in extra_sections]
     nav += [(anchors[k], f"{runs[k].run_label} ({runs[k].network})") for k in inverted]
     nav += [("skipped", "Skipped runs"), ("methods", "Methods"), ("about", "About")]
-    body = [
-        _nav(nav),
-        "<main>",
-        f"<h1>Participant report: sub-{_e(label)}</h1>",
+    path = Path(path)
+    figures_dir = path.parent / f"sub-{label}" / "figures"
+    sections = [
         _summary_section(label, runs, anchors, warnings_per_run),
         *(section for _, _, section in extra_sections),
-    ]
-    body += [_run_section(runs[k], anchors[k], warnings_per_run[k]) for k in inverted]
-    body += [
+        *(_run_section(runs[k], anchors[k], warnings_per_run[k], figures_dir, label, thresholds) for k in inverted),
         _skipped_section(runs),
         methods,
         _about_section(effective),
-        "</main>",
     ]
-    page = (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<title>bids-ketdcm: sub-{_e(label)}</title>\n<style>{_CSS}</style>\n</head>\n"
-        "<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
-    )
+    page = render_page("participant.html", title=f"sub-{label}", nav=nav, heading=f"Participant report: sub-{label}",
+                       note=None, sections=sections)
     path = Path(path)
     write_text(path, page)
     log.info("wrote participant report %s (%d runs, %d inverted)", path, len(runs), len(inverted))
@@ -159,14 +226,10 @@ def update_participant_report(path: str | Path, subject: str, sections: list[tup
     label = subject.removeprefix("sub-")
     page = path.read_text(encoding="utf-8") if path.is_file() else None
     if page is None or "</nav>" not in page or '<section id="summary">' not in page:
-        body = [_nav([(anchor, title) for anchor, title, _ in sections]), "<main>", f"<h1>Participant report: sub-{_e(label)}</h1>",
-                ('<p class="note">No run was processed in this invocation; see the derivatives for the '
-                 "connectivity estimates.</p>"), *(html_ for _, _, html_ in sections), "</main>"]
-        page = (
-            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>bids-ketdcm: sub-{_e(label)}</title>\n<style>{_CSS}</style>\n</head>\n"
-            "<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
-        )
+        page = render_page(
+            "participant.html", title=f"sub-{label}", nav=[(anchor, title) for anchor, title, _ in sections],
+            heading=f"Participant report: sub-{label}", sections=[html_ for _, _, html_ in sections],
+            note="No run was processed in this invocation; see the derivatives for the connectivity estimates.")
     else:
         for anchor, title, section in sections:
             found = re.search(rf'<section id="{re.escape(anchor)}">.*?</section>', page, re.DOTALL)
@@ -293,7 +356,8 @@ def _summary_section(
     )
 
 
-def _run_section(run: RunResult, anchor: str, warns: list[str]) -> str:
+def _run_section(run: RunResult, anchor: str, warns: list[str], figures_dir: Path, label: str,
+                 thresholds: Mapping[str, float]) -> str:
     names = list(run.roi_names)
     parts = [
         f'<section id="{anchor}" class="run">',
@@ -317,6 +381,10 @@ def _run_section(run: RunResult, anchor: str, warns: list[str]) -> str:
         )
     )
     parts.append(_qc_tables(run))
+    for kind, (title, caption) in RUN_FIGURES.items():
+        stored = run_figure_path(figures_dir.parent.parent, label, run.run_label, run.network, kind)
+        if stored.is_file():
+            parts.append(_stored_figure(stored, title, caption))
     glass = figures.glass_brain_figure(run.A_hz, run.roi_coords, names)
     parts.append(
         _figure(
@@ -368,7 +436,7 @@ def _qc_tables(run: RunResult) -> str:
     scalars, per_roi = [], {}
     for key, value in qc.items():
         column = _per_roi(value, names)
-        label = _QC_LABELS.get(key, key)
+        label = _QC_LABELS.get(key, key.replace("_", " ").capitalize())
         if column:
             per_roi[label] = dict(column)
         else:
@@ -414,7 +482,8 @@ def _methods_section(settings: Mapping[str, Any]) -> str:
 
 def _about_section(settings: Mapping[str, Any]) -> str:
     versions = {**software_versions(), **dict(settings.get("versions") or {})}
-    other = [(k, _format_value(v)) for k, v in sorted(settings.items()) if k != "versions"]
+    other = [(_SETTING_LABELS.get(k, k.replace("_", " ").capitalize()), _format_value(v))
+             for k, v in sorted(settings.items()) if k != "versions"]
     return (
         '<section id="about">\n<h2>About</h2>\n<h3>Software</h3>\n'
         + _kv_table(sorted(versions.items()))
@@ -547,6 +616,14 @@ def _figure(fig: Any, title: str, caption: str) -> str:
     )
 
 
+def _stored_figure(path: Path, title: str, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure>\n<h3>{_e(title)}</h3>\n<img alt="{_e(title)}" '
+        f'src="data:image/png;base64,{data}">\n<figcaption>{_e(caption)}</figcaption>\n</figure>'
+    )
+
+
 def _kv_table(items: Iterable[tuple[str, Any]]) -> str:
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in items)
     return f'<table class="kv">{rows}</table>'
@@ -558,41 +635,3 @@ def _table(header: list[str], rows: list[list[Any]], raw: bool = False) -> str:
     cell = (lambda v: str(v)) if raw else _e
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _nav(items: list[tuple[str, str]]) -> str:
-    links = "".join(f'<a href="#{anchor}">{_e(text)}</a>' for anchor, text in items)
-    return f'<nav><span class="brand">bids-ketdcm</span>{links}</nav>'
-
-
-_CSS = """
-body { margin: 0; font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif;
-       color: #212529; background: #fff; line-height: 1.45; }
-nav { position: sticky; top: 0; z-index: 10; background: #343a40; padding: 0.6em 1.5em;
-      overflow-x: auto; white-space: nowrap; }
-nav a, nav .brand { color: #f8f9fa; text-decoration: none; margin-right: 1.4em; font-size: 0.95em; }
-nav .brand { font-weight: bold; }
-nav a:hover { text-decoration: underline; }
-main { max-width: 1150px; margin: 0 auto; padding: 1em 2em 4em; }
-h1 { font-weight: 500; }
-h2 { border-bottom: 1px solid #dee2e6; padding-bottom: 0.3em; margin-top: 2em; font-weight: 500; }
-h3 { font-size: 1.05em; margin: 1.2em 0 0.4em; color: #495057; }
-section.run { border-top: 3px solid #343a40; margin-top: 2.5em; }
-table { border-collapse: collapse; margin: 0.6em 0 1em; font-size: 0.92em; }
-th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #e9ecef; text-align: left;
-         vertical-align: top; }
-table.data thead th { background: #f1f3f5; border-bottom: 2px solid #ced4da; }
-table.data tbody tr:nth-child(even) { background: #f8f9fa; }
-table.kv th { color: #495057; font-weight: 600; }
-.ok { color: #1e7e34; }
-.bad { color: #c82333; font-weight: 600; }
-ul.compact { margin: 0; padding-left: 1.1em; }
-.warning { background: #fff3cd; border-left: 5px solid #e0a800; padding: 0.6em 1em;
-           margin: 0.6em 0; }
-figure { margin: 1.2em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #e9ecef; }
-figcaption { color: #6c757d; font-size: 0.9em; margin-top: 0.3em; }
-p.methods { background: #f8f9fa; border-left: 5px solid #343a40; padding: 0.8em 1.2em; }
-p.note { color: #6c757d; font-size: 0.9em; }
-pre.bibtex { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.82em; }
-"""

@@ -52,6 +52,21 @@ out.bmc_Ep = full(spm_vec(BMC.Ep)); out.bmc_Cp = full(spm_vec(BMC.Cp));
 % leave-one-out prediction of the covariate
 tic; [qE, qC, Q] = spm_dcm_loo(GCM, M, {'A'}); t_loo = toc;
 out.loo_qE = full(qE); out.loo_qC = full(qC); out.loo_Q = full(Q);
+% SPM12 with one line changed: the complexity of the group parameters centred on their
+% prior mean, Fb = (b - bE)'*bP*(b - bE), instead of on zero. SPM's Fisher scoring accepts
+% or rejects its steps by this F, and with a non-zero prior mean (the one-subject models of
+% spm_dcm_ppd) the unpatched F stops it after 5 iterations, far from the optimum.
+mkdir('patched');
+src = fileread(which('spm_dcm_peb'));
+fixed = strrep(src, 'Fb    = b''*bP*b;', 'Fb    = (b - bE)''*bP*(b - bE);');
+assert(~strcmp(src, fixed));
+fid = fopen(fullfile('patched', 'spm_dcm_peb.m'), 'w'); fprintf(fid, '%s', fixed); fclose(fid);
+addpath(fullfile(pwd, 'patched')); rehash;
+PEBc = spm_dcm_peb(GCM, M, {'A'});
+out.centred_peb_F = full(PEBc.F); out.centred_peb_Ep = full(PEBc.Ep);
+[qE, qC, Q] = spm_dcm_loo(GCM, M, {'A'});
+out.centred_loo_qE = full(qE); out.centred_loo_qC = full(qC); out.centred_loo_Q = full(Q);
+rmpath(fullfile(pwd, 'patched'));
 out.seconds = [t_peb t_bmr t_bmc t_loo];
 out.spm_version = spm('version');
 save('-v7', 'peb_reference.mat', '-struct', 'out');

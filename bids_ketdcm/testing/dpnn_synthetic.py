@@ -68,10 +68,11 @@ import pandas as pd
 from scipy.special import softmax
 from scipy.stats import median_abs_deviation
 
-from ..io import write_json, write_tsv
-from .dpnn import DPNNSettings
-from .treatment import METHODS, SelectionProblem, cross_validate_selection, method_tests
-from .treatment_metrics import recommend, regret, wilcoxon_p
+from bids_ketdcm.group.treatment.cv import SelectionProblem, cross_validate_selection, method_tests
+from bids_ketdcm.group.treatment.dpnn import DPNNSettings
+from bids_ketdcm.group.treatment.methods import METHODS
+from bids_ketdcm.group.treatment.metrics import recommend, regret, wilcoxon_p
+from bids_ketdcm.io import write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
