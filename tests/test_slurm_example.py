@@ -149,9 +149,10 @@ def test_slurm_array_submits_one_task_per_participant_then_the_group_job(cluster
     generated = json.loads((out / "dataset_description.json").read_text())["GeneratedBy"][0]
     recorded = shlex.split(generated["CommandLine"])
     program = next(i for i, word in enumerate(recorded) if Path(word).name == "bids-ketdcm")
-    assert recorded[program + 1:program + 5] == [str(data), str(out), "participant", "--nprocs"]
+    # paths are recorded relative to OUTPUT_DIR (no host path in the outputs)
+    assert recorded[program + 1:program + 5] == [os.path.relpath(data, out), ".", "participant", "--nprocs"]
     assert _value(recorded, "--participant-label") == "MOA102" and _value(recorded, "--device") == "cpu"
-    assert _value(recorded, "--work-dir") == str(scratch / "work" / f"{array['id']}_2" / "work")
+    assert _value(recorded, "--work-dir") == os.path.relpath(scratch / "work" / f"{array['id']}_2" / "work", out)
     assert recorded[-1] == "--skip-bids-validation"
 
     # resume: the same task again finds its outputs and leaves them as they are
