@@ -128,3 +128,34 @@ def load_image(path: str | os.PathLike, what: str) -> nib.spatialimages.SpatialI
     if not isinstance(img, nib.spatialimages.SpatialImage):
         raise InputError(f"{what} {path} cannot be read: not a volume image ({type(img).__name__})")
     return img
+
+
+def read_json_object(path: str | os.PathLike, what: str = "") -> dict[str, Any]:
+    """Read a JSON file that must hold an object, or fail with one clear message.
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        What the file is, put before its path in messages (e.g. ``"--bids-filter-file"``).
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    InputError
+        The file is missing, unreadable, not JSON, or not a JSON object.
+    """
+    where = f"{what} {path}" if what else str(path)
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{where} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{where} is not valid JSON: {err}") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{where} must hold a JSON object")
+    return content

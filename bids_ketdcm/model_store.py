@@ -45,10 +45,8 @@ of another network.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import warnings
@@ -62,7 +60,8 @@ import pandas as pd
 from bids_ketdcm import __version__
 from bids_ketdcm.config import FEATURE_SETS
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.io import atomic_path, finite_json, write_json, write_text, write_tsv
+from bids_ketdcm.io import atomic_path, finite_json, read_json_object, write_json, write_text, write_tsv
+from bids_ketdcm.provenance import software_versions
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +70,8 @@ FORMAT_NAME = "bids-ketdcm-model"
 FORMAT_VERSION = "1.0"
 MODEL_FILE = "model.joblib"
 MANIFEST_FILE = "manifest.json"
+#: Distributions whose versions a saved model records (unpickling depends on them).
+MODEL_DISTRIBUTIONS = ("numpy", "scipy", "scikit-learn", "joblib", "pandas")
 _README = """# bids-ketdcm saved models (format {version})
 
 Written by bids-ketdcm {software} (`group --save-model`). One folder per feature set x
@@ -110,19 +111,6 @@ def sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def software_versions() -> dict[str, str]:
-    """Versions of the software a saved model depends on."""
-    import joblib
-    import scipy
-    import sklearn
-
-    return {
-        "bids-ketdcm": __version__, "python": platform.python_version(), "numpy": np.__version__,
-        "scipy": scipy.__version__, "scikit-learn": sklearn.__version__, "joblib": joblib.__version__,
-        "pandas": pd.__version__,
-    }
 
 
 def positive_coefficients(estimator) -> tuple[np.ndarray, float]:
@@ -334,7 +322,7 @@ def save_model(directory: str | os.PathLike, *, estimator, bootstrap: list, feat
             "feature_spec": feature_spec, "label": label, "model": model, "training": training,
             "bootstrap": {"n": len(bootstrap), "seed": bootstrap_seed,
                           "method": "stratified bootstrap of the training participants, same hyper-parameters"},
-            "software": software_versions(),
+            "software": software_versions(MODEL_DISTRIBUTIONS),
             "files": {MODEL_FILE: {"sha256": sha256(work / MODEL_FILE),
                                    "bytes": (work / MODEL_FILE).stat().st_size}},
             "intended_use": "research tool, not a clinical device",
@@ -375,13 +363,9 @@ def _read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise InputError(f"saved model {folder}: no {MANIFEST_FILE} (not a bids-ketdcm model folder)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"saved model {path}: cannot be read as JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise InputError(f"saved model {path}: not a {FORMAT_NAME} manifest (format is "
-                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    manifest = read_json_object(path, "saved model")
+    if manifest.get("format") != FORMAT_NAME:
+        raise InputError(f"saved model {path}: not a {FORMAT_NAME} manifest (format is {manifest.get('format')!r})")
     version = str(manifest.get("format_version", ""))
     try:
         major = int(version.split(".")[0])

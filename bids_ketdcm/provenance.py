@@ -42,21 +42,46 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return shlex.join(str(word) for word in words)
 
 
-def software_versions() -> dict[str, str]:
-    """Versions of Python, bids-ketdcm and the libraries in ``DISTRIBUTIONS``.
+def distribution_versions(names: Sequence[str], missing: str | None = None) -> dict[str, str]:
+    """Installed versions of the named distributions (``importlib.metadata``).
+
+    Parameters
+    ----------
+    names
+        Distribution names (``scikit-learn``, not ``sklearn``).
+    missing
+        Value for a distribution that is not installed; None leaves it out.
+
+    Returns
+    -------
+    dict
+        Distribution name to version string, in the order of ``names``.
+    """
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            if missing is not None:
+                versions[name] = missing
+    return versions
+
+
+def software_versions(distributions: Sequence[str] = DISTRIBUTIONS) -> dict[str, str]:
+    """Versions of Python, bids-ketdcm and the installed ones of ``distributions``.
+
+    Parameters
+    ----------
+    distributions
+        Distribution names (default :data:`DISTRIBUTIONS`).
 
     Returns
     -------
     dict
         Distribution name to version string; a library that is not installed is left out.
     """
-    versions = {"python": platform.python_version(), "bids-ketdcm": __version__}
-    for name in DISTRIBUTIONS:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return versions
+    return {"python": platform.python_version(), "bids-ketdcm": __version__,
+            **distribution_versions(distributions)}
 
 
 def container() -> dict[str, str] | None:

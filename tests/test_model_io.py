@@ -143,7 +143,7 @@ def test_refuses_folders_that_are_not_models(tmp_path):
     bad = tmp_path / "bad" / "m"
     bad.mkdir(parents=True)
     (bad / MANIFEST_FILE).write_text("{not json")
-    with pytest.raises(InputError, match="cannot be read as JSON"):
+    with pytest.raises(InputError, match="is not valid JSON"):
         load_models(tmp_path / "bad")
 
 

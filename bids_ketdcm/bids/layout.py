@@ -24,6 +24,7 @@ from typing import Any
 
 from bids_ketdcm.bids.naming import RunEntities, bids_uri
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.io import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,7 @@ def _read_description(root: Path, what: str) -> dict[str, Any]:
     path = root / "dataset_description.json"
     if not path.is_file():
         raise InputError(f"{what} {root} has no dataset_description.json")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(content, dict):
-        raise InputError(f"{path} must hold a JSON object")
-    return content
+    return read_json_object(path)
 
 
 def check_writable_dir(path: str | os.PathLike, option: str,
@@ -226,14 +221,7 @@ def load_bids_filters(path: str | os.PathLike | None) -> dict[str, Any]:
     if path is None:
         return {}
     file = Path(path)
-    try:
-        content = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"--bids-filter-file {file} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"--bids-filter-file {file} is not valid JSON: {err}") from None
-    if not isinstance(content, dict):
-        raise InputError(f"--bids-filter-file {file} must hold a JSON object")
+    content = read_json_object(file, "--bids-filter-file")
     others = sorted(set(content) - {"bold"})
     if others:
         log.info("--bids-filter-file %s: ignoring the %s filters", file, ", ".join(others))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+from bids_ketdcm.provenance import distribution_versions
 
 #: Distribution names whose versions the methods paragraph reports, in citation order.
 SOFTWARE = ("bids-ketdcm", "torch", "nilearn", "nibabel", "pybids")
@@ -202,13 +203,7 @@ def software_versions() -> dict[str, str]:
         Distribution name (:data:`SOFTWARE`) -> version string, ``"not installed"`` when the
         distribution is absent.
     """
-    out = {}
-    for name in SOFTWARE:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return distribution_versions(SOFTWARE, missing="not installed")
 
 
 def citations_bibtex() -> str:
