@@ -121,6 +121,42 @@ def _solve(H: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.linalg.solve(H, g[..., None])[..., 0]
 
 
+def _newton_linear(Zt: np.ndarray, max_iter: int, tol: float, derivatives, value) -> np.ndarray:
+    """Damped Newton from zero for an objective of the linear predictor ``f = Zt theta``, per problem.
+
+    Parameters
+    ----------
+    Zt
+        Data with a column of ones (P, n, D).
+    max_iter, tol
+        As :func:`fit_logistic`.
+    derivatives
+        ``(theta, f) -> (J, grad, H)``: objective (P,), gradient (P, D), Hessian (P, D, D).
+    value
+        ``(theta_rows, f_rows, rows) -> J`` of the problems ``rows`` at trial points (the line search).
+
+    Returns
+    -------
+    numpy.ndarray
+        theta (P, D).
+    """
+    theta = np.zeros(Zt.shape[::2])
+    for _ in range(max_iter):
+        f = (Zt @ theta[..., None])[..., 0]
+        J, grad, H = derivatives(theta, f)
+        step = -_solve(H, grad)
+        slope = (grad * step).sum(-1)
+        if _converged(slope, J, tol):
+            break
+        fd = (Zt @ step[..., None])[..., 0]
+
+        def objective(t, rows, theta=theta, step=step, f=f, fd=fd):
+            return value(theta[rows] + t[:, None] * step[rows], f[rows] + t[:, None] * fd[rows], rows)
+
+        theta = theta + _line_search(objective, J, slope)[:, None] * step
+    return theta
+
+
 def _converged(slope: np.ndarray, J: np.ndarray, tol: float) -> bool:
     return bool(np.all(-slope <= tol * np.maximum(1.0, np.abs(J))))
 
@@ -158,25 +194,18 @@ def fit_logistic(
     sign = 2.0 * y - 1.0
     Cs = np.broadcast_to(np.asarray(C, dtype=float), (P,))[:, None] * weight
     reg = np.r_[np.ones(q), _INTERCEPT_RIDGE]
-    theta = np.zeros((P, q + 1))
-    for _ in range(max_iter):
-        f = (Zt @ theta[..., None])[..., 0]
+
+    def derivatives(theta: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         J = 0.5 * (reg * theta**2).sum(-1) - (Cs * log_expit(sign * f)).sum(-1)
         grad = reg * theta - (np.swapaxes(Zt, 1, 2) @ (Cs * sign * expit(-sign * f))[..., None])[..., 0]
         d = expit(f) * expit(-f) * Cs
         H = np.swapaxes(Zt, 1, 2) @ (Zt * d[..., None]) + np.diag(reg)
-        step = -_solve(H, grad)
-        slope = (grad * step).sum(-1)
-        if _converged(slope, J, tol):
-            break
-        fd = (Zt @ step[..., None])[..., 0]
+        return J, grad, H
 
-        def objective(t, rows, theta=theta, step=step, f=f, fd=fd):
-            th = theta[rows] + t[:, None] * step[rows]
-            ft = f[rows] + t[:, None] * fd[rows]
-            return 0.5 * (reg * th**2).sum(-1) - (Cs[rows] * log_expit(sign[rows] * ft)).sum(-1)
+    def value(th: np.ndarray, ft: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return 0.5 * (reg * th**2).sum(-1) - (Cs[rows] * log_expit(sign[rows] * ft)).sum(-1)
 
-        theta = theta + _line_search(objective, J, slope)[:, None] * step
+    theta = _newton_linear(Zt, max_iter, tol, derivatives, value)
     return theta[:, :q], theta[:, q]
 
 
@@ -291,26 +320,20 @@ def fit_squared_hinge(
     Zt = _with_ones(Z)
     ZtT = np.swapaxes(Zt, 1, 2)
     sign = 2.0 * y - 1.0
-    theta = np.zeros((P, q + 1))
-    for _ in range(max_iter):
-        f = (Zt @ theta[..., None])[..., 0]
+
+    def derivatives(theta: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         slack = np.maximum(0.0, 1.0 - sign * f)
         J = 0.5 * (theta**2).sum(-1) + (cost * slack**2).sum(-1)
         active = cost * (slack > 0)
         grad = theta - 2.0 * (ZtT @ (active * slack * sign)[..., None])[..., 0]
         H = 2.0 * ZtT @ (Zt * active[..., None]) + np.eye(q + 1)
-        step = -_solve(H, grad)
-        slope = (grad * step).sum(-1)
-        if _converged(slope, J, tol):
-            break
-        fd = (Zt @ step[..., None])[..., 0]
+        return J, grad, H
 
-        def objective(t, rows, theta=theta, step=step, f=f, fd=fd):
-            th = theta[rows] + t[:, None] * step[rows]
-            sl = np.maximum(0.0, 1.0 - sign[rows] * (f[rows] + t[:, None] * fd[rows]))
-            return 0.5 * (th**2).sum(-1) + (cost[rows] * sl**2).sum(-1)
+    def value(th: np.ndarray, ft: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        sl = np.maximum(0.0, 1.0 - sign[rows] * ft)
+        return 0.5 * (th**2).sum(-1) + (cost[rows] * sl**2).sum(-1)
 
-        theta = theta + _line_search(objective, J, slope)[:, None] * step
+    theta = _newton_linear(Zt, max_iter, tol, derivatives, value)
     return theta[:, :q], theta[:, q]
 
 
