@@ -50,12 +50,12 @@ def _true_matrices(root: Path) -> dict[str, pd.DataFrame]:
 
 
 def _write_noisy(root: Path, out: Path, noise: float, seed: int) -> None:
-    from bids_ketdcm.bids.features import write_connectivity
+    from bids_ketdcm.testing.fixtures import write_a_matrix
 
     rng = np.random.default_rng(seed)
     for sub, table in _true_matrices(root).items():
         A = table.to_numpy() + rng.normal(0.0, noise, table.shape)
-        write_connectivity(out, sub, "b0", "dmn4", A, list(table.columns))
+        write_a_matrix(out, sub, "b0", "dmn4", A, list(table.columns))
 
 
 def _link_correlation(root: Path, out: Path) -> float:

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.group import GroupOptions, run_group
 from bids_ketdcm.group.labels import build_labels
+from bids_ketdcm.testing.fixtures import write_a_matrix
 
 #: The real ds005917 metadata (CC0), as bundled with the package (override: $DS005917).
 DS = Path(os.environ.get("DS005917", Path(__file__).resolve().parents[1] / "bids_ketdcm" / "data" / "ds005917"))
@@ -53,7 +53,7 @@ def make_cohort(root: Path, seed: int = 0) -> tuple[Path, Path]:
         for pid in labels.table.index:
             A = base + rng.normal(0, 0.05, (n, n))
             A[1, 0] += 0.5 * (r[pid] if pd.notna(r[pid]) else r.mean())
-            write_connectivity(out, pid, "b0", network, A, regions)
+            write_a_matrix(out, pid, "b0", network, A, regions)
     return bids, out
 
 

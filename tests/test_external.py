@@ -22,7 +22,6 @@ import pandas as pd
 import pytest
 from conftest import DS005917
 
-from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group import GroupOptions, run_group
 from bids_ketdcm.group.external import check_label_definition, evaluate_frozen
@@ -30,6 +29,7 @@ from bids_ketdcm.group.labels import build_labels
 from bids_ketdcm.group.model_io import fit_final
 from bids_ketdcm.model_store import load_model, load_models, save_model
 from bids_ketdcm.testing import synth
+from bids_ketdcm.testing.fixtures import write_a_matrix
 
 DATA = DS005917
 NOISE_HZ = 0.15
@@ -55,7 +55,7 @@ def make_cohort(root: Path, seed: int, link: str) -> tuple[Path, Path]:
     participants, names, A = true_connectivity(seed, link)
     A = A + np.random.default_rng(seed + 10_000).normal(0.0, NOISE_HZ, A.shape)
     for pid, matrix in zip(participants, A, strict=True):
-        write_connectivity(out, pid, "b0", "dmn4", matrix, names)
+        write_a_matrix(out, pid, "b0", "dmn4", matrix, names)
     return bids, out
 
 

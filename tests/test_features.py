@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bids_ketdcm.bids.features import collect_features, find_connectivity, write_connectivity
+from bids_ketdcm.bids.features import collect_features, find_connectivity
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.testing.fixtures import write_a_matrix
 
 REGIONS = ["PCC", "mPFC", "lIPL"]
 
@@ -21,13 +22,13 @@ def _matrix(seed: int) -> np.ndarray:
 def deriv(tmp_path):
     out = tmp_path / "out"
     for i, pid in enumerate(["sub-01", "sub-02", "sub-03"]):
-        write_connectivity(out, pid, "b0", "dmn3", _matrix(i), REGIONS)
+        write_a_matrix(out, pid, "b0", "dmn3", _matrix(i), REGIONS)
     # sub-04: run-1 did not converge, run-2 did; the first valid run is run-2
-    write_connectivity(out, "sub-04", "b0", "dmn3", _matrix(40), REGIONS, converged=False, run=1)
-    write_connectivity(out, "sub-04", "b0", "dmn3", _matrix(41), REGIONS, run=2)
+    write_a_matrix(out, "sub-04", "b0", "dmn3", _matrix(40), REGIONS, converged=False, run=1)
+    write_a_matrix(out, "sub-04", "b0", "dmn3", _matrix(41), REGIONS, run=2)
     # another session and another network
-    write_connectivity(out, "sub-01", "d2", "dmn3", _matrix(99), REGIONS)
-    write_connectivity(out, "sub-01", "b0", "net2", np.eye(2), ["a", "b"])
+    write_a_matrix(out, "sub-01", "d2", "dmn3", _matrix(99), REGIONS)
+    write_a_matrix(out, "sub-01", "b0", "net2", np.eye(2), ["a", "b"])
     return out
 
 
@@ -64,8 +65,8 @@ def test_missing_participant_is_an_error_unless_allowed(deriv):
 
 
 def test_invalid_runs_are_listed(deriv):
-    write_connectivity(deriv, "sub-06", "b0", "dmn3", np.full((3, 3), np.nan), REGIONS)
-    write_connectivity(deriv, "sub-07", "b0", "dmn3", _matrix(7), REGIONS, converged=False)
+    write_a_matrix(deriv, "sub-06", "b0", "dmn3", np.full((3, 3), np.nan), REGIONS)
+    write_a_matrix(deriv, "sub-07", "b0", "dmn3", _matrix(7), REGIONS, converged=False)
     with pytest.raises(InputError) as err:
         collect_features(deriv, ["sub-06", "sub-07"], networks=("dmn3",))
     assert "sub-06 seg-dmn3: no valid run" in str(err.value) and "non-finite" in str(err.value)
@@ -77,13 +78,13 @@ def test_bad_networks_sessions_and_regions(deriv, tmp_path):
         collect_features(deriv, ["sub-01"], networks=("dmn99",))
     with pytest.raises(InputError, match="no sub-\\*/ses-p9/func"):
         collect_features(deriv, ["sub-01"], session="p9")
-    write_connectivity(deriv, "sub-08", "b0", "dmn3", _matrix(8), ["PCC", "mPFC", "rIPL"])
+    write_a_matrix(deriv, "sub-08", "b0", "dmn3", _matrix(8), ["PCC", "mPFC", "rIPL"])
     with pytest.raises(InputError, match="regions .* differ"):
         collect_features(deriv, ["sub-01", "sub-08"], networks=("dmn3",))
     # a participant with regions in another order is re-ordered, not rejected
     A = _matrix(9)
     perm = [2, 0, 1]
-    write_connectivity(deriv, "sub-09", "b0", "dmn3", A[np.ix_(perm, perm)], [REGIONS[i] for i in perm])
+    write_a_matrix(deriv, "sub-09", "b0", "dmn3", A[np.ix_(perm, perm)], [REGIONS[i] for i in perm])
     feats, _ = collect_features(deriv, ["sub-01", "sub-09"], networks=("dmn3",))
     np.testing.assert_allclose(feats["dmn3"].matrices[1], A)
 

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 from conftest import DS005917
 
-from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group import GroupOptions, run_group
 from bids_ketdcm.group.labels import build_labels
 from bids_ketdcm.group.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from bids_ketdcm.testing.fixtures import write_a_matrix
 
 DS = DS005917
 REGIONS = ["PCC", "mPFC", "lIPL", "rIPL"]
@@ -42,7 +42,7 @@ def make_cohort(root: Path, effect: float, noise: float = 0.05, seed: int = 0) -
     for pid in labels.table.index:
         A = base + rng.normal(0, noise, (4, 4))
         A[1, 0] += effect * (r[pid] if pd.notna(r[pid]) else r.mean())
-        write_connectivity(out, pid, "b0", "dmn4", A, REGIONS)
+        write_a_matrix(out, pid, "b0", "dmn4", A, REGIONS)
     return bids, out
 
 
@@ -161,7 +161,7 @@ def test_hostile_inputs(tmp_path):
                                           allow_missing=True))
     # too few participants: the BP group has 2 with ketamine labels
     for pid in ("sub-MOA202", "sub-MOA203"):
-        write_connectivity(out, pid, "b0", "dmn4", np.eye(4), REGIONS)
+        write_a_matrix(out, pid, "b0", "dmn4", np.eye(4), REGIONS)
     with pytest.raises(InputError, match="ketamine binary25 seg-dmn4: 2 participants with labels and features"):
         run_group(bids, out, GroupOptions(**{**quick, "include_group": ("BP",)}))
     # every bad option reported at once

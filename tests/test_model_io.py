@@ -186,14 +186,14 @@ def test_cli_exit_code_2(saved, tmp_path, capsys, damage):
 @pytest.mark.parametrize("mismatch", ["network", "features"])
 def test_cli_exit_code_2_on_other_data(saved, tmp_path, capsys, mismatch):
     """group --apply-model on derivatives of another network, or of features the model was not trained on."""
-    from bids_ketdcm.bids.features import write_connectivity
     from bids_ketdcm.group.labels import build_labels
+    from bids_ketdcm.testing.fixtures import write_a_matrix
 
     bids, out = _bids(tmp_path), tmp_path / "out"
     regions = ["PCC", "mPFC", "lIPL", "rIPL"]
     rng = np.random.default_rng(0)
     for pid in build_labels(bids, include_group=("MDD",)).table.index:
-        write_connectivity(out, pid, "b0", "dmn11" if mismatch == "network" else "dmn4",
+        write_a_matrix(out, pid, "b0", "dmn11" if mismatch == "network" else "dmn4",
                            rng.normal(size=(4, 4)), regions)
     capsys.readouterr()  # drop what was logged before the command
     code = main([str(bids), str(out), "group", "--apply-model", str(saved.parent), "--n-permutations", "9",

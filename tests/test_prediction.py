@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.group.model_io import fit_final
 from bids_ketdcm.model_store import load_model, save_model
 from bids_ketdcm.participant.predict import DISCLAIMER, predict_patients, report_section, run_predictions
 from bids_ketdcm.report import RunResult, update_participant_report, write_participant_report
+from bids_ketdcm.testing.fixtures import write_a_matrix
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_structural import labelled_atlas, spheres, write_anat  # noqa: E402
@@ -80,7 +80,7 @@ def test_run_predictions_writes_derivatives(tmp_path):
     out = tmp_path / "out"
     rng = np.random.default_rng(3)
     for label in ("01", "02"):
-        write_connectivity(out, label, "b0", "dmn2", rng.normal(size=(2, 2)), REGIONS)
+        write_a_matrix(out, label, "b0", "dmn2", rng.normal(size=(2, 2)), REGIONS)
     result = run_predictions([model], out, ["01", "02", "03"], "b0")
     assert [len(result[s]) for s in ("01", "02", "03")] == [1, 1, 0]  # sub-03 has no features
     table = pd.read_csv(out / "sub-01/ses-b0/sub-01_ses-b0_desc-response_predictions.tsv", sep="\t")

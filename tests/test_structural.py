@@ -186,11 +186,11 @@ def test_group_feature_sets_side_by_side(tmp_path):
     """dcm, gmv and dcm+gmv through the suite; GMV carries the signal here; saved and re-applied."""
     import shutil
 
-    from bids_ketdcm.bids.features import write_connectivity
     from bids_ketdcm.group import GroupOptions, run_group
     from bids_ketdcm.io import write_tsv
     from bids_ketdcm.participant.structural import gmv_path
     from bids_ketdcm.testing import synth
+    from bids_ketdcm.testing.fixtures import write_a_matrix
 
     data = DS005917
     responses = synth.ketamine_responses()
@@ -204,7 +204,7 @@ def test_group_feature_sets_side_by_side(tmp_path):
         shutil.copy(data / "phenotype" / "phenotype.json", bids / "phenotype")
         rng = np.random.default_rng(seed)
         for pid, r in zip(responses.participant_id, responses.r, strict=True):
-            write_connectivity(out, pid, "b0", "dmn4", rng.normal(0, 0.1, (4, 4)), regions)
+            write_a_matrix(out, pid, "b0", "dmn4", rng.normal(0, 0.1, (4, 4)), regions)
             gmv = rng.normal(0.004, 0.0004, 4)
             gmv[1] += 0.002 * r  # mPFC volume tracks the response
             write_tsv(gmv_path(out, pid[4:], "b0", SPACE, "dmn4"),

@@ -13,7 +13,6 @@ import pytest
 from conftest import DS005917
 
 import bids_ketdcm.group.run as group_run
-from bids_ketdcm.bids.features import write_connectivity
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.treatment.cohort import TreatmentOptions, build_crossover_cohort
@@ -29,6 +28,7 @@ from bids_ketdcm.group.treatment.metrics import (
     selection_metrics,
 )
 from bids_ketdcm.group.treatment.workflow import run_treatment_selection
+from bids_ketdcm.testing.fixtures import write_a_matrix
 
 DS = DS005917
 
@@ -298,7 +298,7 @@ def test_cli_group_level_goes_on_when_treatment_selection_cannot_run(tmp_path, p
     shutil.copy(DS / "phenotype" / "phenotype.tsv", bids / "phenotype")
     rng = np.random.default_rng(0)
     for pid in participants.loc[participants["group"] == "MDD", "participant_id"]:
-        write_connectivity(out, pid, "b0", "dmn4", rng.normal(0, 0.1, (4, 4)), ["PCC", "mPFC", "lIPL", "rIPL"])
+        write_a_matrix(out, pid, "b0", "dmn4", rng.normal(0, 0.1, (4, 4)), ["PCC", "mPFC", "lIPL", "rIPL"])
     # a one-model suite keeps the test fast; the CLI's own options pass through unchanged
     quick = functools.partial(
         group_run.GroupOptions, include_group=("MDD",), schemes=("binary25",), targets=(), models=("logistic",),

@@ -319,11 +319,48 @@ def connectivity_frame(A_hz: np.ndarray, names: list[str]) -> pd.DataFrame:
     return table
 
 
-def read_connectivity(path: Path) -> tuple[np.ndarray, list[str]]:
-    """Read a connectivity TSV back: (A in Hz, region names)."""
-    table = pd.read_csv(path, sep="\t")
-    names = table["target"].tolist()
-    return table[names].to_numpy(float), names
+def read_connectivity_table(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
+    """Read one A matrix (DataFrame indexed by target, columns = sources) and its sidecar.
+
+    Raises
+    ------
+    InputError
+        The table is not square with matching target and source names, or a value is
+        not a number.
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise InputError(f"{path}: cannot be read as a TSV table ({exc})") from None
+    if table.columns[0] != "target":
+        raise InputError(f"{path}: the first column must be 'target' (found {table.columns[0]!r})")
+    table = table.set_index("target")
+    table.index = table.index.astype(str)
+    if list(table.index) != list(table.columns):
+        raise InputError(
+            f"{path}: target rows {list(table.index)} do not match source columns {list(table.columns)}"
+        )
+    try:
+        table = table.astype(float)
+    except ValueError:
+        raise InputError(f"{path}: holds values that are not numbers") from None
+    sidecar = path.with_name(path.name[: -len(".tsv")] + ".json")
+    meta: dict = {}
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{sidecar}: invalid JSON ({exc})") from None
+    else:
+        meta = {"_missing_sidecar": str(sidecar)}
+    return table, meta
+
+
+def read_connectivity(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """Read a connectivity TSV back: (A in Hz, region names), checked by :func:`read_connectivity_table`."""
+    table, _ = read_connectivity_table(path)
+    return table.to_numpy(float), list(table.index)
 
 
 def write_connectivity(output_dir: Path, run: RunEntities, network_label: str, series: RoiTimeseries,

@@ -16,7 +16,6 @@ configurable). Features are the entries ``A[target, source]``, named ``source->t
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +24,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bids_ketdcm.bids.derivatives import read_gmv
+from bids_ketdcm.bids.derivatives import read_connectivity_table, read_gmv
 from bids_ketdcm.bids.naming import (
     CONNECTIVITY_MEASURE,
     CONNECTIVITY_SUFFIX,
     GMV_SUFFIX,
-    RunEntities,
-    connectivity_paths,
     normalise_participant,
     normalise_session,
     parse_name,
 )
 from bids_ketdcm.config import FEATURE_SETS, feature_key, uses_dcm, uses_gmv
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.io import write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -156,44 +152,6 @@ def find_connectivity(
     return table.sort_values(["participant_id", "network", "run"], kind="stable").reset_index(drop=True)
 
 
-def read_connectivity(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """Read one A matrix (DataFrame indexed by target, columns = sources) and its sidecar.
-
-    Raises
-    ------
-    InputError
-        The table is not square with matching target and source names, or a value is
-        not a number.
-    """
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise InputError(f"{path}: cannot be read as a TSV table ({exc})") from None
-    if table.columns[0] != "target":
-        raise InputError(f"{path}: the first column must be 'target' (found {table.columns[0]!r})")
-    table = table.set_index("target")
-    table.index = table.index.astype(str)
-    if list(table.index) != list(table.columns):
-        raise InputError(
-            f"{path}: target rows {list(table.index)} do not match source columns {list(table.columns)}"
-        )
-    try:
-        table = table.astype(float)
-    except ValueError:
-        raise InputError(f"{path}: holds values that are not numbers") from None
-    sidecar = path.with_name(path.name[: -len(".tsv")] + ".json")
-    meta: dict = {}
-    if sidecar.is_file():
-        try:
-            meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{sidecar}: invalid JSON ({exc})") from None
-    else:
-        meta = {"_missing_sidecar": str(sidecar)}
-    return table, meta
-
-
 def _validity(table: pd.DataFrame, meta: dict, require_converged: bool) -> str | None:
     """Why a run is not usable, or None when it is."""
     if not np.isfinite(table.to_numpy()).all():
@@ -297,7 +255,7 @@ def collect_features(
                 continue
             reasons, chosen_table = [], None
             for cand in candidates.itertuples():
-                table, meta = read_connectivity(cand.path)
+                table, meta = read_connectivity_table(cand.path)
                 why = _validity(table, meta, require_converged)
                 if why is None:
                     chosen_table, chosen_path = table, cand.path
@@ -362,36 +320,6 @@ def _design(
         pairs=list(pairs),
         files=files,
     )
-
-
-def write_connectivity(
-    deriv_dir: str | Path,
-    participant: str,
-    session: str,
-    network: str,
-    A: np.ndarray,
-    regions: list[str],
-    converged: bool = True,
-    run: int | None = None,
-    space: str = "MNI152NLin2009cAsym",
-    task: str = "rest",
-) -> Path:
-    """Write one A matrix and a minimal sidecar in the derivative layout (tests, demos).
-
-    Returns
-    -------
-    Path
-        The TSV written.
-    """
-    sub = normalise_participant(participant)
-    ses = normalise_session(session)
-    entities = RunEntities.from_mapping({"sub": sub[4:], "ses": ses, "task": task, "run": run, "space": space})
-    paths = connectivity_paths(deriv_dir, entities, network)
-    table = pd.DataFrame(np.asarray(A, dtype=float), columns=regions)
-    table.insert(0, "target", regions)
-    write_tsv(paths["tsv"], table)
-    write_json(paths["json"], {"Converged": bool(converged), "Network": network, "SPMRelease": "SPM12"})
-    return paths["tsv"]
 
 
 def find_gmv(deriv_dir: str | Path, session: str | None, space: str | None = None) -> pd.DataFrame:
