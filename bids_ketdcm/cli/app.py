@@ -31,12 +31,10 @@ from bids_ketdcm.cli.options import (
 )
 from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions, uses_dcm, uses_gmv
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.run import GroupOptions, run_group
 from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy, preset_names
 from bids_ketdcm.participant.rois import load_network, network_label
 from bids_ketdcm.participant.structural import load_regions, region_label
-from bids_ketdcm.participant.workflow import rewrite_reports, run_participant
 from bids_ketdcm.threads import limit_threads, resolve
 
 log = logging.getLogger("bids_ketdcm")
@@ -356,6 +354,10 @@ def bids_app(**kw) -> None:
 
 
 def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bids_filter: dict | None) -> None:
+    # The levels load matplotlib, which reads MPLCONFIGDIR when first imported: only after
+    # _caches_into has pointed it at the work folder (nothing may be written under $HOME).
+    from bids_ketdcm.participant.workflow import rewrite_reports, run_participant
+
     if not kw["skip_bids_validation"] and not kw["reports_only"]:
         validate_bids(bids_dir)
     labels = [_strip_sub(x) for x in kw["participant_labels"]]
@@ -413,6 +415,9 @@ def group_processes(nprocs: int, mem_mb: int | None) -> int:
 
 
 def _group(kw: dict, bids_dir: Path, output_dir: Path) -> None:
+    # After _caches_into, as in _participant (matplotlib reads MPLCONFIGDIR when imported).
+    from bids_ketdcm.group.run import GroupOptions, run_group
+
     opts = GroupOptions(n_permutations=kw["n_permutations"], nprocs=group_processes(kw["nprocs"], kw["mem_mb"]),
                         seed=kw["seed"], allow_missing=kw["allow_missing"],
                         feature_session=kw["session_labels"][0] if kw["session_labels"] else "b0",

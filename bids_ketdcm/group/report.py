@@ -197,8 +197,10 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
                 nulls[arm] = (suite.nulls[key], float(row.headline.iloc[0]))
         r = res[(res.treatment == "ketamine") & (res.network == task.network) & (res.target == task.target)
                 & (res.protocol == protocol)]
-        rows = zip(r.model, r.headline, r.pearson_r, strict=True)
-        text = "\n".join(f"{m:15s} R2 {h:+.3f}  r {pr:+.3f}" for m, h, pr in rows) if task.kind == "regression" else ""
+        text = ""
+        if task.kind == "regression":
+            rows = zip(r.model, r.headline, r.pearson_r, strict=True)
+            text = "\n".join(f"{m:15s} R2 {h:+.3f}  r {pr:+.3f}" for m, h, pr in rows)
         contexts.append({
             "kind": task.kind, "classes": list(task.classes), "target": task.target, "network": task.network,
             "model": model, "protocol": protocol, "metric": HEADLINE_METRIC[task.kind], "text": text,
