@@ -184,12 +184,12 @@ class DPNN(nn.Module):
         Each prototype enters the classifier through its squared distances to all prototypes
         (zero to itself); dropout is off so the variance reflects the network, not its noise.
         """
-        l, t = self.settings.n_prototypes, self.n_treatments
-        dist = squared_distances(self.prototypes, self.prototypes)  # (l, l)
+        n_proto, t = self.settings.n_prototypes, self.n_treatments
+        dist = squared_distances(self.prototypes, self.prototypes)  # (n_proto, n_proto)
         eye = torch.eye(t, dtype=dist.dtype)
         inputs = dist.repeat_interleave(t, dim=0)  # row j*T + k: prototype j
-        onehot = eye.repeat(l, 1)  # row j*T + k: treatment k
-        return torch.sigmoid(self.classify(inputs, onehot, dropout=False)).reshape(l, t)
+        onehot = eye.repeat(n_proto, 1)  # row j*T + k: treatment k
+        return torch.sigmoid(self.classify(inputs, onehot, dropout=False)).reshape(n_proto, t)
 
     def loss(self, x: torch.Tensor, onehot: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Training loss on one mini-batch (see the module docstring)."""
