@@ -103,7 +103,7 @@ def parse_entities(path: str | Path) -> dict[str, str]:
 def find_connectivity(
     deriv_dir: str | Path, session: str, task: str = "rest", space: str | None = None
 ) -> pd.DataFrame:
-    """List the connectivity files of one session.
+    """List the connectivity files of one session (of the whole dataset when it has no sessions).
 
     Parameters
     ----------
@@ -123,10 +123,17 @@ def find_connectivity(
         ``space``, ``path``; sorted by participant, network, run.
     """
     session = normalise_session(session)
+    paths = sorted(Path(deriv_dir).glob(f"sub-*/ses-{session}/func/*{SUFFIX}"))
+    wanted: str | None = session
+    if not paths:  # a dataset without sessions: its runs stand for the baseline
+        paths = sorted(Path(deriv_dir).glob(f"sub-*/func/*{SUFFIX}"))
+        wanted = None
+        if paths:
+            log.info("%s: no ses-%s folders; using the runs of the dataset without sessions", deriv_dir, session)
     rows = []
-    for path in sorted(Path(deriv_dir).glob(f"sub-*/ses-{session}/func/*{SUFFIX}")):
+    for path in paths:
         ent = parse_entities(path)
-        if ent.get("ses") != session or ent.get("task") != task or "seg" not in ent:
+        if ent.get("ses") != wanted or ent.get("task") != task or "seg" not in ent:
             continue
         if space is not None and ent.get("space") != space:
             continue
@@ -355,7 +362,7 @@ def _design(
 def write_connectivity(
     deriv_dir: str | Path,
     participant: str,
-    session: str,
+    session: str | None,
     network: str,
     A: np.ndarray,
     regions: list[str],
@@ -374,7 +381,7 @@ def write_connectivity(
     from bids_ketdcm.io import write_json, write_tsv
 
     sub = normalise_participant(participant)
-    ses = normalise_session(session)
+    ses = None if session is None else normalise_session(session)
     entities = RunEntities.from_mapping({"sub": sub[4:], "ses": ses, "task": task, "run": run, "space": space})
     paths = connectivity_paths(deriv_dir, entities, network)
     table = pd.DataFrame(np.asarray(A, dtype=float), columns=regions)
