@@ -68,6 +68,8 @@ class ParticipantOptions:
     apply_model: Path | None = None
     #: Memory the app may use in MB (``--mem-mb``): bounds the DCM's batch and chunk sizes; None: no bound.
     mem_mb: int | None = None
+    #: CPUs the app may keep busy (``--nprocs``): participant reports are written by this many processes.
+    nprocs: int = 1
 
     @property
     def one_session(self) -> str | None:

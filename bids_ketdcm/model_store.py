@@ -243,12 +243,27 @@ class SavedModel:
         return X[:, [given.index(n) for n in trained]]
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """(participants, classes) probabilities of the final model (``X`` aligned)."""
-        return self.estimator.predict_proba(X)
+        """(participants, classes) probabilities of the final model (``X`` aligned).
+
+        The classifier is fitted with balanced class weights (the decision rule of the
+        suite); its raw probabilities describe a population with equal classes. They are
+        returned on the scale of the training data by the prior correction
+        ``p_k * n_k / sum_j p_j * n_j`` (``n_k``: training participants of class k; for two
+        classes, King and Zeng's ``logit p + log(n_pos / n_neg)``).
+        """
+        return self._prior_corrected(self.estimator.predict_proba(X))
 
     def bootstrap_proba(self, X: np.ndarray) -> np.ndarray:
-        """(resamples, participants, classes) probabilities of the bootstrap models."""
-        return np.stack([_full_proba(m, X, len(self.classes)) for m in self.bootstrap])
+        """(resamples, participants, classes) prior-corrected probabilities of the bootstrap
+        models (stratified resamples keep the class sizes, so one correction serves all)."""
+        return np.stack([self._prior_corrected(_full_proba(m, X, len(self.classes))) for m in self.bootstrap])
+
+    def _prior_corrected(self, proba: np.ndarray) -> np.ndarray:
+        counts = self.manifest["training"].get("class_counts")
+        if not counts:  # a model saved before class counts were recorded: raw probabilities
+            return proba
+        weighted = proba * np.array([counts[c] for c in self.classes], dtype=float)[None, :]
+        return weighted / weighted.sum(axis=1, keepdims=True)
 
     def contributions(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Per-feature contributions to the positive-class log-odds.

@@ -56,6 +56,16 @@ def test_find_connectivity_lists_runs_and_networks(deriv):
     assert list(found[found.participant_id == "sub-04"].run) == [1, 2]
 
 
+def test_a_dataset_without_sessions_gives_its_runs(tmp_path):
+    out = tmp_path / "out"
+    for i, pid in enumerate(["sub-01", "sub-02"]):
+        write_a_matrix(out, pid, None, "dmn3", _matrix(i), REGIONS)
+    assert not list(out.glob("sub-*/ses-*"))
+    feats, missing = collect_features(out, ["sub-01", "sub-02"], networks=("dmn3",), session="b0")
+    assert missing.empty and feats["dmn3"].participants == ["sub-01", "sub-02"]
+    np.testing.assert_allclose(feats["dmn3"].matrices[1], _matrix(1))
+
+
 def test_missing_participant_is_an_error_unless_allowed(deriv):
     with pytest.raises(InputError, match=r"sub-05 seg-dmn3: no connectivity file.*--allow-missing"):
         collect_features(deriv, ["sub-01", "sub-05"], networks=("dmn3",))

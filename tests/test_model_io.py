@@ -70,6 +70,30 @@ def test_round_trip_manifest_and_checksum(saved):
     np.testing.assert_array_equal(model.align(X[:, ::-1], order, "dmn4"), X)
 
 
+def test_saved_probabilities_are_on_the_training_scale(tmp_path):
+    """Balanced class weights shift the log-odds by log(n_neg / n_pos); the saved model undoes
+    it with the training class counts (King and Zeng), so on its own imbalanced training data
+    the mean probability matches the prevalence instead of sitting near 0.5."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(400, len(NAMES)))
+    y = (0.8 * X[:, 0] + rng.normal(size=400) > 1.0).astype(int)  # about 20 % positive
+    est, _ = fit_final(X, y, 2, {"C": 1.0}, n_bootstrap=0, seed=0)
+    counts = {"nonresponse": int((y == 0).sum()), "response": int((y == 1).sum())}
+    folder = save_model(tmp_path / "m", estimator=est, bootstrap=[], feature_names=NAMES, feature_set="dcm",
+                        network="dmn4", label=LABEL, model={"name": "logistic", "params": {"C": 1.0}},
+                        training={"n_participants": len(y), "class_counts": counts},
+                        feature_spec={"session": "b0"}, bootstrap_seed=0)
+    model = load_model(folder)
+    raw = est.predict_proba(X)[:, 1]
+    corrected = model.predict_proba(X)[:, 1]
+    logit = np.log(raw / (1 - raw)) + np.log(counts["response"] / counts["nonresponse"])
+    np.testing.assert_allclose(corrected, 1 / (1 + np.exp(-logit)), rtol=1e-10)
+    assert abs(raw.mean() - y.mean()) > 0.15  # reweighted: far from the prevalence
+    assert abs(corrected.mean() - y.mean()) < 0.03
+    brier = np.mean((corrected - y) ** 2)
+    assert brier < np.mean((raw - y) ** 2) and brier < np.mean((y.mean() - y) ** 2)
+
+
 def test_contributions_sum_to_the_log_odds(saved):
     model = load_model(saved)
     X, _ = _data(seed=2)

@@ -111,7 +111,7 @@ def parse_entities(path: str | Path) -> dict[str, str]:
 def find_connectivity(
     deriv_dir: str | Path, session: str, task: str = "rest", space: str | None = None
 ) -> pd.DataFrame:
-    """List the connectivity files of one session.
+    """List the connectivity files of one session (of the whole dataset when it has no sessions).
 
     Parameters
     ----------
@@ -131,10 +131,17 @@ def find_connectivity(
         ``space``, ``path``; sorted by participant, network, run.
     """
     session = normalise_session(session)
+    paths = sorted(Path(deriv_dir).glob(f"sub-*/ses-{session}/func/*{SUFFIX}"))
+    wanted: str | None = session
+    if not paths:  # a dataset without sessions: its runs stand for the baseline
+        paths = sorted(Path(deriv_dir).glob(f"sub-*/func/*{SUFFIX}"))
+        wanted = None
+        if paths:
+            log.info("%s: no ses-%s folders; using the runs of the dataset without sessions", deriv_dir, session)
     rows = []
-    for path in sorted(Path(deriv_dir).glob(f"sub-*/ses-{session}/func/*{SUFFIX}")):
+    for path in paths:
         ent = parse_entities(path)
-        if ent.get("ses") != session or ent.get("task") != task or "seg" not in ent:
+        if ent.get("ses") != wanted or ent.get("task") != task or "seg" not in ent:
             continue
         if space is not None and ent.get("space") != space:
             continue

@@ -17,7 +17,7 @@ from bids_ketdcm.io import write_json, write_tsv
 def write_a_matrix(
     deriv_dir: str | Path,
     participant: str,
-    session: str,
+    session: str | None,
     network: str,
     A: np.ndarray,
     regions: list[str],
@@ -34,7 +34,7 @@ def write_a_matrix(
         The TSV written.
     """
     sub = normalise_participant(participant)
-    ses = normalise_session(session)
+    ses = None if session is None else normalise_session(session)
     entities = RunEntities.from_mapping({"sub": sub[4:], "ses": ses, "task": task, "run": run, "space": space})
     paths = connectivity_paths(deriv_dir, entities, network)
     table = pd.DataFrame(np.asarray(A, dtype=float), columns=regions)

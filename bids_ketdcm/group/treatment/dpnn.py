@@ -185,7 +185,7 @@ class DPNN(nn.Module):
         (zero to itself); dropout is off so the variance reflects the network, not its noise.
         """
         n_proto, t = self.settings.n_prototypes, self.n_treatments
-        dist = squared_distances(self.prototypes, self.prototypes)  # (l, l)
+        dist = squared_distances(self.prototypes, self.prototypes)  # (n_proto, n_proto)
         eye = torch.eye(t, dtype=dist.dtype)
         inputs = dist.repeat_interleave(t, dim=0)  # row j*T + k: prototype j
         onehot = eye.repeat(n_proto, 1)  # row j*T + k: treatment k
