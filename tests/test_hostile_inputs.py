@@ -138,7 +138,7 @@ CASES: dict[str, tuple[Callable, list[str]]] = {
     "--work-dir inside --fmriprep-dir": (lambda r, t: f"--work-dir {r}/work is inside",
                                          ["--work-dir", "FMRIPREP/work"]),
     "OUTPUT_DIR inside raw data": (lambda r, t: "inside the raw dataset", ["OUT=raw/sub-01/out"]),
-    "unknown denoise strategy": (lambda r, t: "--denoise nope", ["--denoise", "nope"]),
+    "unknown denoise strategy": (lambda r, t: "--denoise 'nope'", ["--denoise", "nope"]),
 }
 
 

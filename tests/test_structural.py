@@ -236,7 +236,7 @@ def test_group_feature_sets_side_by_side(tmp_path):
     assert table.loc["binary50", "best"] in ("gmv", "dcm+gmv")
     page = (out / "group" / "report.html").read_text()
     section = page[page.index("<h2>Feature sets compared</h2>"):page.index("<h2>Participants and labels</h2>")]
-    assert all(f"<th>{c}</th>" in section for c in ("dcm", "gmv", "dcm+gmv", "baseline_score_only", "best"))
+    assert all(f"<th>{c}</th>" in section for c in ("DCM", "GMV", "DCM+GMV", "Baseline score only", "Best"))
     models = sorted(p.name for p in (tmp_path / "models").iterdir() if p.is_dir())
     assert models == ["features-dcm_seg-dmn4_target-binary50", "features-dcmgmv_seg-dmn4_target-binary50",
                       "features-gmv_seg-dmn4_target-binary50"]

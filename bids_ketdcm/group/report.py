@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -146,8 +147,21 @@ def _weights_figure(best: dict) -> str:
 def _table(frame: pd.DataFrame) -> str:
     """A table with readable headers (``n_permutations`` -> ``N permutations``), empty columns left out."""
     empty = [c for c in frame.columns if frame[c].isna().all() or frame[c].astype(str).str.strip().eq("").all()]
-    shown = frame.drop(columns=empty).rename(columns=lambda c: str(c).replace("_", " ").capitalize())
+    shown = frame.drop(columns=empty).rename(columns=_header)
     return shown.to_html(index=False, na_rep="n/a", float_format=lambda v: f"{v:.3f}", border=0, classes="data")
+
+
+#: Words a header shows in capitals.
+_ACRONYMS = {"dcm": "DCM", "gmv": "GMV", "auc": "AUC", "roc": "ROC", "madrs": "MADRS", "bh": "BH", "fd": "FD",
+             "ci95": "95 % CI", "rpl": "RPL", "mrr": "MRR", "r2": "R²"}
+
+
+def _header(column: object) -> str:
+    """``n_permutations`` -> ``N permutations``; ``dcm+gmv`` -> ``DCM+GMV``."""
+    words = [re.sub(r"[a-z0-9]+", lambda m: _ACRONYMS.get(m.group(0), m.group(0)), w)
+             for w in str(column).split("_")]
+    text = " ".join(words)
+    return text if text.startswith("p ") else text[:1].upper() + text[1:]  # p-values keep their small p
 
 
 def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[Task],
