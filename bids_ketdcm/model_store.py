@@ -253,6 +253,15 @@ class SavedModel:
         """
         return self._prior_corrected(self.estimator.predict_proba(X))
 
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """(participants,) class indices of the decision rule the suite cross-validated.
+
+        That is the balanced-weight classifier's choice, which for equal costs per class is
+        the class of largest ``p_k / prior_k``; the argmax of the calibrated probabilities of
+        :meth:`predict_proba` would favour the majority class.
+        """
+        return np.asarray(self.estimator.predict(X), dtype=int)
+
     def bootstrap_proba(self, X: np.ndarray) -> np.ndarray:
         """(resamples, participants, classes) prior-corrected probabilities of the bootstrap
         models (stratified resamples keep the class sizes, so one correction serves all)."""
@@ -262,8 +271,7 @@ class SavedModel:
         counts = self.manifest["training"].get("class_counts")
         if not counts:  # a model saved before class counts were recorded: raw probabilities
             return proba
-        weighted = proba * np.array([counts[c] for c in self.classes], dtype=float)[None, :]
-        return weighted / weighted.sum(axis=1, keepdims=True)
+        return prior_corrected(proba, [counts[c] for c in self.classes])
 
     def contributions(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Per-feature contributions to the positive-class log-odds.
@@ -281,6 +289,25 @@ class SavedModel:
         z = scaler.transform(X)
         coef, intercept = positive_coefficients(self.estimator)
         return z, z * coef[None, :], intercept
+
+
+def prior_corrected(proba: np.ndarray, class_counts: list[int] | np.ndarray) -> np.ndarray:
+    """Probabilities of a balanced-weight classifier on the scale of its training data.
+
+    Parameters
+    ----------
+    proba
+        (n, K) probabilities of a classifier fitted with balanced class weights.
+    class_counts
+        (K,) training participants per class.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``p_k n_k / sum_j p_j n_j`` (King and Zeng's prior correction).
+    """
+    weighted = np.asarray(proba, dtype=float) * np.asarray(class_counts, dtype=float)[None, :]
+    return weighted / weighted.sum(axis=1, keepdims=True)
 
 
 def _full_proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray:

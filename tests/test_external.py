@@ -93,7 +93,8 @@ def _pooled(applied: dict, link: str, target: str, treatment: str):
     pred = pred[pred.model_id.str.endswith(target) & (pred.treatment == treatment)]
     classes = ["nonresponse", "response"]
     y = pred.observed.map(classes.index).to_numpy()
-    return evaluate_frozen(y, pred[[f"proba_{c}" for c in classes]].to_numpy(), n_permutations=999, seed=0)
+    return evaluate_frozen(y, pred[[f"proba_{c}" for c in classes]].to_numpy(), n_permutations=999, seed=0,
+                           decisions=pred.predicted.map(classes.index).to_numpy())
 
 
 @pytest.mark.parametrize("target", ["binary25", "binary50"])

@@ -67,7 +67,7 @@ def permutation_p(observed: float, null: np.ndarray) -> float:
 
 
 def evaluate_frozen(y: np.ndarray, proba: np.ndarray, n_permutations: int = 1000, seed: int = 0,
-                    n_bins: int = 5) -> Evaluation:
+                    n_bins: int = 5, decisions: np.ndarray | None = None) -> Evaluation:
     """Metrics, permutation p-values and calibration of fixed predictions.
 
     Parameters
@@ -82,6 +82,8 @@ def evaluate_frozen(y: np.ndarray, proba: np.ndarray, n_permutations: int = 1000
         Seed of the permutations.
     n_bins
         Calibration bins (quantiles of the predicted positive-class probability).
+    decisions
+        (n,) predicted class indices (the model's decision rule); None: the argmax of ``proba``.
 
     Returns
     -------
@@ -90,7 +92,7 @@ def evaluate_frozen(y: np.ndarray, proba: np.ndarray, n_permutations: int = 1000
     y = np.asarray(y, dtype=int)
     proba = np.asarray(proba, dtype=float)
     k = proba.shape[1]
-    pred = proba.argmax(axis=1)
+    pred = proba.argmax(axis=1) if decisions is None else np.asarray(decisions, dtype=int)
     metrics, undefined = classification_metrics(y, pred, proba, k)
     rng = np.random.default_rng(seed)
     perms = np.array([rng.permutation(len(y)) for _ in range(n_permutations)], dtype=int).reshape(-1, len(y))
@@ -214,7 +216,7 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
         if relabelled:
             log.warning("%s: %d participant label(s) also in the training list, with other features (another "
                         "dataset reusing the labels?)", model.model_id, len(relabelled))
-        proba = model.predict_proba(X)
+        proba, decisions = model.predict_proba(X), model.predict(X)
         curves = {}
         for treatment in ("ketamine", "placebo"):
             values = labels.target(treatment, model.target)
@@ -226,7 +228,7 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
                 continue
             ids = [fs.participants[i] for i in keep]
             y = np.array([model.classes.index(v) for v in values[ids]])
-            ev = evaluate_frozen(y, proba[keep], n_permutations, seed)
+            ev = evaluate_frozen(y, proba[keep], n_permutations, seed, decisions=decisions[keep])
             curves[treatment] = ev.calibration
             rows.append({
                 "model_id": model.model_id, "feature_set": model.feature_set, "network": model.network,
@@ -245,7 +247,7 @@ def apply_models(model_dir: str | Path, labels: LabelSet, output_dir: str | Path
                       for r in ev.calibration.to_dict("records")]
             for i, pid in enumerate(ids):
                 row = {"model_id": model.model_id, "treatment": treatment, "participant_id": pid,
-                       "observed": model.classes[y[i]], "predicted": model.classes[int(proba[keep[i]].argmax())]}
+                       "observed": model.classes[y[i]], "predicted": model.classes[int(decisions[keep[i]])]}
                 row.update({f"proba_{c}": float(v) for c, v in zip(model.classes, proba[keep[i]], strict=True)})
                 predictions.append(row)
         if curves:

@@ -25,7 +25,7 @@ from bids_ketdcm.bids.naming import normalise_session
 from bids_ketdcm.config import split_key
 from bids_ketdcm.group.metrics import CLASSIFICATION_METRICS, classification_metrics
 from bids_ketdcm.group.suite import MODEL_DESCRIPTIONS, SuiteConfig, make_estimator
-from bids_ketdcm.model_store import feature_fingerprint, save_model, write_index
+from bids_ketdcm.model_store import feature_fingerprint, prior_corrected, save_model, write_index
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,9 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
         estimator, boots = fit_final(task.X, task.y, task.n_classes, {"C": C}, n_bootstrap, seed)
         rows = res[(res.treatment == "ketamine") & (res.network == task.network) & (res.target == task.target)
                    & (res.model == "logistic")] if len(res) else res
-        apparent, _ = classification_metrics(task.y, estimator.predict(task.X), estimator.predict_proba(task.X),
-                                             task.n_classes)
+        counts = np.bincount(task.y, minlength=task.n_classes)
+        apparent, _ = classification_metrics(task.y, estimator.predict(task.X),
+                                             prior_corrected(estimator.predict_proba(task.X), counts), task.n_classes)
         cv = {r["protocol"]: {**{m: float(r[m]) for m in CLASSIFICATION_METRICS},
                               "p_value": None if pd.isna(r["p_value"]) else float(r["p_value"])}
               for r in rows.to_dict("records")}

@@ -60,7 +60,9 @@ class PatientPrediction:
     classes
         Class names, positive class last.
     probabilities
-        (K,) class probabilities of the final model.
+        (K,) class probabilities of the final model, on the scale of its training data.
+    predicted_class
+        The model's decision (the balanced-weight rule the suite cross-validated).
     interval
         (low, high) bootstrap percentile interval of the positive-class probability.
     level
@@ -81,6 +83,7 @@ class PatientPrediction:
     target: str
     classes: list[str]
     probabilities: np.ndarray
+    predicted_class: str
     interval: tuple[float, float]
     level: float
     contributions: pd.DataFrame
@@ -97,11 +100,6 @@ class PatientPrediction:
     def probability(self) -> float:
         """Predicted probability of the positive class."""
         return float(self.probabilities[-1])
-
-    @property
-    def predicted_class(self) -> str:
-        """Class of highest probability."""
-        return self.classes[int(np.argmax(self.probabilities))]
 
     def top_features(self, k: int = TOP_FEATURES) -> str:
         """``name (+0.52); name (-0.31)`` of the ``k`` largest contributions."""
@@ -139,7 +137,7 @@ def predict_patients(model: SavedModel, X: np.ndarray, names: list[str], partici
         Features or network other than the model's (:meth:`SavedModel.align`).
     """
     X = model.align(X, names, network, where=where)
-    proba = model.predict_proba(X)
+    proba, decisions = model.predict_proba(X), model.predict(X)
     boots = model.bootstrap_proba(X)[:, :, -1] if model.bootstrap else np.full((1, len(X)), np.nan)
     tail = (1.0 - level) / 2.0
     low, high = np.nanquantile(boots, tail, axis=0), np.nanquantile(boots, 1.0 - tail, axis=0)
@@ -153,6 +151,7 @@ def predict_patients(model: SavedModel, X: np.ndarray, names: list[str], partici
         out.append(PatientPrediction(
             participant_id=pid, model_id=model.model_id, feature_set=model.feature_set, network=model.network,
             target=model.target, classes=model.classes, probabilities=proba[i],
+            predicted_class=model.classes[int(decisions[i])],
             interval=(float(low[i]), float(high[i])),
             level=level, contributions=table.reset_index(drop=True), intercept=intercept,
             train_cv_balanced_accuracy=model.train_cv_balanced_accuracy,

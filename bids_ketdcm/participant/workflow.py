@@ -221,11 +221,13 @@ def _write_reports(reports: list[tuple], settings: dict, nprocs: int) -> None:
     """
     started = time.perf_counter()
     workers = max(1, min(nprocs, len(reports) // 4))  # starting a worker costs about one report
-    Parallel(n_jobs=workers)(
+    written = Parallel(n_jobs=workers, return_as="generator")(
         delayed(write_participant_report)(path, subject, results, settings, extra_sections=extra)
         for path, subject, results, extra in reports)
+    for path in written:  # logged here: worker processes have no log handler
+        log.info("wrote participant report %s (%.0f s elapsed)", path, time.perf_counter() - started)
     if reports:
-        log.info("%d participant report(s) written by %d process(es) (%.0f s)", len(reports), workers,
+        log.info("%d report(s) written by %d process(es) (%.0f s)", len(reports), workers,
                  time.perf_counter() - started)
 
 

@@ -194,7 +194,7 @@ def write_participant_report(
                        note=None, sections=sections)
     path = Path(path)
     write_text(path, page)
-    log.info("wrote participant report %s (%d runs, %d inverted)", path, len(runs), len(inverted))
+    log.debug("wrote participant report %s (%d runs, %d inverted)", path, len(runs), len(inverted))
     return path
 
 
