@@ -30,7 +30,6 @@ from bids_ketdcm.participant.structural import (
     tissue_volumes,
     whole_brain_atlas,
 )
-from bids_ketdcm.participant.timeseries import sphere_voxels
 
 SPACE = "MNI152NLin2009cAsym"
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -113,8 +112,9 @@ def test_tissue_volumes_and_jacobian_modulation(tmp_path):
                                [738.0, 342.0], rtol=1e-6)
 
 
-def test_sphere_search_matches_the_time_series_rule():
-    """Bounding-box search = timeseries.sphere_voxels (full mask) on an oblique grid."""
+def test_sphere_sums_match_a_brute_force_search():
+    """The bounding-box search of the one sphere rule = every voxel of the grid tested, on an
+    oblique grid (distance of voxel centres, plus the voxel holding the centre)."""
     rng = np.random.default_rng(0)
     values = rng.random((30, 28, 26))
     angle = 0.3
@@ -125,10 +125,14 @@ def test_sphere_search_matches_the_time_series_rule():
     centres = np.array([[0.0, 0.0, 0.0], [3.3, -7.1, 2.2], [-30.0, 40.0, 0.0], [10.0, 1.0, 1.4]])
     radii = np.array([6.0, 8.0, 5.0, 1.0])  # the third straddles the edge; the last holds one voxel
     sums, counts = _sphere_sums(values, affine, centres, radii)
-    full = np.ones(values.shape, dtype=bool)
+    every = np.argwhere(np.ones(values.shape, dtype=bool))
+    mm = every @ affine[:3, :3].T + affine[:3, 3]
     for k, (c, r) in enumerate(zip(centres, radii, strict=True)):
-        inside = sphere_voxels(c, r, affine, full)
-        assert counts[k] == inside.sum() and sums[k] == pytest.approx(values[inside].sum())
+        inside = np.linalg.norm(mm - c, axis=1) <= r
+        holder = np.rint(np.linalg.solve(affine[:3, :3], c - affine[:3, 3])).astype(int)
+        if np.all(holder >= 0) and np.all(holder < values.shape):
+            inside |= np.all(every == holder, axis=1)
+        assert counts[k] == inside.sum() and sums[k] == pytest.approx(values[tuple(every[inside].T)].sum())
     assert counts[3] == 1
 
 

@@ -24,6 +24,7 @@ import os
 import re
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -226,6 +227,46 @@ def _numeric(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
             f"bad value(s) at {shown}"
         )
     return values
+
+
+def sphere_indices(centre: np.ndarray, radius: float, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Voxel indices of a sphere on a grid: the one sphere rule of the app.
+
+    A voxel belongs when its centre lies within ``radius`` mm of ``centre``; the voxel
+    holding ``centre`` belongs too (as in nilearn's ``NiftiSpheresMasker``), so a small
+    radius still gives one voxel. The search runs over the sphere's bounding box only.
+
+    Parameters
+    ----------
+    centre
+        (3,) sphere centre in mm.
+    radius
+        Radius in mm.
+    affine
+        (4, 4) voxel-to-mm affine of the grid.
+    shape
+        Grid shape (the first three axes are used).
+
+    Returns
+    -------
+    numpy.ndarray
+        (V, 3) integer indices of the voxels inside the grid that belong to the sphere.
+    """
+    centre = np.asarray(centre, dtype=float)
+    inverse = np.linalg.inv(affine)
+    size = np.array(shape[:3])
+    # half-width in voxels of the sphere's bounding box along each axis: r * |row of inv(M)|
+    reach = np.linalg.norm(inverse[:3, :3], axis=1)
+    voxel = nib.affines.apply_affine(inverse, centre)
+    lo = np.clip(np.floor(voxel - radius * reach).astype(int) - 1, 0, size)
+    hi = np.clip(np.ceil(voxel + radius * reach).astype(int) + 2, 0, size)
+    axes = [np.arange(a, b) for a, b in zip(lo, hi, strict=True)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    inside = np.linalg.norm(nib.affines.apply_affine(affine, grid) - centre, axis=1) <= radius
+    nearest = np.rint(voxel).astype(int)
+    if np.all(nearest >= 0) and np.all(nearest < size):
+        inside |= np.all(grid == nearest, axis=1)
+    return grid[inside]
 
 
 def _read_sphere_tsv(path: Path) -> pd.DataFrame:

@@ -48,7 +48,7 @@ from bids_ketdcm import __version__
 from bids_ketdcm.bids.naming import gmv_path
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import load_image, write_json, write_tsv
-from bids_ketdcm.participant.rois import load_network, network_label
+from bids_ketdcm.participant.rois import load_network, network_label, sphere_indices
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +115,10 @@ def region_label(spec: str | os.PathLike) -> str:
 
 def _sphere_sums(values: np.ndarray, affine: np.ndarray, centres: np.ndarray, radii: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of ``values`` and voxel count within each sphere (bounding-box search).
-
-    Same membership rule as :func:`bids_ketdcm.participant.timeseries.sphere_voxels` on a full mask.
-    """
-    inverse = np.linalg.inv(affine)
-    shape = np.array(values.shape)
-    # half-width in voxels of a sphere's bounding box along each axis: r * |row of inv(M)|
-    reach = np.linalg.norm(inverse[:3, :3], axis=1)
+    """Sum of ``values`` and voxel count within each sphere (:func:`rois.sphere_indices`)."""
     sums, counts = np.zeros(len(centres)), np.zeros(len(centres), dtype=int)
     for k, (centre, radius) in enumerate(zip(centres, radii, strict=True)):
-        voxel = nib.affines.apply_affine(inverse, centre)
-        lo = np.clip(np.floor(voxel - radius * reach).astype(int) - 1, 0, shape)
-        hi = np.clip(np.ceil(voxel + radius * reach).astype(int) + 2, 0, shape)
-        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), axis=-1)
-        grid = grid.reshape(-1, 3)
-        inside = np.linalg.norm(nib.affines.apply_affine(affine, grid) - centre, axis=1) <= radius
-        nearest = np.rint(voxel).astype(int)
-        if np.all(nearest >= 0) and np.all(nearest < shape):
-            inside |= np.all(grid == nearest, axis=1)
-        hits = grid[inside]
+        hits = sphere_indices(centre, radius, affine, values.shape)
         sums[k] = values[tuple(hits.T)].sum()
         counts[k] = len(hits)
     return sums, counts

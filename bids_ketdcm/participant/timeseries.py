@@ -37,6 +37,7 @@ from bids_ketdcm.bids.derivatives import RoiTimeseries
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import load_image
 from bids_ketdcm.participant.denoise import load_strategy
+from bids_ketdcm.participant.rois import sphere_indices
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,8 @@ def sphere_voxels(
 ) -> np.ndarray:
     """Boolean image of the mask voxels belonging to a sphere.
 
-    A voxel belongs when its centre lies within ``radius`` mm of ``centre``; the voxel
-    holding ``centre`` belongs too (as in nilearn's ``NiftiSpheresMasker``), so a small
-    radius still gives one voxel.
+    Membership is :func:`bids_ketdcm.participant.rois.sphere_indices` (the app's one
+    sphere rule), restricted to the mask.
 
     Parameters
     ----------
@@ -89,14 +89,10 @@ def sphere_voxels(
     numpy.ndarray
         3D boolean array, ``mask`` restricted to the sphere.
     """
-    indices = np.argwhere(mask)
-    distance = np.linalg.norm(voxel_coordinates(affine, indices) - np.asarray(centre), axis=1)
     inside = np.zeros(mask.shape, dtype=bool)
-    hits = indices[distance <= radius]
+    hits = sphere_indices(centre, radius, affine, mask.shape)
     inside[tuple(hits.T)] = True
-    nearest = np.rint(nib.affines.apply_affine(np.linalg.inv(affine), centre)).astype(int)
-    if np.all(nearest >= 0) and np.all(nearest < mask.shape) and mask[tuple(nearest)]:
-        inside[tuple(nearest)] = True
+    inside &= mask
     return inside
 
 
