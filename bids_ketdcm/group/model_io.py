@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from bids_ketdcm.config import split_key
 from bids_ketdcm.group.metrics import CLASSIFICATION_METRICS, classification_metrics
 from bids_ketdcm.group.suite import MODEL_DESCRIPTIONS, SuiteConfig, make_estimator
 from bids_ketdcm.model_store import feature_fingerprint, prior_corrected, save_model, write_index
+from bids_ketdcm.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
         key = f"ketamine|{task.network}|{task.target}|logistic|nested"
         chosen = [p for p in suite.params.get(key, []) if "C" in p]
         C = Counter(float(p["C"]) for p in chosen).most_common(1)[0][0] if chosen else config.C
-        words = [options.seed, zlib.crc32(f"saved-model|{task.network}|{task.target}".encode())]
-        seed = int(np.random.SeedSequence(words).generate_state(1)[0] % 2**31)
+        seed = derive_seed(options.seed, f"saved-model|{task.network}|{task.target}")
         estimator, boots = fit_final(task.X, task.y, task.n_classes, {"C": C}, n_bootstrap, seed)
         rows = res[(res.treatment == "ketamine") & (res.network == task.network) & (res.target == task.target)
                    & (res.model == "logistic")] if len(res) else res

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from bids_ketdcm.group.inference import (
     repeat_metrics,
 )
 from bids_ketdcm.group.labels import LabelSet
+from bids_ketdcm.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +178,6 @@ def infusion_order(participants: pd.DataFrame | None, ids: list[str]) -> np.ndar
     return np.where(code == "d", 1, np.where(code == "p", 0, -1))
 
 
-def _seed(seed: int, *names: str) -> int:
-    words = [seed] + [zlib.crc32(n.encode()) for n in names]
-    return int(np.random.SeedSequence(words).generate_state(1)[0] % 2**31)
-
 
 def _splits(y: np.ndarray, order: np.ndarray | None, plan: AnalysisPlan, seed: int) -> tuple[list, str]:
     """Outer folds and how they were stratified."""
@@ -193,7 +189,7 @@ def _splits(y: np.ndarray, order: np.ndarray | None, plan: AnalysisPlan, seed: i
         joint = y * 2 + order
         if np.bincount(joint)[np.unique(joint)].min() >= k:
             strata, how = joint, "response x infusion order"
-    cv = RepeatedStratifiedKFold(n_splits=k, n_repeats=plan.n_repeats, random_state=_seed(seed, "primary"))
+    cv = RepeatedStratifiedKFold(n_splits=k, n_repeats=plan.n_repeats, random_state=derive_seed(seed, "primary"))
     return [(tr, te) for tr, te in cv.split(np.zeros(len(y)), strata)], f"{k}-fold, stratified on {how}"
 
 
@@ -306,16 +302,17 @@ def run_primary(plan: AnalysisPlan, inputs: PrimaryInputs) -> dict:
     for name, design in designs.items():
         raw[name], prob[name] = _oof(design, y, splits, plan.n_repeats)
     raw["majority"] = prob["majority"] = np.full_like(raw["imaging"], 0.5)  # BA 0.5 and AUC 0.5 exactly
-    index = bootstrap_indices(len(y), _seed(inputs.seed, "primary bootstrap"))
+    index = bootstrap_indices(len(y), derive_seed(inputs.seed, "primary bootstrap"))
     models = {name: bootstrap_binary(y, raw[name], index) for name in raw}
-    null = _permutation_null(X, y, splits, plan.n_repeats, inputs.n_permutations, _seed(inputs.seed, "primary perm"))
+    null = _permutation_null(X, y, splits, plan.n_repeats, inputs.n_permutations,
+                             derive_seed(inputs.seed, "primary perm"))
     observed = models["imaging"]["balanced_accuracy"]["estimate"]
     p_value = float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null))) if len(null) else float("nan")
     comparisons = {}
     pairs = [("imaging", c) for c in ("majority", "baseline_score", "clinical")] + [("imaging+clinical", "clinical")]
     for a, b in pairs:
         diff = bootstrap_binary(y, raw[a], index, reference=raw[b])
-        test = paired_swap_test(y, raw[a], raw[b], _seed(inputs.seed, "swap", a, b))
+        test = paired_swap_test(y, raw[a], raw[b], derive_seed(inputs.seed, "swap", a, b))
         comparisons[f"{a} - {b}"] = {m: {**diff[m], "p_value": test[m]} for m in diff}
     mean_prob = prob["imaging"].mean(axis=0)
     calib = calibration(y, mean_prob, _prevalence_oof(y, splits))
@@ -365,11 +362,11 @@ def _crossover(X: np.ndarray, y: np.ndarray, order: np.ndarray | None, plan: Ana
                                           f"{int(yf.sum())} responders: too few to cross-validate"}
         return out
     sub = AnalysisPlan(**{**asdict(plan), "stratify_order": False})
-    splits, rule = _splits(yf, None, sub, _seed(inputs.seed, "first period"))
+    splits, rule = _splits(yf, None, sub, derive_seed(inputs.seed, "first period"))
     raw, _ = _oof(Xf, yf, splits, sub.n_repeats)
-    est = bootstrap_binary(yf, raw, bootstrap_indices(len(yf), _seed(inputs.seed, "first boot")))
+    est = bootstrap_binary(yf, raw, bootstrap_indices(len(yf), derive_seed(inputs.seed, "first boot")))
     null = _permutation_null(Xf, yf, splits, sub.n_repeats, min(inputs.n_permutations, FIRST_PERIOD_PERMUTATIONS),
-                             _seed(inputs.seed, "first perm"))
+                             derive_seed(inputs.seed, "first perm"))
     p = float((1 + np.sum(null >= est["balanced_accuracy"]["estimate"] - 1e-12)) / (1 + len(null))) \
         if len(null) else float("nan")
     out["first_period"] = {"n": int(first.sum()), "responders": int(yf.sum()), "folds": rule, **est, "p_value": p}

@@ -39,7 +39,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -68,6 +67,7 @@ from bids_ketdcm.group.metrics import (
     regression_metrics,
     summarise,
 )
+from bids_ketdcm.seeds import derive_seed
 from bids_ketdcm.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,7 @@ class TaskResult:
 
 def _seed(config: SuiteConfig, *names: str) -> int:
     """A stable seed from the configured seed and names (same names -> same seed)."""
-    words = [config.seed] + [zlib.crc32(n.encode()) for n in names]
-    return int(np.random.SeedSequence(words).generate_state(1)[0] % 2**31)  # room for offsets
+    return derive_seed(config.seed, *names)
 
 
 def effective_k(task: Task, k: int) -> int:

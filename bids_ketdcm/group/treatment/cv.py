@@ -22,6 +22,7 @@ from tqdm import tqdm
 from bids_ketdcm.group.treatment.dpnn import DPNNSettings
 from bids_ketdcm.group.treatment.methods import FIXED, make_model, single_threaded
 from bids_ketdcm.group.treatment.metrics import compare_methods, selection_metrics, wilcoxon_p
+from bids_ketdcm.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,6 @@ def _strata(problem: SelectionProblem, n_splits: int) -> np.ndarray:
     if np.bincount(joint)[np.unique(joint)].min() >= n_splits:
         return joint
     return problem.treatment
-
-
-def _seed(*keys: int) -> int:
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def cross_validate_selection(
@@ -172,14 +169,14 @@ def _run_fold(
             pred = np.zeros((len(test), t))
             pred[:, problem.treatment_names.index(method[len("always_"):])] = 1.0
         else:
-            model = make_model(method, t, _seed(seed, repeat, fold, j), dpnn, knn_k)
+            model = make_model(method, t, derive_seed(seed, repeat, fold, j), dpnn, knn_k)
             model.fit(x_train, problem.treatment[train], problem.outcome[train])
             pred = model.predict_proba(x_test)
         seconds = time.perf_counter() - start
         oof[method][repeat, test] = pred
         truth = None if problem.truth is None else problem.truth[test]
         metrics = _named(selection_metrics(pred, problem.treatment[test], problem.outcome[test], truth,
-                                           seed=_seed(seed, repeat, fold, j, 1) if random_ties else None),
+                                           seed=derive_seed(seed, repeat, fold, j, 1) if random_ties else None),
                          problem, method)
         rows.append(
             {"method": method, "repeat": repeat, "fold": fold, "n_test": len(test), **metrics, "seconds": seconds}
@@ -193,7 +190,7 @@ def pooled_metrics(problem: SelectionProblem, result: CVResult) -> pd.DataFrame:
     for j, (method, preds) in enumerate(result.oof.items()):
         for repeat, pred in enumerate(preds):
             metrics = selection_metrics(pred, problem.treatment, problem.outcome, problem.truth,
-                                        seed=_seed(repeat, j, 2) if result.random_ties else None)
+                                        seed=derive_seed(repeat, j, 2) if result.random_ties else None)
             rows.append({"method": method, "repeat": repeat, **_named(metrics, problem, method)})
     return pd.DataFrame(rows)
 
