@@ -108,6 +108,12 @@ def _no_tr(root: Path) -> Path:
     return path
 
 
+def _filter_file(tmp: Path, text: str) -> Path:
+    path = tmp / "filter.json"
+    path.write_text(text)
+    return path
+
+
 def _network(tmp: Path, rows: list[tuple]) -> Path:
     path = tmp / "rois.tsv"
     pd.DataFrame(rows, columns=["name", "x", "y", "z", "radius_mm"]).to_csv(path, sep="\t", index=False)
@@ -139,6 +145,10 @@ CASES: dict[str, tuple[Callable, list[str]]] = {
                                          ["--work-dir", "FMRIPREP/work"]),
     "OUTPUT_DIR inside raw data": (lambda r, t: "inside the raw dataset", ["OUT=raw/sub-01/out"]),
     "unknown denoise strategy": (lambda r, t: "--denoise 'nope'", ["--denoise", "nope"]),
+    "bids filter file not JSON": (lambda r, t: ("--bids-filter-file", ["--bids-filter-file",
+                                                                       str(_filter_file(t, "{bold: ["))]), []),
+    "bids filter 'bold' not an object": (lambda r, t: ("'bold' must map entities to values", [
+        "--bids-filter-file", str(_filter_file(t, '{"bold": [1, 2]}'))]), []),
 }
 
 

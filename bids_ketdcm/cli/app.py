@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from bids_ketdcm import __version__
-from bids_ketdcm.bids.layout import check_writable_dir, find_bold_runs, validate_bids
+from bids_ketdcm.bids.layout import check_writable_dir, find_bold_runs, load_bids_filters, validate_bids
 from bids_ketdcm.cli.group_options import group_kwargs, group_options
 from bids_ketdcm.cli.options import (
     DCM,
@@ -184,17 +184,14 @@ def _expand_multi(argv: list[str]) -> list[str]:
 
 
 def _read_filter(path: Path | None, problems: list[str]) -> dict | None:
+    """``--bids-filter-file`` through the layout's one reader; a problem is collected, not raised."""
     if path is None:
         return None
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        problems.append(f"--bids-filter-file {path}: cannot read JSON ({err})")
+        return load_bids_filters(path)
+    except InputError as err:
+        problems.append(str(err))
         return None
-    if not isinstance(data, dict) or (data and "bold" not in data):
-        problems.append(f"--bids-filter-file {path}: expected a JSON object with a 'bold' key of pybids filters")
-        return None
-    return data.get("bold", {})
 
 
 def _check_model_options(kw: dict, problems: list[str]) -> None:
