@@ -6,7 +6,6 @@ functions. Exit codes: 0 success, 1 failure of the program, 2 bad input or usage
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
