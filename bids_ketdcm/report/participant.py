@@ -9,7 +9,6 @@ there is no script and no external resource.
 
 from __future__ import annotations
 
-import base64
 import html
 import logging
 import math
@@ -22,9 +21,10 @@ import numpy as np
 
 from bids_ketdcm.bids.derivatives import RunResult
 from bids_ketdcm.io import atomic_path, write_text
+from bids_ketdcm.participant.predict import DISCLAIMER, PatientPrediction
 from bids_ketdcm.report import figures
 from bids_ketdcm.report.methods import citations_bibtex, formatted_references, methods_paragraph, software_versions
-from bids_ketdcm.report.render import render_page
+from bids_ketdcm.report.render import figure_png, png_file, render_page
 
 log = logging.getLogger(__name__)
 
@@ -612,7 +612,7 @@ def _e(text: Any) -> str:
 
 
 def _figure(fig: Any, title: str, caption: str) -> str:
-    data = figures.figure_to_base64_png(fig)
+    data = figure_png(fig)
     return (
         f'<figure>\n<h3>{_e(title)}</h3>\n<img alt="{_e(title)}" '
         f'src="data:image/png;base64,{data}">\n<figcaption>{_e(caption)}</figcaption>\n</figure>'
@@ -620,7 +620,7 @@ def _figure(fig: Any, title: str, caption: str) -> str:
 
 
 def _stored_figure(path: Path, title: str, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    data = png_file(path)
     return (
         f'<figure>\n<h3>{_e(title)}</h3>\n<img alt="{_e(title)}" '
         f'src="data:image/png;base64,{data}">\n<figcaption>{_e(caption)}</figcaption>\n</figure>'
@@ -638,3 +638,20 @@ def _table(header: list[str], rows: list[list[Any]], raw: bool = False) -> str:
     cell = (lambda v: str(v)) if raw else _e
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def prediction_section(predictions: list[PatientPrediction]) -> str:
+    """HTML section of the participant report for ``--apply-model``, labelled as a research tool.
+
+    Parameters
+    ----------
+    predictions
+        One participant's predictions (at least one), one per saved model.
+
+    Returns
+    -------
+    str
+        A ``<section id="prediction">`` for :func:`update_participant_report`.
+    """
+    return render_page("prediction_section.html", predictions=predictions, disclaimer=DISCLAIMER,
+                       level_percent=int(round(100 * predictions[0].level))).rstrip("\n")
