@@ -13,7 +13,7 @@ import html
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import numpy as np
 
 from bids_ketdcm.bids.derivatives import RunResult
 from bids_ketdcm.io import atomic_path, write_text
-from bids_ketdcm.participant.predict import DISCLAIMER, PatientPrediction
 from bids_ketdcm.report import figures
 from bids_ketdcm.report.methods import citations_bibtex, formatted_references, methods_paragraph, software_versions
 from bids_ketdcm.report.render import figure_png, png_file, render_page
@@ -640,18 +639,22 @@ def _table(header: list[str], rows: list[list[Any]], raw: bool = False) -> str:
     return f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def prediction_section(predictions: list[PatientPrediction]) -> str:
+def prediction_section(predictions: Sequence[Any], disclaimer: str) -> str:
     """HTML section of the participant report for ``--apply-model``, labelled as a research tool.
 
     Parameters
     ----------
     predictions
-        One participant's predictions (at least one), one per saved model.
+        One participant's predictions (at least one), one per saved model: records with the
+        attributes of :class:`bids_ketdcm.participant.predict.PatientPrediction` (the report
+        layer does not import the participant level).
+    disclaimer
+        The intended-use statement shown above the table.
 
     Returns
     -------
     str
         A ``<section id="prediction">`` for :func:`update_participant_report`.
     """
-    return render_page("prediction_section.html", predictions=predictions, disclaimer=DISCLAIMER,
+    return render_page("prediction_section.html", predictions=predictions, disclaimer=disclaimer,
                        level_percent=int(round(100 * predictions[0].level))).rstrip("\n")
