@@ -106,7 +106,7 @@ REFERENCES: tuple[Reference, ...] = _parse_bibtex(_BIBTEX)
 _BY_KEY = {ref.key: ref for ref in REFERENCES}
 
 
-def software_versions() -> dict[str, str]:
+def cited_software_versions() -> dict[str, str]:
     """Installed versions of the software the methods paragraph names.
 
     Returns
@@ -174,7 +174,7 @@ def methods_paragraph(settings: Mapping[str, Any]) -> str:
             f"methods settings: roi_summary must be one of {sorted(_ROI_SUMMARIES)}, "
             f"got {summary!r}"
         )
-    versions = {**software_versions(), **dict(s.get("versions") or {})}
+    versions = {**cited_software_versions(), **dict(s.get("versions") or {})}
     cite = {key: ref.cite for key, ref in _BY_KEY.items()}
 
     fmriprep = "fMRIPrep"

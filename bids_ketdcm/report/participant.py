@@ -22,7 +22,12 @@ import numpy as np
 from bids_ketdcm.bids.derivatives import RunResult
 from bids_ketdcm.io import atomic_path, write_text
 from bids_ketdcm.report import figures
-from bids_ketdcm.report.methods import citations_bibtex, formatted_references, methods_paragraph, software_versions
+from bids_ketdcm.report.methods import (
+    citations_bibtex,
+    cited_software_versions,
+    formatted_references,
+    methods_paragraph,
+)
 from bids_ketdcm.report.render import figure_png, png_file, render_page
 
 log = logging.getLogger(__name__)
@@ -483,7 +488,7 @@ def _methods_section(settings: Mapping[str, Any]) -> str:
 
 
 def _about_section(settings: Mapping[str, Any]) -> str:
-    versions = {**software_versions(), **dict(settings.get("versions") or {})}
+    versions = {**cited_software_versions(), **dict(settings.get("versions") or {})}
     other = [(_SETTING_LABELS.get(k, k.replace("_", " ").capitalize()), _format_value(v))
              for k, v in sorted(settings.items()) if k != "versions"]
     return (
