@@ -22,7 +22,8 @@ from sklearn.metrics import roc_curve
 
 from bids_ketdcm.group.feature_sets import compare_feature_sets
 from bids_ketdcm.group.metrics import confusion
-from bids_ketdcm.group.suite import HEADLINE_METRIC, HEADLINE_MODEL, SuiteResult, Task
+from bids_ketdcm.group.models import HEADLINE_METRIC, HEADLINE_MODEL, ResultKey, Task
+from bids_ketdcm.group.suite import SuiteResult
 from bids_ketdcm.io import write_text
 from bids_ketdcm.provenance import command_line, software_versions
 from bids_ketdcm.report.methods import group_methods_paragraph
@@ -193,7 +194,7 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         fsel = (folds.treatment == "ketamine") & (folds.network == task.network) & (folds.target == task.target)
         nulls = {}
         for arm in ("ketamine", "placebo"):  # not `treatment`: that is the treatment-selection result
-            key = f"{arm}|{task.network}|{task.target}|{model}|{protocol}"
+            key = ResultKey(arm, task.network, task.target, model, protocol)
             row = res[(res.treatment == arm) & (res.network == task.network) & (res.target == task.target)
                       & (res.model == model) & (res.protocol == protocol)]
             if key in suite.nulls and len(row):
