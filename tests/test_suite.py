@@ -228,3 +228,21 @@ def test_permutation_p_value_and_determinism():
         warnings.simplefilter("error")  # the batched engine must not emit numeric warnings
         run_task(_task(X, np.searchsorted([0.1, 0.5], R, side="right"), classes=("a", "b", "c")),
                  replace(config, models=("multinomial", "logistic"), permutation_models=("multinomial",)))
+
+
+@pytest.mark.parametrize(("model", "kind"), [("svm", "classification"), ("elasticnet", "regression")])
+def test_nested_cv_of_other_models_is_permuted_with_its_inner_search(model, kind):
+    """--nested-permuted-model: the svm (binary) and elastic net (continuous) nested rows get a
+    p-value that separates a planted signal from noise; models not named get none."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(0, 0.05, (27, 4))
+    X[:, 1] += 0.5 * R
+    y = Y25 if kind == "classification" else R
+    models = ("logistic", "svm") if kind == "classification" else ("elasticnet",)
+    config = SuiteConfig(models=models, k_values=(5,), n_permutations=0, nested_repeats=2,
+                         nested_permutations=39, nested_permuted=(model,))
+    nested = {r["model"]: r for r in run_task(_task(X, y, kind=kind), config).results if r["protocol"] == "nested"}
+    assert nested[model]["n_permutations"] == 39 and nested[model]["p_value"] <= 0.05
+    assert all(r["n_permutations"] == 0 for m, r in nested.items() if m != model)
+    noise = run_task(_task(rng.normal(size=(27, 4)), y, kind=kind), config).results
+    assert next(r for r in noise if r["model"] == model and r["protocol"] == "nested")["p_value"] > 0.05

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from bids_ketdcm.cli.options import GROUP, option
+from bids_ketdcm.group.models import NESTED_PERMUTABLE
 
 
 def _option(*param_decls: str, **attrs: Any) -> Callable:
@@ -35,8 +36,13 @@ _OPTIONS = [
     _option("--nested-repeats", type=click.IntRange(min=0), default=10, show_default=True,
                  help="Group: repeats of the exploratory nested CV (0: no nested CV)."),
     _option("--nested-permutations", type=click.IntRange(min=0), default=100, show_default=True,
-                 help="Group: permutations of the nested CV of the logistic model on the ketamine binary "
-                 "targets, the inner search redone in every permutation."),
+                 help="Group: permutations of the nested CV of the --nested-permuted-model models on the "
+                 "ketamine targets, the inner search redone in every permutation."),
+    _option("--nested-permuted-model", "nested_permuted_models", multiple=True,
+                 type=click.Choice(NESTED_PERMUTABLE), default=("logistic",), show_default=True,
+                 help="Group: models whose repeated nested CV gets a permutation p-value (repeatable): logistic "
+                 "and svm on the binary targets, elasticnet on the continuous ones. Each svm or elasticnet "
+                 "permutation costs several times a logistic one."),
     _option("--analysis-plan", type=click.Path(path_type=Path),
                  help="Group: JSON file naming the primary analysis (keys network, target, model, n_splits, "
                  "n_repeats, stratify_order); default: dmn4, binary25 (>= 25 % response), logistic, "
@@ -92,6 +98,7 @@ def group_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
         "placebo_session": None if placebo.lower() == "none" else placebo,
         "nested_repeats": kw["nested_repeats"],
         "nested_permutations": kw["nested_permutations"],
+        "nested_permuted_models": tuple(kw["nested_permuted_models"]),
         "analysis_plan": kw["analysis_plan"],
         "primary_network": kw["primary_network"],
         "primary_target": kw["primary_target"],

@@ -52,6 +52,7 @@ from bids_ketdcm.group.models import (
     HEADLINE_METRIC,
     HEADLINE_MODEL,
     MODEL_DESCRIPTIONS,
+    NESTED_PERMUTABLE,
     PERMUTABLE,
     ResultKey,
     SuiteConfig,
@@ -122,8 +123,10 @@ class GroupOptions:
     apply_model: Path | None = None
     #: Also recommend ketamine or placebo per participant (crossover treatment selection).
     treatment_selection: bool = False
-    #: Permutations of the nested CV of the headline logistic model (inner search redone).
+    #: Permutations of the nested CV of the models below (inner search redone).
     nested_permutations: int = 100
+    #: Models whose nested CV is permuted (``--nested-permuted-model``).
+    nested_permuted_models: tuple[str, ...] = ("logistic",)
     #: JSON analysis plan of the primary analysis (None: the default plan).
     analysis_plan: Path | None = None
     #: Overrides of the plan's network and target.
@@ -184,6 +187,10 @@ class GroupOptions:
             problems.append(f"--n-permutations: must be >= 0 (got {self.n_permutations})")
         if self.nested_permutations < 0:
             problems.append(f"--nested-permutations: must be >= 0 (got {self.nested_permutations})")
+        unknown = sorted(set(self.nested_permuted_models) - set(NESTED_PERMUTABLE))
+        if unknown:
+            problems.append(f"--nested-permuted-model: {', '.join(unknown)} cannot be permuted with its inner "
+                            f"search (choose from {', '.join(NESTED_PERMUTABLE)})")
         if self.treatment_repeats < 1:
             problems.append(f"--treatment-repeats: must be >= 1 (got {self.treatment_repeats})")
         if self.treatment_target not in ("response", "difference"):
@@ -222,6 +229,7 @@ class GroupOptions:
             permutation_models=tuple(self.permutation_models) if self.permutation_models else None,
             rf_trees=self.rf_trees,
             nested_permutations=self.nested_permutations,
+            nested_permuted=tuple(self.nested_permuted_models),
             seed=self.seed,
             engine=self.engine,
         )

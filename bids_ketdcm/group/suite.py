@@ -6,7 +6,7 @@ target (a label scheme or a continuous target) of one analysis (ketamine or plac
 protocol of :mod:`bids_ketdcm.group.cv` and adds the permutation tests of
 :mod:`bids_ketdcm.group.permutation`: the headline model is permuted under the headline
 protocol (``kfold{max k}``); the nested CV of the models in ``nested_permuted`` on the
-ketamine binary targets gets its own permutation p-value (``nested_permutations``).
+ketamine binary and continuous targets gets its own permutation p-value (``nested_permutations``).
 :func:`run_suite` runs every task in parallel and gathers the tables.
 """
 
@@ -70,9 +70,9 @@ def run_task(task: Task, config: SuiteConfig) -> TaskResult:
                 null, started = None, time.perf_counter()
                 if model in permuted and protocol == config.permutation_protocol and config.n_permutations > 0:
                     null = permutation_null(task, model, config)
-                elif (model in permuted and protocol == "nested" and config.nested_permutations > 0
+                elif (protocol == "nested" and config.nested_permutations > 0
                       and model in config.nested_permuted and task.treatment == "ketamine"
-                      and task.n_classes == 2):
+                      and (task.kind == "regression" or task.n_classes == 2)):
                     null = nested_permutation_null(task, model, config)
                 if null is not None:
                     row["p_value"] = float((1 + np.sum(null >= row["headline"] - 1e-12)) / (1 + len(null)))
