@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_ketdcm.bids.naming import RunEntities, bids_uri
-from bids_ketdcm.errors import InputError
+from bids_ketdcm.errors import Failures, InputError
 from bids_ketdcm.io import read_json_object
 
 log = logging.getLogger(__name__)
@@ -455,7 +455,7 @@ def find_bold_runs(
     space: str = DEFAULT_SPACE,
     resolution: str | None = None,
     bids_filter: dict[str, Any] | None = None,
-    failures: dict[str, str] | None = None,
+    failures: Failures | None = None,
 ) -> list[BoldRun]:
     """Every preprocessed BOLD run matching the selection, with mask, confounds and TR.
 
@@ -481,8 +481,8 @@ def find_bold_runs(
         for "absent", ``"*"`` for "any"); they override ``session`` and ``task``.
     failures
         When given, a participant whose runs cannot be used (missing mask, confounds,
-        RepetitionTime; TR disagreeing with the header) is recorded here
-        (``{subject: message}``) and left out instead of stopping everything.
+        RepetitionTime; TR disagreeing with the header; a failure of the program while
+        reading them) is recorded here and left out instead of stopping everything.
 
     Returns
     -------
@@ -538,8 +538,7 @@ def find_bold_runs(
             continue
         if failures is None or not found:
             raise InputError(message)
-        failures[subject] = message
-        log.error("%s; left out", message)
+        failures.record(subject, InputError(message))
     if not found:
         hint = ""
         if sessions is not None:
@@ -557,11 +556,10 @@ def find_bold_runs(
             continue
         try:
             runs.append(_bold_run(layout, bold, fmriprep, raw_dir, labels, cache))
-        except InputError as err:
+        except Exception as err:  # one participant's failure leaves the others going
             if failures is None:
                 raise
-            failures[subject] = str(err)
-            log.error("sub-%s left out: %s", subject, err)
+            failures.record(subject, err)
     if failures:
         runs = [r for r in runs if r.subject not in failures]
     log.info("found %d BOLD run(s) of %d participant(s) in %s", len(runs),
