@@ -319,7 +319,7 @@ def _extract(work: _RunWork, network: pd.DataFrame, opts: ParticipantOptions) ->
     bold = work.bold
     try:
         series = extract_timeseries(bold.bold, bold.mask, bold.confounds, network, bold.tr,
-                                    denoise=opts.denoise, summary=opts.roi_summary)
+                                    denoise=opts.denoise, summary=opts.roi_summary, work_dir=opts.work_dir)
     except RunSkipped as skip:
         log.warning("skipping %s of sub-%s: %s", work.entities.label, work.entities.subject, skip)
         work.skipped = str(skip)
