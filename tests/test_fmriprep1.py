@@ -137,7 +137,7 @@ def test_presets_denoise_as_with_the_later_names(legacy, tiny_run, tmp_path, den
     np.testing.assert_array_equal(old.kept_volumes, new.kept_volumes)
     np.testing.assert_allclose(old.data, new.data, rtol=0, atol=1e-6 * np.abs(new.data).max())
     assert old.qc == new.qc
-    assert old.denoise["ConfoundsTranslated"]["Source"] == str(run.confounds)
+    assert old.denoise["ConfoundsTranslated"]["Source"] == run.confounds.name
 
 
 def test_participant_level_end_to_end(legacy, tmp_path):
@@ -153,6 +153,10 @@ def test_participant_level_end_to_end(legacy, tmp_path):
     assert series["Sources"] == [f"bids:fmriprep:sub-01/func/{RUN}_bold_space-{SPACE}_preproc.nii.gz",
                                  f"bids:fmriprep:sub-01/func/{RUN}_bold_space-{SPACE}_brainmask.nii.gz",
                                  f"bids:fmriprep:sub-01/func/{RUN}_bold_confounds.tsv"]
+    assert series["DenoiseStrategy"]["ConfoundsTranslated"]["Renamed"]["FramewiseDisplacement"] == \
+        "framewise_displacement"
+    text = (func / f"{stem}_desc-denoised_timeseries.json").read_text()
+    assert str(tmp_path) not in text and str(legacy) not in text  # no host path
     assert sorted(p.name for p in func.iterdir()) == sorted([
         f"{stem}_desc-denoised_timeseries.tsv", f"{stem}_desc-denoised_timeseries.json",
         f"{stem}_meas-dcm_relmat.tsv", f"{stem}_meas-dcm_relmat.json", f"{stem}_meas-dcm_posterior.npz",

@@ -101,7 +101,7 @@ def modern_confounds(bold: str | os.PathLike, confounds: str | os.PathLike,
     table : Path
         ``<run>_desc-confounds_timeseries.tsv`` beside it, the translated table.
     record : dict
-        The translation for the sidecars: ``Source`` (the input table), ``Renamed``
+        The translation for the sidecars: ``Source`` (the input table's name), ``Renamed``
         (old -> new), ``Added`` (the expansions) and ``LeftOut`` (columns without a later name).
 
     Raises
@@ -139,7 +139,7 @@ def modern_confounds(bold: str | os.PathLike, confounds: str | os.PathLike,
     write_tsv(target, out)
     write_json(target.with_suffix(".json"), _components(out.columns))
     _link(link, bold.resolve())
-    record = {"Source": str(confounds), "Renamed": {k: v for k, v in renamed.items() if v is not None},
+    record = {"Source": confounds.name, "Renamed": {k: v for k, v in renamed.items() if v is not None},
               "Added": added, "LeftOut": left_out}
     return link, target, record
 
