@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from bids_ketdcm.bids.derivatives import (
     RoiTimeseries,
+    dataset_files,
     finished_results,
     settings_differences,
     write_connectivity,
@@ -39,7 +40,7 @@ from bids_ketdcm.dcm.csd import validate_timeseries
 from bids_ketdcm.dcm.invert import CPU_CHUNK_BYTES
 from bids_ketdcm.dcm.priors import ParamLayout
 from bids_ketdcm.errors import Failures, InputError
-from bids_ketdcm.io import write_text
+from bids_ketdcm.io import remove_stale_temporaries, write_text
 from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy
 from bids_ketdcm.participant.predict import report_section, run_predictions
@@ -141,10 +142,12 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun], failures: Fai
         ``gmv``, under ``"gmv"`` the counts of :func:`bids_ketdcm.participant.structural.run_structural`;
         with ``apply_model``, under ``"predicted"`` the number of participants predicted.
     """
+    started_at = time.time()
     torch.manual_seed(opts.seed)
     device = _device(opts.device)
     networks = {network_label(n): (n, load_network(n)) for n in opts.networks} if opts.wants_dcm else {}
     check_settings(opts, runs)
+    _remove_leftovers(opts, runs, list(networks), started_at)
     summary: dict[str, dict[str, Any]] = {}
     skipped: dict[str, list[RunResult]] = defaultdict(list)
     touched: set[str] = set()
@@ -357,14 +360,34 @@ def _fail(failures: Failures, w: _RunWork, label: str, output_dir: Path, err: Ex
     _discard(output_dir, w.entities, label)
 
 
+def _run_outputs(output_dir: Path, run: RunEntities, label: str) -> list[Path]:
+    """Every file the participant level writes for one run and network."""
+    mask = roi_mask_path(output_dir, run, label)
+    return [*connectivity_paths(output_dir, run, label).values(), *timeseries_paths(output_dir, run, label).values(),
+            mask, mask.with_name(mask.name.replace(".nii.gz", ".json")),
+            *(run_figure_path(output_dir, run.subject, run.label, label, kind) for kind in RUN_FIGURES)]
+
+
 def _discard(output_dir: Path, run: RunEntities, label: str) -> None:
     """Remove whatever a failed run left of its outputs for this network (no stubs)."""
-    mask = roi_mask_path(output_dir, run, label)
-    paths = [*connectivity_paths(output_dir, run, label).values(), *timeseries_paths(output_dir, run, label).values(),
-             mask, mask.with_name(mask.name.replace(".nii.gz", ".json")),
-             *(run_figure_path(output_dir, run.subject, run.label, label, kind) for kind in RUN_FIGURES)]
-    for path in paths:
+    for path in _run_outputs(output_dir, run, label):
         path.unlink(missing_ok=True)
+
+
+def _remove_leftovers(opts: ParticipantOptions, runs: list[BoldRun], labels: list[str], started: float) -> None:
+    """Remove the temporary files of this call's outputs that killed writers left behind.
+
+    Only those older than this call whose writer is gone (:func:`bids_ketdcm.io.remove_stale_temporaries`):
+    a concurrent job writing the same outputs keeps its own.
+    """
+    out = opts.output_dir
+    paths = [p for r in runs for label in labels for p in _run_outputs(out, r.entities, label)]
+    paths += [out / f"sub-{s}.html" for s in sorted({r.subject for r in runs})]
+    paths += [*dataset_files(out), out / "logs" / "CITATION.bib"]
+    removed = remove_stale_temporaries(paths, started)
+    if removed:
+        log.info("removed %d temporary file(s) left by interrupted runs (their writers are gone): %s", len(removed),
+                 ", ".join(str(p.relative_to(out)) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
 
 
 def _report_or_failure(path: Path, subject: str, results: list[RunResult], settings: dict,
