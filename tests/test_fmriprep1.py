@@ -16,6 +16,7 @@ from conftest import SPACE
 
 from bids_ketdcm.bids.layout import find_bold_runs
 from bids_ketdcm.cli.app import main
+from bids_ketdcm.errors import InputError
 from bids_ketdcm.participant.confounds import modern_confounds
 from bids_ketdcm.participant.rois import load_network
 from bids_ketdcm.participant.timeseries import extract_timeseries
@@ -77,6 +78,22 @@ def test_runs_and_companions_are_found(legacy):
     assert run.tr == 2.5 and run.run == "1" and run.space == SPACE
     assert run.entities.label == "task-rest_run-1"
     assert [r.space for r in find_bold_runs(legacy, space="T1w")] == ["T1w"]
+    # the 1.x folder itself as BIDS_DIR: found without dataset_description.json; the TR is asked
+    # of the 1.x sidecar name (no raw dataset to fall back on)
+    with pytest.raises(InputError, match=rf"RepetitionTime of .* is missing: not in .*{RUN}_bold_space-{SPACE}_preproc"
+                                         r"\.json"):
+        find_bold_runs(legacy / "derivatives" / "fmriprep")
+
+
+@pytest.mark.parametrize("missing, message", [
+    (f"{RUN}_bold_space-{SPACE}_brainmask.nii.gz", rf"no brain mask beside it \(expected .*/{RUN}_bold_space-{SPACE}"
+                                                   r"_brainmask\.nii\.gz\)"),
+    (f"{RUN}_bold_confounds.tsv", rf"no confounds file for this run \(expected .*/{RUN}_bold_confounds\.tsv\)")])
+def test_missing_companions_are_named_as_fmriprep1_named_them(tmp_path, tiny_run, missing, message):
+    root = legacy_dataset(tmp_path / "bids", tiny_run)
+    (root / "derivatives" / "fmriprep" / "sub-01" / "func" / missing).unlink()
+    with pytest.raises(InputError, match=message):
+        find_bold_runs(root)
 
 
 def test_translation_reproduces_the_later_columns(legacy, tiny_run, tmp_path):

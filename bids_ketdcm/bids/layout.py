@@ -154,6 +154,8 @@ def resolve_fmriprep_dir(
             raise InputError(f"--fmriprep-dir {path} does not exist or is not a folder")
     elif (bids_dir / "derivatives" / "fmriprep").is_dir():
         path = bids_dir / "derivatives" / "fmriprep"
+    elif not (bids_dir / "dataset_description.json").exists() and _holds_fmriprep1(bids_dir):
+        path = bids_dir
     elif _read_description(bids_dir, "BIDS_DIR").get("DatasetType") == "derivative":
         path = bids_dir
     else:
