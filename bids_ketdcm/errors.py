@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from bids_ketdcm.config import LOG_VERBOSE
-
 _log = logging.getLogger(__name__)
+
+#: Logging level of ``-v``: the DCM's per-iteration lines and tracebacks (between DEBUG and INFO).
+LOG_VERBOSE = 15
 
 
 class InputError(Exception):

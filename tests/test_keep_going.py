@@ -10,8 +10,7 @@ import pandas as pd
 from conftest import fmriprep_layout
 
 from bids_ketdcm.cli.app import main
-from bids_ketdcm.config import LOG_VERBOSE
-from bids_ketdcm.errors import Failures, InputError, ParticipantsFailed
+from bids_ketdcm.errors import LOG_VERBOSE, Failures, InputError, ParticipantsFailed
 from bids_ketdcm.participant import workflow
 
 NET2 = [("PCC", 0, -52, 26, 8), ("mPFC", 2, 46, -2, 8)]

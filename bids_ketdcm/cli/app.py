@@ -28,8 +28,8 @@ from bids_ketdcm.cli.options import (
     SectionedCommand,
     option,
 )
-from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions, uses_dcm, uses_gmv
-from bids_ketdcm.errors import Failures, InputError, ParticipantsFailed
+from bids_ketdcm.config import ParticipantOptions, uses_dcm, uses_gmv
+from bids_ketdcm.errors import LOG_VERBOSE, Failures, InputError, ParticipantsFailed
 from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy, preset_names
 from bids_ketdcm.participant.rois import load_network, network_label

@@ -34,12 +34,12 @@ from bids_ketdcm.bids.derivatives import (
 )
 from bids_ketdcm.bids.layout import BoldRun, resolve_fmriprep_dir
 from bids_ketdcm.bids.naming import RunEntities, connectivity_paths, roi_mask_path, timeseries_paths
-from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions
+from bids_ketdcm.config import ParticipantOptions
 from bids_ketdcm.dcm import fit
 from bids_ketdcm.dcm.csd import validate_timeseries
 from bids_ketdcm.dcm.invert import CPU_CHUNK_BYTES
 from bids_ketdcm.dcm.priors import ParamLayout
-from bids_ketdcm.errors import Failures, InputError
+from bids_ketdcm.errors import LOG_VERBOSE, Failures, InputError
 from bids_ketdcm.io import remove_stale_temporaries, write_text
 from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy
