@@ -289,7 +289,7 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
         section=PERFORMANCE, help="Torch device for DCM inversion.")
 @option("--work-dir", type=click.Path(path_type=Path), section=WORKFLOW,
-        help="Work folder (pybids index). Default: OUTPUT_DIR/work.")
+        help="Work folder (caches; fMRIPrep 1.0/1.1 confounds translated). Default: OUTPUT_DIR/work.")
 @option("--seed", type=int, default=0, show_default=True, section=WORKFLOW, help="Random seed.")
 @option("--overwrite", is_flag=True, section=WORKFLOW, help="Redo runs whose outputs already exist.")
 @option("--reports-only", is_flag=True, section=WORKFLOW,
