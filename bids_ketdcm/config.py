@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Logging level of ``-v``: the DCM's per-iteration lines and tracebacks (between DEBUG and INFO).
-LOG_VERBOSE = 15
-
 #: What a model can learn from: spectral DCM A matrices, gray-matter volumes, or both.
 FEATURE_SETS = ("dcm", "gmv", "dcm+gmv")
 

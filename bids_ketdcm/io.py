@@ -1,11 +1,20 @@
-"""Atomic writers: an output file either exists complete or not at all."""
+"""Atomic writers: an output file either exists complete or not at all.
+
+Each write goes to a hidden temporary file beside its destination, renamed onto it when
+complete: ``.NAME.HOST.PID.RANDOM.tmp`` (the writer's host and process id). A process
+killed mid-write (``kill -9``, out of memory) leaves that file behind;
+:func:`remove_stale_temporaries` removes such leftovers once their writer is gone.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +42,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,6 +52,67 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+#: This host's name as temporary file names carry it (letters, digits and ``-``).
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+#: A temporary file older than this (s) is stale whoever wrote it: one write takes seconds,
+#: and a writer on another host (a cluster's shared file system) cannot be asked whether it runs.
+STALE_TEMPORARY_S = 3600.0
+
+
+def remove_stale_temporaries(paths: Iterable[str | os.PathLike], before: float) -> list[Path]:
+    """Remove the temporary files that interrupted writes of these outputs left behind.
+
+    A temporary file of an output (``.NAME.HOST.PID.RANDOM.tmp``, see :func:`atomic_path`)
+    is removed when it was last modified before ``before`` and either its writer ran on
+    this host and that process no longer exists, or it is older than
+    :data:`STALE_TEMPORARY_S` (a writer on another host, or a name without host and
+    process). A concurrent job's write in progress is never removed.
+
+    Parameters
+    ----------
+    paths
+        Final output paths (their temporary files are looked for beside them).
+    before
+        Time (``time.time()``) the caller started: newer temporary files are kept.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    folders: dict[Path, set[str]] = {}
+    for path in map(Path, paths):
+        folders.setdefault(path.parent, set()).add(path.name)
+    removed = []
+    now = time.time()
+    for folder, names in folders.items():
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+            target = max((n for n in names if tmp.name.startswith(f".{n}.")), key=len, default=None)
+            try:
+                modified = tmp.stat().st_mtime
+            except FileNotFoundError:  # its writer finished meanwhile
+                continue
+            if target is None or modified >= before:
+                continue
+            fields = tmp.name[len(target) + 2 : -len(".tmp")].split(".")
+            gone = len(fields) == 3 and fields[0] == _HOST and fields[1].isdigit() and not _running(int(fields[1]))
+            if gone or now - modified > STALE_TEMPORARY_S:
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def _umask() -> int:

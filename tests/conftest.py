@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +167,15 @@ def fmriprep_layout(root: Path, names: list[str], template: dict[str, Path], *, 
 def example_names(example: str) -> list[str]:
     """The func file names of one BIDS example."""
     return (BIDS_EXAMPLES / f"{example}.txt").read_text().split()
+
+
+#: Opens an atomic write of the path in argv[1] and dies before finishing it (as kill -9 would).
+_DIE_MID_WRITE = ("import os, sys\nfrom bids_ketdcm.io import atomic_path\n"
+                  "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_text('half')\n    os._exit(0)\n")
+
+
+def killed_writer(path: Path) -> Path:
+    """The temporary file a real process left when it died writing ``path``."""
+    subprocess.run([sys.executable, "-c", _DIE_MID_WRITE, str(path)], check=True)
+    [tmp] = path.parent.glob(f".{path.name}.*.tmp")
+    return tmp

@@ -16,8 +16,9 @@ from click.testing import CliRunner
 from bids_ketdcm.cli import tools
 from bids_ketdcm.cli.app import WORKER_MB, bids_app, group_processes, main, setup_logging
 from bids_ketdcm.cli.options import OTHER, SECTIONS
-from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions
+from bids_ketdcm.config import ParticipantOptions
 from bids_ketdcm.dcm import fit, simulate
+from bids_ketdcm.errors import LOG_VERBOSE
 from bids_ketdcm.participant.workflow import dcm_batching
 from bids_ketdcm.testing.synth import make_synthetic_dataset
 

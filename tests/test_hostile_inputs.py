@@ -215,7 +215,7 @@ def test_one_bad_participant_does_not_stop_the_others(tmp_path, tiny_run, capsys
     err = capsys.readouterr().err
     assert code == 2
     assert "2 participant(s) failed (1 processed)" in err
-    assert f"sub-01: confounds file {bad}" in err and "sub-03: " in err and "no brain mask" in err
+    assert f"sub-01 task-rest dmn4: confounds file {bad}" in err and "sub-03: " in err and "no brain mask" in err
     assert [p.name.split("_")[0] for p in out.rglob("*_relmat.tsv")] == ["sub-02"]
     assert (out / "sub-02.html").exists() and not (out / "sub-01.html").exists()
     shutil.rmtree(out)

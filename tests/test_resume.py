@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import fmriprep_layout
+from conftest import fmriprep_layout, killed_writer
 
 from bids_ketdcm.bids.layout import run_bids_validator
 from bids_ketdcm.cli.app import main
+from bids_ketdcm.io import _HOST
 
 NET3 = [("PCC", 0, -52, 26, 8), ("mPFC", 2, 46, -2, 8), ("rIPL", 46, -62, 32, 8)]
 #: Small networks keep the inversions short.
@@ -112,6 +113,24 @@ def test_pybids_reads_the_connectivity_back(finished):
         ent = f.get_entities()
         assert ent["task"] == "rest" and ent["space"] == "MNI152NLin2009cAsym" and ent["segmentation"] == "net2"
     assert sorted(f.get_entities()["subject"] for f in files) == ["01", "02"]
+
+
+def test_leftovers_of_killed_writers_are_removed_at_the_next_call(finished, capsys):
+    """Temporary files that killed processes left beside this call's outputs go; one that a
+    live process is writing (here this one) stays."""
+    root, out, net = finished
+    relmat = next(out.glob("sub-01/func/*seg-net2_meas-dcm_relmat.tsv"))
+    dead = [killed_writer(relmat), killed_writer(out / "sub-01.html"), killed_writer(out / "dataset_description.json")]
+    sidecar = relmat.with_suffix(".json")
+    live = sidecar.with_name(f".{sidecar.name}.{_HOST}.{os.getpid()}.abcdefgh.tmp")  # this process writes it
+    live.write_text("{}")
+    time.sleep(0.05)  # all older than the call
+    assert main([str(root), str(out), "participant", "--skip-bids-validation", *net]) == 0
+    assert live.exists()
+    live.unlink()
+    assert not any(p.exists() for p in dead)
+    assert "removed 3 temporary file(s) left by interrupted runs" in capsys.readouterr().err
+    assert not list(out.rglob(".*.tmp"))
 
 
 def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:

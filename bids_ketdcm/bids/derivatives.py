@@ -232,7 +232,8 @@ def write_dataset_description(output_dir: Path, inputs: Mapping[str, Path], argv
     }
     if (image := container()) is not None:
         generated_by["Container"] = image
-    write_json(output_dir / "dataset_description.json", {
+    description, bidsignore, connectivity = dataset_files(output_dir)
+    write_json(description, {
         "Name": "bids-ketdcm spectral DCM derivatives",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
@@ -240,8 +241,16 @@ def write_dataset_description(output_dir: Path, inputs: Mapping[str, Path], argv
         "SourceDatasets": [{"URL": f"bids:{name}:"} for name in inputs],
         "DatasetLinks": {name: _dataset_link(Path(path), output_dir) for name, path in inputs.items()},
     })
-    write_text(output_dir / ".bidsignore", BIDSIGNORE)
-    write_json(output_dir / f"meas-{CONNECTIVITY_MEASURE}_{CONNECTIVITY_SUFFIX}.json", CONNECTIVITY_DESCRIPTION)
+    write_text(bidsignore, BIDSIGNORE)
+    write_json(connectivity, CONNECTIVITY_DESCRIPTION)
+
+
+def dataset_files(output_dir: Path) -> list[Path]:
+    """The dataset-level files of :func:`write_dataset_description`: its description,
+    ``.bidsignore`` and the top-level sidecar of the connectivity files."""
+    output_dir = Path(output_dir)
+    return [output_dir / "dataset_description.json", output_dir / ".bidsignore",
+            output_dir / f"meas-{CONNECTIVITY_MEASURE}_{CONNECTIVITY_SUFFIX}.json"]
 
 
 # --------------------------------------------------------------------------- settings identity

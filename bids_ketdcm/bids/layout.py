@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_ketdcm.bids.naming import RunEntities, bids_uri
-from bids_ketdcm.errors import InputError
+from bids_ketdcm.errors import Failures, InputError
 from bids_ketdcm.io import read_json_object
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ class BoldRun:
     bold, mask, confounds
         Paths of ``desc-preproc_bold``, the brain mask (``desc-brain_mask``, or
         ``label-brain_mask`` of fMRIPrep 1.x) and the confounds
-        (``desc-confounds_timeseries.tsv``, or ``desc-confounds_regressors.tsv`` before 20.2).
+        (``desc-confounds_timeseries.tsv``, or ``desc-confounds_regressors.tsv`` before 20.2);
+        for fMRIPrep 1.0/1.1, ``_bold_space-S_preproc``, ``_bold_space-S_brainmask`` and
+        ``_bold_confounds.tsv`` (translated when read: :mod:`bids_ketdcm.participant.confounds`).
     tr
         Repetition time (s).
     root
@@ -139,7 +141,9 @@ def resolve_fmriprep_dir(
     -------
     Path
         ``fmriprep_dir`` if given; else ``BIDS_DIR/derivatives/fmriprep`` if it exists;
-        else BIDS_DIR itself when it is a derivative dataset (an fMRIPrep output).
+        else BIDS_DIR itself when it is a derivative dataset (an fMRIPrep output). It must
+        hold a ``dataset_description.json``, unless it holds fMRIPrep 1.0/1.1 outputs
+        (before 1.1.5 fMRIPrep wrote none).
     """
     bids_dir = Path(bids_dir)
     if not bids_dir.is_dir():
@@ -150,6 +154,8 @@ def resolve_fmriprep_dir(
             raise InputError(f"--fmriprep-dir {path} does not exist or is not a folder")
     elif (bids_dir / "derivatives" / "fmriprep").is_dir():
         path = bids_dir / "derivatives" / "fmriprep"
+    elif not (bids_dir / "dataset_description.json").exists() and _holds_fmriprep1(bids_dir):
+        path = bids_dir
     elif _read_description(bids_dir, "BIDS_DIR").get("DatasetType") == "derivative":
         path = bids_dir
     else:
@@ -158,8 +164,18 @@ def resolve_fmriprep_dir(
             f"not exist and {bids_dir} is not a derivative dataset; run fMRIPrep first or "
             "give --fmriprep-dir"
         )
-    _read_description(path, "fMRIPrep folder")
+    if (path / "dataset_description.json").exists() or not _holds_fmriprep1(path):
+        _read_description(path, "fMRIPrep folder")
+    else:  # fMRIPrep before 1.1.5 wrote none
+        log.info("fMRIPrep folder %s: no dataset_description.json, read as fMRIPrep 1.0/1.1 outputs", path)
     return path
+
+
+def _holds_fmriprep1(root: Path) -> bool:
+    """Whether a folder holds fMRIPrep 1.0/1.1 BOLD outputs (:data:`LEGACY_BOLD`)."""
+    files = (f for pattern in ("sub-*/func/*_preproc.nii*", "sub-*/ses-*/func/*_preproc.nii*")
+             for f in root.glob(pattern))
+    return any(LEGACY_BOLD.search(f.name) for f in files)
 
 
 def _read_description(root: Path, what: str) -> dict[str, Any]:
@@ -355,6 +371,16 @@ def _identity(entities: dict[str, Any], drop: set[str]) -> dict[str, str]:
 
 
 def _expected_name(bold: Path, spatial: bool, replacement: str) -> Path:
+    """The name of a companion of ``bold`` (``replacement`` in fMRIPrep 1.2+ naming).
+
+    For an fMRIPrep 1.0/1.1 BOLD (:data:`LEGACY_BOLD`) the 1.0/1.1 name of that companion.
+    """
+    legacy = LEGACY_BOLD.search(bold.name)
+    if legacy is not None:
+        head, space = bold.name[: legacy.start()], legacy.group(1)
+        return bold.with_name(head + {"_desc-preproc_bold.json": f"_bold_space-{space}_preproc.json",
+                                      "_desc-brain_mask.nii.gz": f"_bold_space-{space}_brainmask.nii.gz",
+                                      "_desc-confounds_timeseries.tsv": LEGACY_CONFOUNDS_END}[replacement])
     head = bold.name.split("_desc-preproc_bold")[0]
     if not spatial:
         head = re.sub(r"_(?:space|res|den|cohort)-[A-Za-z0-9]+", "", head)
@@ -401,6 +427,11 @@ def _repetition_time(bold, raw_dir: Path | None,
 #: Brain masks and confounds across fMRIPrep versions, newest first: (suffix, entity, label).
 MASK_NAMES = (("mask", "desc", "brain"), ("mask", "label", "brain"))
 CONFOUNDS_NAMES = (("timeseries", "desc", "confounds"), ("regressors", "desc", "confounds"))
+#: fMRIPrep 1.0/1.1 names (before BIDS-Derivatives): ``<run>_bold_space-S_preproc.nii.gz``,
+#: ``<run>_bold_space-S_brainmask.nii.gz``, ``<run>_bold_confounds.tsv`` (CamelCase columns).
+LEGACY_BOLD = re.compile(r"_bold_space-([A-Za-z0-9]+)_preproc\.nii(?:\.gz)?$")
+LEGACY_MASK = re.compile(r"_bold_space-[A-Za-z0-9]+_brainmask\.nii(?:\.gz)?$")
+LEGACY_CONFOUNDS_END = "_bold_confounds.tsv"
 
 
 def _companion(layout, bold, names: Sequence[tuple[str, str, str]], extensions: Sequence[str],
@@ -408,16 +439,24 @@ def _companion(layout, bold, names: Sequence[tuple[str, str, str]], extensions: 
     """The file beside the BOLD with the same identity and one of these (suffix, entity, label).
 
     ``spatial``: whether the companion carries the BOLD's space/res entities (the mask
-    does, the confounds TSV does not).
+    does, the confounds TSV does not). For an fMRIPrep 1.0/1.1 BOLD, its 1.0/1.1 companion.
     """
     entities = bold.get_entities()
     drop = _FILE_ENTITIES | {"label"} | (set() if spatial else _SPATIAL_ENTITIES)
     want = _identity(entities, drop)
+
+    def same_run(file) -> bool:
+        return Path(file.path).parent == Path(bold.path).parent and _identity(file.get_entities(), drop) == want
+
+    if LEGACY_BOLD.search(Path(bold.path).name):
+        suffix = "brainmask" if spatial else "confounds"
+        named = [f for f in layout.get(subject=entities["subject"], suffix=suffix, extension=list(extensions))
+                 if (LEGACY_MASK.search(Path(f.path).name) if spatial else f.path.endswith(LEGACY_CONFOUNDS_END))]
+        return next((f for f in named if same_run(f)), None)
     for suffix, key, value in names:
         candidates = layout.get(subject=entities["subject"], suffix=suffix, extension=list(extensions),
                                 **{"desc" if key == "desc" else key: value})
-        matches = [f for f in candidates if Path(f.path).parent == Path(bold.path).parent
-                   and _identity(f.get_entities(), drop) == want]
+        matches = [f for f in candidates if same_run(f)]
         if matches:
             return matches[0]
     return None
@@ -455,7 +494,7 @@ def find_bold_runs(
     space: str = DEFAULT_SPACE,
     resolution: str | None = None,
     bids_filter: dict[str, Any] | None = None,
-    failures: dict[str, str] | None = None,
+    failures: Failures | None = None,
 ) -> list[BoldRun]:
     """Every preprocessed BOLD run matching the selection, with mask, confounds and TR.
 
@@ -481,8 +520,8 @@ def find_bold_runs(
         for "absent", ``"*"`` for "any"); they override ``session`` and ``task``.
     failures
         When given, a participant whose runs cannot be used (missing mask, confounds,
-        RepetitionTime; TR disagreeing with the header) is recorded here
-        (``{subject: message}``) and left out instead of stopping everything.
+        RepetitionTime; TR disagreeing with the header; a failure of the program while
+        reading them) is recorded here and left out instead of stopping everything.
 
     Returns
     -------
@@ -519,14 +558,14 @@ def find_bold_runs(
     query.update(_pybids_filters(bids_filter or {}, "--bids-filter-file"))
     subjects = labels or available
     try:
-        found = layout.get(subject=subjects, space=space, **query)
+        found = _bold_files(layout, subject=subjects, space=space, **query)
     except (ValueError, KeyError) as err:
         raise InputError(f"invalid BOLD filter ({err}); check --bids-filter-file") from None
 
     for subject in subjects:
         if any(f.entities["subject"] == subject for f in found):
             continue
-        other = layout.get(subject=subject, **query)
+        other = _bold_files(layout, subject=subject, **query)
         if other:
             spaces = sorted({str(f.entities.get("space", "native")) for f in other})
             message = (f"sub-{subject}: no desc-preproc_bold in space {space} in {fmriprep}; "
@@ -538,8 +577,7 @@ def find_bold_runs(
             continue
         if failures is None or not found:
             raise InputError(message)
-        failures[subject] = message
-        log.error("%s; left out", message)
+        failures.record(subject, InputError(message))
     if not found:
         hint = ""
         if sessions is not None:
@@ -557,16 +595,22 @@ def find_bold_runs(
             continue
         try:
             runs.append(_bold_run(layout, bold, fmriprep, raw_dir, labels, cache))
-        except InputError as err:
+        except Exception as err:  # one participant's failure leaves the others going
             if failures is None:
                 raise
-            failures[subject] = str(err)
-            log.error("sub-%s left out: %s", subject, err)
+            failures.record(subject, err)
     if failures:
         runs = [r for r in runs if r.subject not in failures]
     log.info("found %d BOLD run(s) of %d participant(s) in %s", len(runs),
              len({r.subject for r in runs}), fmriprep)
     return sorted(runs, key=lambda r: (r.subject, r.session or "", r.entities.label, str(r.bold)))
+
+
+def _bold_files(layout, **query: Any) -> list:
+    """The preprocessed BOLD files matching a query: ``desc-preproc_bold``, and the fMRIPrep
+    1.0/1.1 ``_bold_space-S_preproc`` (pybids reads its suffix as ``preproc``, without desc)."""
+    legacy = {k: v for k, v in query.items() if k != "desc"} | {"suffix": "preproc"}
+    return [*layout.get(**query), *(f for f in layout.get(**legacy) if LEGACY_BOLD.search(Path(f.path).name))]
 
 
 def _bold_run(layout, bold, fmriprep: Path, raw_dir: Path | None, labels: Sequence[str] | None,
@@ -576,14 +620,15 @@ def _bold_run(layout, bold, fmriprep: Path, raw_dir: Path | None, labels: Sequen
     if mask is None:
         raise InputError(
             f"{path}: no brain mask beside it "
-            f"(expected {_expected_name(path, True, '_desc-brain_mask.nii.gz')}, or label-brain_mask)"
+            f"(expected {_expected_name(path, True, '_desc-brain_mask.nii.gz')}"
+            f"{'' if LEGACY_BOLD.search(path.name) else ', or label-brain_mask'})"
         )
     confounds = _companion(layout, bold, CONFOUNDS_NAMES, [".tsv"], spatial=False)
     if confounds is None:
         raise InputError(
             f"{path}: no confounds file for this run "
-            f"(expected {_expected_name(path, False, '_desc-confounds_timeseries.tsv')}, "
-            "or desc-confounds_regressors.tsv before fMRIPrep 20.2)"
+            f"(expected {_expected_name(path, False, '_desc-confounds_timeseries.tsv')}"
+            f"{'' if LEGACY_BOLD.search(path.name) else ', or desc-confounds_regressors.tsv before fMRIPrep 20.2'})"
         )
     tr = _repetition_time(bold, raw_dir, labels, cache)
     header = _header_tr(path)

@@ -28,8 +28,8 @@ from bids_ketdcm.cli.options import (
     SectionedCommand,
     option,
 )
-from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions, uses_dcm, uses_gmv
-from bids_ketdcm.errors import InputError
+from bids_ketdcm.config import ParticipantOptions, uses_dcm, uses_gmv
+from bids_ketdcm.errors import LOG_VERBOSE, Failures, InputError, ParticipantsFailed
 from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy, preset_names
 from bids_ketdcm.participant.rois import load_network, network_label
@@ -289,7 +289,7 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
 @option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
         section=PERFORMANCE, help="Torch device for DCM inversion.")
 @option("--work-dir", type=click.Path(path_type=Path), section=WORKFLOW,
-        help="Work folder (pybids index). Default: OUTPUT_DIR/work.")
+        help="Work folder (caches; fMRIPrep 1.0/1.1 confounds translated). Default: OUTPUT_DIR/work.")
 @option("--seed", type=int, default=0, show_default=True, section=WORKFLOW, help="Random seed.")
 @option("--overwrite", is_flag=True, section=WORKFLOW, help="Redo runs whose outputs already exist.")
 @option("--reports-only", is_flag=True, section=WORKFLOW,
@@ -358,7 +358,7 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
         validate_bids(bids_dir)
     labels = [_strip_sub(x) for x in kw["participant_labels"]]
     sessions = list(kw["session_labels"]) or None
-    failures: dict[str, str] = {}
+    failures = Failures()
     runs = []
     if uses_dcm(kw["features"]):
         runs = find_bold_runs(bids_dir, fmriprep_dir=kw["fmriprep_dir"], participant_labels=labels,
@@ -381,10 +381,8 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
     for label, counts in summary.items():
         if "inverted" not in counts:  # the networks' lines were logged as each ended
             log.info("%s: %s", label, ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
-    if failures:
-        done = len({r.subject for r in runs} - set(failures))
-        raise InputError(f"{len(failures)} participant(s) failed ({done} processed):\n"
-                         + "\n".join(f"sub-{s}: {m}" for s, m in sorted(failures.items())))
+    if failures:  # every failure at the end: exit 2 when all are bad input, else 1
+        raise failures.error(len({r.subject for r in runs} - failures.subjects))
 
 
 def group_processes(nprocs: int, mem_mb: int | None) -> int:
@@ -463,6 +461,9 @@ def run_command(command: click.Command, prog_name: str, argv: list[str] | None =
     except InputError as err:
         click.echo(f"bids-ketdcm: error: {err}", err=True)
         return EXIT_INPUT
+    except ParticipantsFailed as err:  # the others were processed; every traceback was logged with -v
+        click.echo(f"bids-ketdcm: error: {err}", err=True)
+        return EXIT_FAILURE
     except Exception as err:  # a failure of the program: one line, traceback only with -v
         log.log(LOG_VERBOSE, "traceback", exc_info=True)
         click.echo(f"bids-ketdcm: internal error: {type(err).__name__}: {err} (run with -v for the traceback)",

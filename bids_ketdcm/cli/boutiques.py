@@ -47,8 +47,10 @@ LEADING = ("bids_dir", "output_dir", "analysis_level", "participant_label", "ses
 #: Exit codes, worded as the README's table (without its Markdown).
 ERROR_CODES = (
     (EXIT_OK, "success"),
-    (EXIT_FAILURE, "a failure of the program (message; -v shows the traceback)"),
-    (EXIT_INPUT, "bad input or usage: one message naming the file or option at fault"),
+    (EXIT_FAILURE, "a failure of the program (message; -v shows the traceback); with several participants, "
+                   "the others were processed and the summary lists every failure"),
+    (EXIT_INPUT, "bad input or usage: one message naming the file or option at fault (with several "
+                 "participants: every failure was bad input, the others were processed)"),
 )
 
 _OUTPUT_DIR_NAME = {

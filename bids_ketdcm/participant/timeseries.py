@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -36,6 +38,7 @@ import pandas as pd
 from bids_ketdcm.bids.derivatives import RoiTimeseries
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import load_image
+from bids_ketdcm.participant.confounds import is_legacy, modern_confounds
 from bids_ketdcm.participant.denoise import load_strategy
 from bids_ketdcm.participant.rois import sphere_indices
 
@@ -207,14 +210,15 @@ def load_run_confounds(
     return confounds, sample_mask
 
 
-def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int) -> tuple[dict, np.ndarray | None]:
+def _run_motion_qc(confounds_file: str | os.PathLike, n_volumes: int,
+                   name: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
     try:
         table = pd.read_csv(confounds_file, sep="\t", na_values=["n/a"])
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise InputError(f"confounds file {confounds_file} cannot be read: {err}") from None
+        raise InputError(f"confounds file {name} cannot be read: {err}") from None
     if len(table) != n_volumes:
         raise InputError(
-            f"confounds file {confounds_file} has {len(table)} rows but the BOLD run "
+            f"confounds file {name} has {len(table)} rows but the BOLD run "
             f"has {n_volumes} volumes"
         )
     if "framewise_displacement" not in table.columns:
@@ -285,6 +289,7 @@ def extract_timeseries(
     summary: str = "eigenvariate",
     detrend: bool = False,
     min_kept_seconds: float = DEFAULT_MIN_KEPT_SECONDS,
+    work_dir: str | os.PathLike | None = None,
 ) -> RoiTimeseries:
     """Denoise one fMRIPrep BOLD run and summarise every ROI.
 
@@ -298,7 +303,8 @@ def extract_timeseries(
         The run's ``desc-confounds_timeseries.tsv``. nilearn reads the confounds TSV
         and JSON it finds beside ``bold`` (fMRIPrep's layout), which must be this file;
         this path feeds the QC (framewise displacement, non-steady-state volumes) and
-        error messages.
+        error messages. An fMRIPrep 1.0/1.1 ``_bold_confounds.tsv`` is first translated
+        into the later names in ``work_dir`` (:mod:`bids_ketdcm.participant.confounds`).
     network
         ROI table from :func:`bids_ketdcm.participant.rois.load_network`.
     tr
@@ -313,6 +319,8 @@ def extract_timeseries(
         model; off by default).
     min_kept_seconds
         Fewer seconds of data left after removing volumes raises :class:`RunSkipped`.
+    work_dir
+        Where fMRIPrep 1.0/1.1 confounds are translated (default: the system's temporary folder).
 
     Returns
     -------
@@ -351,8 +359,11 @@ def extract_timeseries(
     raw, mean_bold = _bold_voxels(bold, bold_img, union)
 
     _check_confound_values(confounds, None)
+    nilearn_bold, table, translation = Path(bold), Path(confounds), None
+    if is_legacy(confounds):
+        nilearn_bold, table, translation = modern_confounds(bold, confounds, work_dir or tempfile.gettempdir())
     selected, sample_mask = load_run_confounds(
-        bold, denoise, confounds_file=confounds,
+        nilearn_bold, denoise, confounds_file=confounds,
     )
     if selected is not None and len(selected) != n_volumes:
         raise InputError(
@@ -360,12 +371,12 @@ def extract_timeseries(
             f"has {n_volumes} volumes"
         )
     if selected is not None:
-        _check_confound_values(confounds, [str(c) for c in selected.columns])
+        _check_confound_values(table, [str(c) for c in selected.columns], name=confounds)
     kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask, int)
     qc: dict[str, Any] = {"n_volumes": int(n_volumes)}
-    motion, fd = _run_motion_qc(confounds, n_volumes)
+    motion, fd = _run_motion_qc(table, n_volumes, name=confounds)
     qc.update(motion)
-    n_non_steady = _count_non_steady(confounds)
+    n_non_steady = _count_non_steady(table)
     qc.update(
         n_non_steady_state=n_non_steady,
         n_scrubbed=int(n_volumes - len(kept) - n_non_steady),
@@ -436,6 +447,7 @@ def extract_timeseries(
         "Standardize": False,
         "MeanCentred": True,
         "Summary": summary,
+        **({} if translation is None else {"ConfoundsTranslated": translation}),
     }
     return RoiTimeseries(
         data=np.column_stack(columns),
@@ -466,15 +478,18 @@ def _check_distinct(names: list[str], masks: list[np.ndarray], bold: str | os.Pa
                 )
 
 
-def _check_confound_values(path: str | os.PathLike, columns: list[str] | None) -> None:
+def _check_confound_values(path: str | os.PathLike, columns: list[str] | None,
+                           name: str | os.PathLike | None = None) -> None:
     """Confound columns hold numbers, and the selected ones ``n/a`` only in leading rows (derivatives, FD).
 
     ``columns``: the confounds the strategy selected; None checks every column for text only.
+    ``name``: the input file named in messages when ``path`` is its translation (default ``path``).
     """
+    shown = name or path
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise InputError(f"confounds file {path} cannot be read: {err}") from None
+        raise InputError(f"confounds file {shown} cannot be read: {err}") from None
     for column in table.columns if columns is None else columns:
         if column not in table.columns:
             continue
@@ -483,7 +498,7 @@ def _check_confound_values(path: str | os.PathLike, columns: list[str] | None) -
         numbers = pd.to_numeric(values.where(~missing), errors="coerce").to_numpy(float)
         bad = np.flatnonzero(~missing & ~np.isfinite(numbers))
         if bad.size:
-            raise InputError(f"confounds file {path}: column {column!r} holds {values.iloc[bad[0]]!r} at row "
+            raise InputError(f"confounds file {shown}: column {column!r} holds {values.iloc[bad[0]]!r} at row "
                              f"{bad[0] + 1}; expected numbers (or n/a in the first rows)")
         if columns is None:
             continue
@@ -491,7 +506,7 @@ def _check_confound_values(path: str | os.PathLike, columns: list[str] | None) -
         gaps = np.flatnonzero(missing)
         if present.size and gaps.size and gaps.max() > present.min():
             row = int(gaps[gaps > present.min()][0])
-            raise InputError(f"confounds file {path}: column {column!r} is n/a at row {row + 1}, in the middle of "
+            raise InputError(f"confounds file {shown}: column {column!r} is n/a at row {row + 1}, in the middle of "
                              "the run (only the first rows may be n/a)")
 
 

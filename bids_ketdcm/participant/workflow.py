@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from bids_ketdcm.bids.derivatives import (
     RoiTimeseries,
+    dataset_files,
     finished_results,
     settings_differences,
     write_connectivity,
@@ -30,14 +33,14 @@ from bids_ketdcm.bids.derivatives import (
     write_timeseries,
 )
 from bids_ketdcm.bids.layout import BoldRun, resolve_fmriprep_dir
-from bids_ketdcm.bids.naming import RunEntities, connectivity_paths
-from bids_ketdcm.config import LOG_VERBOSE, ParticipantOptions
+from bids_ketdcm.bids.naming import RunEntities, connectivity_paths, roi_mask_path, timeseries_paths
+from bids_ketdcm.config import ParticipantOptions
 from bids_ketdcm.dcm import fit
 from bids_ketdcm.dcm.csd import validate_timeseries
 from bids_ketdcm.dcm.invert import CPU_CHUNK_BYTES
 from bids_ketdcm.dcm.priors import ParamLayout
-from bids_ketdcm.errors import InputError
-from bids_ketdcm.io import write_text
+from bids_ketdcm.errors import LOG_VERBOSE, Failures, InputError
+from bids_ketdcm.io import remove_stale_temporaries, write_text
 from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy
 from bids_ketdcm.participant.predict import DISCLAIMER, run_predictions
@@ -50,7 +53,7 @@ from bids_ketdcm.report import (
     update_participant_report,
     write_participant_report,
 )
-from bids_ketdcm.report.participant import prediction_section, write_run_figures
+from bids_ketdcm.report.participant import RUN_FIGURES, prediction_section, run_figure_path, write_run_figures
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,7 @@ def check_settings(opts: ParticipantOptions, runs: list[BoldRun]) -> None:
         )
 
 
-def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
-                    failures: dict[str, str] | None = None) -> dict:
+def run_participant(opts: ParticipantOptions, runs: list[BoldRun], failures: Failures) -> dict:
     """Process every BOLD run for every network; return a summary.
 
     Parameters
@@ -127,9 +129,11 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
     runs
         BOLD runs found by :func:`bids_ketdcm.bids.layout.find_bold_runs`.
     failures
-        ``{subject: message}`` of participants that failed; a participant whose run
-        turns out to be bad input here is added and its other runs are left out (the
-        others go on). None: the first bad run stops everything.
+        Participants that failed (while their runs were found, then here). A participant
+        whose run fails here, for bad input or a failure of the program (extraction,
+        writing, inversion, report), is added and left out of the steps that follow; the
+        run's outputs are removed; the others go on. A failing batch of DCM inversions
+        is inverted again run by run, so that only the failing run fails.
 
     Returns
     -------
@@ -138,10 +142,12 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
         ``gmv``, under ``"gmv"`` the counts of :func:`bids_ketdcm.participant.structural.run_structural`;
         with ``apply_model``, under ``"predicted"`` the number of participants predicted.
     """
+    started_at = time.time()
     torch.manual_seed(opts.seed)
     device = _device(opts.device)
     networks = {network_label(n): (n, load_network(n)) for n in opts.networks} if opts.wants_dcm else {}
     check_settings(opts, runs)
+    _remove_leftovers(opts, runs, list(networks), started_at)
     summary: dict[str, dict[str, Any]] = {}
     skipped: dict[str, list[RunResult]] = defaultdict(list)
     touched: set[str] = set()
@@ -155,25 +161,13 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
             log.info("%s: %d run(s) already finished with these settings, skipped", label, done_before)
         started = time.perf_counter()
         for work in tqdm(todo, desc=f"{label}: extracting ROI time series", unit="run", disable=None):
-            if failures is not None and work.bold.subject in failures:
-                continue
-            try:
-                work.series, work.skipped = _extract(work, network, opts)
-            except InputError as err:
-                if failures is None:
-                    raise
-                failures[work.bold.subject] = str(err)
-                log.error("sub-%s left out: %s", work.bold.subject, err)
-        ready = [w for w in todo if w.series is not None
-                 and (failures is None or w.bold.subject not in failures)]
-        for w in ready:
-            assert w.series is not None
-            write_timeseries(opts.output_dir, w.entities, label, network, w.series, w.bold.sources, settings)
-            write_run_figures(opts.output_dir, w.entities.subject, w.entities.label, label, w.series)
-            log.info("sub-%s %s %s: ROI time series, %d of %d volumes kept (%.0f s elapsed)", w.entities.subject,
-                     w.entities.label, label, w.series.data.shape[0],
-                     w.series.qc.get("n_volumes", w.series.data.shape[0]), time.perf_counter() - started)
-        iterations, n_converged = _invert_all(ready, label, network, opts, device, settings, started)
+            if work.bold.subject not in failures:
+                _guarded(failures, work, label, opts.output_dir, _extract, work, network, opts)
+        for w in [w for w in todo if w.series is not None and w.bold.subject not in failures]:
+            _guarded(failures, w, label, opts.output_dir, _write_series, w, label, network, opts, settings, started)
+        ready = [w for w in todo if w.series is not None and w.bold.subject not in failures]
+        iterations, n_converged = _invert_all(ready, label, network, opts, device, settings, started, failures)
+        ready = [w for w in ready if w.bold.subject not in failures]
         touched |= {w.bold.subject for w in ready}
         for w in todo:
             if w.skipped:
@@ -187,7 +181,7 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
             c["inverted"] + c["finished_before"] for c in summary.values()):
         reasons = sorted({r.skipped_reason for rs in skipped.values() for r in rs if r.skipped_reason})
         raise InputError("no run could be inverted:\n" + "\n".join(reasons))
-    subjects = sorted((set(opts.participant_labels) | {r.subject for r in runs}) - set(failures or ()))
+    subjects = sorted((set(opts.participant_labels) | {r.subject for r in runs}) - failures.subjects)
     if opts.wants_gmv:
         summary["gmv"] = _structural(opts, subjects)
         subjects = sorted(set(subjects) | set(summary["gmv"].pop("subjects")))
@@ -201,31 +195,37 @@ def run_participant(opts: ParticipantOptions, runs: list[BoldRun],
         write_text(opts.output_dir / "logs" / "CITATION.bib", citations_bibtex())
     report_settings = _report_settings(opts, networks, str(device))
     reports = []
-    for subject in sorted({r.subject for r in runs} - set(failures or ())):
+    for subject in sorted({r.subject for r in runs} - failures.subjects):
         path = opts.output_dir / f"sub-{subject}.html"
         if subject in touched or subject in skipped or _stale(path, opts.output_dir, subject):
             results = [*finished_results(opts.output_dir, subject), *skipped.get(subject, [])]
             if results:
                 reports.append((path, subject, results, sections.pop(subject, None)))
-    _write_reports(reports, report_settings, opts.nprocs)
+    _write_reports(reports, report_settings, opts.nprocs, failures)
     for subject in sorted(sections):  # no run processed now: add to the report
         update_participant_report(opts.output_dir / f"sub-{subject}.html", subject, sections[subject])
     return summary
 
 
-def _write_reports(reports: list[tuple], settings: dict, nprocs: int) -> None:
+def _write_reports(reports: list[tuple], settings: dict, nprocs: int, failures: Failures) -> None:
     """Write participant reports, several at once in worker processes when ``nprocs`` allows.
 
     Each report costs seconds of figure drawing (about 4 s for one 4-region run); the
-    workers run one thread each, so workers x threads stays within ``nprocs``.
+    workers run one thread each, so workers x threads stays within ``nprocs``. A report
+    that fails is recorded in ``failures`` (the others are written).
     """
     started = time.perf_counter()
     workers = max(1, min(nprocs, len(reports) // 4))  # starting a worker costs about one report
     written = Parallel(n_jobs=workers, return_as="generator")(
-        delayed(write_participant_report)(path, subject, results, settings, extra_sections=extra)
+        delayed(_report_or_failure)(path, subject, results, settings, extra)
         for path, subject, results, extra in reports)
-    for path in written:  # logged here: worker processes have no log handler
-        log.info("wrote participant report %s (%.0f s elapsed)", path, time.perf_counter() - started)
+    for (path, subject, *_), failure in zip(reports, written, strict=True):  # logged here: workers have no handler
+        if failure is None:
+            log.info("wrote participant report %s (%.0f s elapsed)", path, time.perf_counter() - started)
+            continue
+        err, trace = failure
+        log.log(LOG_VERBOSE, "%s", trace)
+        failures.record(subject, err, "report")
     if reports:
         log.info("%d report(s) written by %d process(es) (%.0f s)", len(reports), workers,
                  time.perf_counter() - started)
@@ -317,29 +317,98 @@ def _radius(networks: dict) -> float | None:
     return radii.pop() if len(radii) == 1 else None
 
 
-def _extract(work: _RunWork, network: pd.DataFrame,
-             opts: ParticipantOptions) -> tuple[RoiTimeseries | None, str | None]:
+def _extract(work: _RunWork, network: pd.DataFrame, opts: ParticipantOptions) -> None:
+    """Extract the run's ROI time series into ``work.series`` (or its reason to skip into ``work.skipped``)."""
     bold = work.bold
     try:
         series = extract_timeseries(bold.bold, bold.mask, bold.confounds, network, bold.tr,
-                                    denoise=opts.denoise, summary=opts.roi_summary)
+                                    denoise=opts.denoise, summary=opts.roi_summary, work_dir=opts.work_dir)
     except RunSkipped as skip:
         log.warning("skipping %s of sub-%s: %s", work.entities.label, work.entities.subject, skip)
-        return None, str(skip)
+        work.skipped = str(skip)
+        return
     try:
         validate_timeseries(series.data)
     except ValueError as err:
         raise InputError(f"{bold.bold}: ROI time series cannot be modelled: {err}") from None
-    return series, None
+    work.series = series
+
+
+def _write_series(w: _RunWork, label: str, network: pd.DataFrame, opts: ParticipantOptions, settings: dict,
+                  started: float) -> None:
+    assert w.series is not None
+    write_timeseries(opts.output_dir, w.entities, label, network, w.series, w.bold.sources, settings)
+    write_run_figures(opts.output_dir, w.entities.subject, w.entities.label, label, w.series)
+    log.info("sub-%s %s %s: ROI time series, %d of %d volumes kept (%.0f s elapsed)", w.entities.subject,
+             w.entities.label, label, w.series.data.shape[0],
+             w.series.qc.get("n_volumes", w.series.data.shape[0]), time.perf_counter() - started)
+
+
+def _guarded(failures: Failures, w: _RunWork, label: str, output_dir: Path,
+             step: Callable[..., None], *args: Any) -> bool:
+    """Run one step of one run; on any failure record it, remove the run's outputs, return False."""
+    try:
+        step(*args)
+        return True
+    except Exception as err:  # one participant's failure leaves the others going
+        _fail(failures, w, label, output_dir, err)
+        return False
+
+
+def _fail(failures: Failures, w: _RunWork, label: str, output_dir: Path, err: Exception) -> None:
+    failures.record(w.bold.subject, err, f"{w.entities.label} {label}")
+    _discard(output_dir, w.entities, label)
+
+
+def _run_outputs(output_dir: Path, run: RunEntities, label: str) -> list[Path]:
+    """Every file the participant level writes for one run and network."""
+    mask = roi_mask_path(output_dir, run, label)
+    return [*connectivity_paths(output_dir, run, label).values(), *timeseries_paths(output_dir, run, label).values(),
+            mask, mask.with_name(mask.name.replace(".nii.gz", ".json")),
+            *(run_figure_path(output_dir, run.subject, run.label, label, kind) for kind in RUN_FIGURES)]
+
+
+def _discard(output_dir: Path, run: RunEntities, label: str) -> None:
+    """Remove whatever a failed run left of its outputs for this network (no stubs)."""
+    for path in _run_outputs(output_dir, run, label):
+        path.unlink(missing_ok=True)
+
+
+def _remove_leftovers(opts: ParticipantOptions, runs: list[BoldRun], labels: list[str], started: float) -> None:
+    """Remove the temporary files of this call's outputs that killed writers left behind.
+
+    Only those older than this call whose writer is gone (:func:`bids_ketdcm.io.remove_stale_temporaries`):
+    a concurrent job writing the same outputs keeps its own.
+    """
+    out = opts.output_dir
+    paths = [p for r in runs for label in labels for p in _run_outputs(out, r.entities, label)]
+    paths += [out / f"sub-{s}.html" for s in sorted({r.subject for r in runs})]
+    paths += [*dataset_files(out), out / "logs" / "CITATION.bib"]
+    removed = remove_stale_temporaries(paths, started)
+    if removed:
+        log.info("removed %d temporary file(s) left by interrupted runs (their writers are gone): %s", len(removed),
+                 ", ".join(str(p.relative_to(out)) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+
+
+def _report_or_failure(path: Path, subject: str, results: list[RunResult], settings: dict,
+                       extra: list | None) -> tuple[Exception, str] | None:
+    """Write one participant report (in a worker); its failure and traceback instead of raising."""
+    try:
+        write_participant_report(path, subject, results, settings, extra_sections=extra)
+    except Exception as err:  # reported by the parent, the other reports go on
+        return err, traceback.format_exc()
+    return None
 
 
 def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: ParticipantOptions,
-                device: torch.device, settings: dict, started: float) -> tuple[list[int], int]:
+                device: torch.device, settings: dict, started: float,
+                failures: Failures) -> tuple[list[int], int]:
     """Invert runs in batches of equal length and TR; write each run's outputs.
 
     One log line per run as its inversion ends (the bar advances per run inside a batch),
-    with the elapsed time and iterations. Returns the iterations of every run and the
-    number that converged.
+    with the elapsed time and iterations. A batch that fails is inverted again run by
+    run: the failing run is recorded in ``failures`` (its outputs removed), the others
+    are written. Returns the iterations of every run written and the number that converged.
     """
     groups: dict[tuple, list[_RunWork]] = defaultdict(list)
     for w in ready:
@@ -348,30 +417,49 @@ def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: 
     bar = tqdm(total=len(ready), desc=f"{label}: spectral DCM", unit="run", disable=None)
     iterations, n_converged = [], 0
     batch_size, chunk_bytes = dcm_batching(opts, len(network))
-    for (_, tr), members in groups.items():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
 
-            def done(b: int, n_iterations: int, converged: bool, chunk: list[_RunWork] = chunk) -> None:
-                entities = chunk[b].entities
-                log.log(logging.INFO if converged else logging.WARNING,
-                        "sub-%s %s %s: DCM %s after %d iterations (%.0f s elapsed)", entities.subject,
-                        entities.label, label, "converged" if converged else "did NOT converge", n_iterations,
-                        time.perf_counter() - started)
-                bar.update(1)
+    def invert(chunk: list[_RunWork], tr: float) -> None:
+        nonlocal n_converged
 
+        def done(b: int, n_iterations: int, converged: bool) -> None:
+            entities = chunk[b].entities
+            log.log(logging.INFO if converged else logging.WARNING,
+                    "sub-%s %s %s: DCM %s after %d iterations (%.0f s elapsed)", entities.subject,
+                    entities.label, label, "converged" if converged else "did NOT converge", n_iterations,
+                    time.perf_counter() - started)
+            bar.update(1)
+
+        try:
             post = fit(np.stack([w.series.data for w in chunk if w.series is not None]), tr, device=device,
                        jacobian=opts.jacobian, csd_model=opts.csd_model, max_iterations=opts.max_iterations,
                        progress=log.isEnabledFor(LOG_VERBOSE), on_subject_done=done, chunk_bytes=chunk_bytes)
-            for b, w in enumerate(chunk):
-                sub = post.subject(b)
-                sub.seconds = post.seconds / len(chunk)
-                assert w.series is not None
-                write_connectivity(opts.output_dir, w.entities, label, w.series, sub, w.bold.sources, settings)
+        except Exception as err:
+            if len(chunk) == 1:
+                _fail(failures, chunk[0], label, opts.output_dir, err)
+                return
+            log.warning("%s: the DCM inversion of a batch of %d runs failed (%s: %s); inverting them one by one "
+                        "to find the failing run", label, len(chunk), type(err).__name__, err)
+            log.log(LOG_VERBOSE, "traceback of the batch's failure", exc_info=True)
+            for w in chunk:
+                invert([w], tr)
+            return
+        for b, w in enumerate(chunk):
+            sub = post.subject(b)
+            sub.seconds = post.seconds / len(chunk)
+            if _guarded(failures, w, label, opts.output_dir, _write_result, w, label, sub, opts, settings):
                 iterations.append(int(sub.iterations))
                 n_converged += bool(sub.converged)
+
+    for (_, tr), members in groups.items():
+        for start in range(0, len(members), batch_size):
+            invert(members[start : start + batch_size], tr)
     bar.close()
     return iterations, n_converged
+
+
+def _write_result(w: _RunWork, label: str, post: Any, opts: ParticipantOptions, settings: dict) -> None:
+    assert w.series is not None
+    write_connectivity(opts.output_dir, w.entities, label, w.series, post, w.bold.sources, settings)
 
 
 def dcm_batching(opts: ParticipantOptions, n_regions: int) -> tuple[int, int | None]:
