@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,20 +80,37 @@ def _r(truth: np.ndarray, est: np.ndarray) -> dict:
     }
 
 
-def _simulate_and_fit(truth: np.ndarray, scans: int, seed: int):
+def _simulate_and_fit(truth: np.ndarray, scans: int, seed: int, cache: Path | None = None):
+    """Simulated time series and their inversions; reused from ``cache`` (a pickle) when given."""
+    if cache is not None and cache.exists():
+        with cache.open("rb") as fh:
+            stored_truth, y, post = pickle.load(fh)
+        if np.array_equal(stored_truth, truth):
+            return y, post
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of tiny integration steps: one thread is fastest
     try:
         y = simulate(truth, 2.5, scans, seed=seed)
     finally:
         torch.set_num_threads(threads)
-    return y, fit(y, 2.5, device="cpu")
+    post = fit(y, 2.5, device="cpu")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with cache.open("wb") as fh:
+            pickle.dump((truth, y, post), fh)
+    return y, post
+
+
+def _cache(args: argparse.Namespace, name: str) -> Path | None:
+    if args.cache is None:
+        return None
+    return args.cache / f"{name}-s{args.subjects}-t{args.scans}-seed{args.seed}.pkl"
 
 
 def calibrate(n: int, args: argparse.Namespace, rng: np.random.Generator) -> float:
     """Likelihood scale: variance of the A errors in posterior SDs on an independent cohort."""
     truth, _, _ = cohort(n, args.calibration_subjects, args.deviation, args.effect, rng)
-    _, post = _simulate_and_fit(truth, args.scans, args.seed + 7919 + n)
+    _, post = _simulate_and_fit(truth, args.scans, args.seed + 7919 + n, _cache(args, f"calibration-n{n}"))
     off = ~np.eye(n, dtype=bool)
     z = (np.asarray(post.A_hz) - truth)[:, off] / np.sqrt(np.asarray(post.A_var)[:, off])
     return float(np.mean(z**2))
@@ -102,7 +121,7 @@ def run(n: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
     scale = calibrate(n, args, rng)
     truth, x, target = cohort(n, args.subjects, args.deviation, args.effect, rng)
     start = time.perf_counter()
-    y, post = _simulate_and_fit(truth, args.scans, args.seed + n)
+    y, post = _simulate_and_fit(truth, args.scans, args.seed + n, _cache(args, f"cohort-n{n}"))
     fit_seconds = time.perf_counter() - start
     subjects = posteriors_from_fit(post, y, [f"sub-{i:02d}" for i in range(args.subjects)])
     X = np.column_stack([np.ones(args.subjects), x])
@@ -164,6 +183,8 @@ def main() -> None:
                         help="model reduction and leave-one-out only up to this many regions (the exact "
                         "reduction under the coupled prior of projected models costs O(P^3) per model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder keeping the simulated cohorts' inversions (reused when the truth matches)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
