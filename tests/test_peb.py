@@ -230,3 +230,46 @@ def test_tempering_divides_the_likelihood_precision() -> None:
     assert hot.Cp[0, 0, 0] == pytest.approx(C, rel=1e-10)
     assert hot.Ep[0, 0] == pytest.approx(C * y / (k * s2), rel=1e-10)
     assert temper(post, 1.0) is post
+
+
+def _random_models(rng: np.random.Generator, P: int, removed: np.ndarray) -> np.ndarray:
+    """Models switching off supersets of ``removed``: singles, small and large random sets."""
+    free = np.flatnonzero(~removed)
+    models = [removed.copy()]
+    for size in (1, 1, 2, 3, 8, len(free) // 2, len(free) - 1):
+        m = removed.copy()
+        m[rng.choice(free, size, replace=False)] = True
+        models.append(m)
+    return np.array(models)
+
+
+@pytest.mark.parametrize("case", ["reference-4", "coupled-10"])
+def test_fast_reduction_equals_exact_reduction(case, cohort) -> None:
+    """The rank-|S| reduction of the search equals the direct one (Savage-Dickey + reduction
+    of the conditioned posterior at O(P^3) per model), from the full model and from a model
+    with parameters already switched off, including under the coupled (projected) prior."""
+    from bids_ketdcm.dcm.bmr import _base, _evaluate, _tensors
+    from bids_ketdcm.testing.peb_cohort import synthetic_posteriors
+
+    if case == "reference-4":
+        post, X = cohort
+        peb = fit_peb(post, X, a_parameter_index(4), subject_posteriors=False)
+    else:
+        post, X, _ = synthetic_posteriors(10, 12, seed=2)
+        peb = fit_peb(post, X, a_parameter_index(10), subject_posteriors=False)
+        assert np.abs(peb.pC - np.diag(np.diag(peb.pC))).max() > 1e-3 * np.diag(peb.pC).max()  # coupled
+    qE, qC, pE, pC = _tensors(peb, "cpu")
+    rng = np.random.default_rng(1)
+    P = qE.shape[0]
+    start = np.zeros(P, dtype=bool)
+    start[rng.choice(P, P // 3, replace=False)] = True
+    for removed in (np.zeros(P, dtype=bool), start):
+        models = _random_models(rng, P, removed)
+        dF, sE, sV = _evaluate(_base(qE, qC, pE, pC, removed), models)
+        ref_dF, ref_sE, ref_sC = reduce_off(qE, qC, pE, pC, torch.as_tensor(models))
+        np.testing.assert_allclose(dF.numpy(), ref_dF.numpy(), atol=1e-6, rtol=1e-9)
+        sd = np.sqrt(np.diag(peb.Cp))
+        assert np.max(np.abs(sE.numpy() - ref_sE.numpy()) / sd) < 1e-6
+        np.testing.assert_allclose(sV.numpy(), torch.diagonal(ref_sC, dim1=-2, dim2=-1).numpy(),
+                                   atol=1e-8 * sd.max() ** 2)
+        assert np.all(sE.numpy()[models] == 0) and np.all(sV.numpy()[models] == 0)
