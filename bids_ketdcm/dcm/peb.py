@@ -30,7 +30,7 @@ with the joint Hessian of ``(b, g)``; SPM12's own value differs from it by
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -79,6 +79,9 @@ class SubjectPosteriors:
     pC: np.ndarray
     F: np.ndarray
     names: list[str]
+    #: Per parameter subset: each subject's prior principal subspace (basis, variances),
+    #: computed once and shared by the subsets :meth:`take` makes (leave-one-out folds).
+    _bases: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         N, P = np.shape(self.Ep)
@@ -94,8 +97,28 @@ class SubjectPosteriors:
     def take(self, rows: np.ndarray) -> SubjectPosteriors:
         """The posteriors of a subset of subjects (``rows`` indexes or a boolean mask)."""
         idx = np.arange(len(self.names))[rows]
-        return SubjectPosteriors(self.Ep[idx], self.Cp[idx], self.pE[idx], self.pC[idx],
-                                 self.F[idx], [self.names[i] for i in idx])
+        out = SubjectPosteriors(self.Ep[idx], self.Cp[idx], self.pE[idx], self.pC[idx],
+                                self.F[idx], [self.names[i] for i in idx])
+        out._bases.update({key: (W[idx], v[idx]) for key, (W, v) in self._bases.items()})
+        return out
+
+    def prior_bases(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Principal subspace of each subject's prior over the parameters ``index``.
+
+        Returns
+        -------
+        basis : numpy.ndarray
+            (N, len(index), R) orthonormal columns (zero padding), as :func:`principal_basis`.
+        variances : numpy.ndarray
+            (N, R) prior variance along each column (0 for padding).
+        """
+        key = np.asarray(index, dtype=int).tobytes()
+        if key not in self._bases:
+            pC = torch.as_tensor(self.pC[:, index][:, :, index], dtype=torch.float64)
+            W, mask = principal_basis(pC)
+            v = torch.diagonal(W.transpose(-1, -2) @ pC @ W, dim1=-2, dim2=-1) * mask
+            self._bases[key] = (W.numpy(), v.numpy())
+        return self._bases[key]
 
 
 @dataclass
@@ -376,34 +399,128 @@ def _objective(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return L, b, H
 
 
-def _newton(prob: _Problem, g0: torch.Tensor, max_iterations: int) -> tuple[torch.Tensor, int]:
+def _autograd_derivatives(objective) -> tuple:
+    """Value and (gradient, Hessian) functions of a scalar objective of the log precisions."""
+    value = lambda g: objective(g)[0]  # noqa: E731
+    return value, lambda g: (torch.autograd.functional.jacobian(value, g),
+                             torch.autograd.functional.hessian(value, g, vectorize=True))
+
+
+@dataclass
+class _Spectral:
+    """The single-precision problem diagonalised per subject (see :func:`_single_precision`).
+
+    With one precision component ``pQ`` the between-subject precision is ``k pQ``,
+    ``k = exp(-8) + exp(g)``, so each subject's reduced prior precision is ``k P0_i``. In the
+    basis ``T_i`` with ``T' P0 T = I`` and ``T' (qP - pP) T = diag(d)`` every subject term
+    is a sum of scalar functions of ``k``.
+    """
+
+    Y: torch.Tensor       # (N, K, R): V_i T_i^-T, the subject coordinates of group directions
+    d: torch.Tensor       # (N, R): likelihood precision relative to P0
+    alpha: torch.Tensor   # (N, R): T' a
+
+
+def _spectral(prob: _Problem) -> _Spectral:
+    N = prob.V.shape[0]
+    P0 = _inv(_project(_inv(prob.pQ).expand(N, -1, -1), prob.V, prob.mask))
+    L = torch.linalg.cholesky(P0)
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    omega = Linv @ (prob.qP - prob.pP) @ Linv.transpose(-1, -2)
+    d, E = torch.linalg.eigh((omega + omega.transpose(-1, -2)) / 2)
+    alpha = (E.transpose(-1, -2) @ Linv @ prob.a[..., None])[..., 0]
+    return _Spectral(Y=prob.V @ L @ E, d=d, alpha=alpha)
+
+
+def _single_precision(prob: _Problem, spec: _Spectral, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Profile objective of one precision component with exact first and second derivatives.
+
+    Per subject and direction ``k``, with ``D = d + k``: the evidence term
+    ``(-log(1 + d/k) + alpha^2/D)/2``, and the group parameters enter through
+    ``u = Y' B x`` as ``v u - w u^2/2`` with ``v = k alpha/D``, ``w = k d/D``. The optimal
+    ``b`` solves ``H b = rhs``; derivatives in ``k`` follow by the envelope theorem, the
+    second adding ``gamma' H^-1 gamma`` with ``gamma`` the derivative of the gradient in b.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        L, b, H (as :func:`_objective`), then dL/dg (1,), d2L/dg2 (1, 1) and the second
+        derivative at fixed b (1, 1).
+    """
+    eg = torch.exp(g[0])
+    k = PRECISION_FLOOR + eg
+    d, al, Y, X = spec.d, spec.alpha, spec.Y, prob.X
+    D = d + k
+    w, v = k * d / D, k * al / D
+    w1, v1 = (d / D) ** 2, al * d / D**2
+    w2, v2 = -2 * d**2 / D**3, -2 * al * d / D**3
+    Mw = (Y * w[:, None, :]) @ Y.transpose(-1, -2)
+    Kd, Nx = Y.shape[1], X.shape[1]
+    H = prob.bP + torch.einsum("na,nb,nkl->akbl", X, X, Mw).reshape(Nx * Kd, Nx * Kd)
+    rhs = prob.bP @ prob.bE + torch.einsum("na,nk->ak", X, (Y @ v[..., None])[..., 0]).reshape(-1)
+    chol = torch.linalg.cholesky(H)
+    b = torch.cholesky_solve(rhs[:, None], chol)[:, 0]
+    u = (Y.transpose(-1, -2) @ (X @ b.reshape(Nx, Kd))[..., None])[..., 0]
+    gamma = torch.einsum("na,nk->ak", X, (Y @ (v1 - w1 * u)[..., None])[..., 0]).reshape(-1)
+    evidence = 0.5 * (al**2 / D - torch.log1p(d / k)).sum()
+    d1 = 0.5 * (1 / k - 1 / D - al**2 / D**2).sum() + (v1 * u - 0.5 * w1 * u**2).sum()
+    d2_fixed = 0.5 * (1 / D**2 - 1 / k**2 + 2 * al**2 / D**3).sum() + (v2 * u - 0.5 * w2 * u**2).sum()
+    d2 = d2_fixed + gamma @ torch.cholesky_solve(gamma[:, None], chol)[:, 0]
+    gP = prob.gP[0, 0]
+    L = (evidence + prob.const.sum() + 0.5 * b @ rhs - 0.5 * prob.bE @ prob.bP @ prob.bE
+         - 0.5 * gP * g[0] ** 2)
+    grad = (d1 * eg - gP * g[0]).reshape(1)
+    hess = (d2 * eg**2 + d1 * eg - gP).reshape(1, 1)
+    hess_fixed = (d2_fixed * eg**2 + d1 * eg - gP).reshape(1, 1)
+    return L, b, H, grad, hess, hess_fixed
+
+
+def _newton(value, derivatives, g0: torch.Tensor, max_iterations: int) -> tuple[torch.Tensor, int]:
     """Maximise the profile objective over the log precisions.
 
     Saddle-free Newton steps (the Hessian's eigenvalues taken in absolute value, floored),
     scaled so no coordinate moves by more than 1 (as SPM's ``tanh``), halved until the objective rises.
+    ``value(g)`` is the objective, ``derivatives(g)`` its gradient and Hessian.
     """
     g = g0.clone()
-    f = lambda x: _objective(prob, x)[0]  # noqa: E731
-    value = f(g)
+    current = value(g)
     for it in range(1, max_iterations + 1):
-        grad = torch.autograd.functional.jacobian(f, g)
-        hess = torch.autograd.functional.hessian(f, g, vectorize=True)
+        grad, hess = derivatives(g)
         evals, evecs = torch.linalg.eigh((hess + hess.T) / 2)
         scale = evals.abs().clamp(min=1e-3 * float(evals.abs().max()) + 1e-9)
         step = evecs @ ((evecs.T @ grad) / scale)
         step = step / max(1.0, float(step.abs().max()))
         for _ in range(40):
-            new = f(g + step)
-            if new > value:
+            new = value(g + step)
+            if new > current:
                 break
             step = step / 2
         else:
             return g, it
-        gain = float(new - value)
-        g, value = g + step, new
+        gain = float(new - current)
+        g, current = g + step, new
         if gain < CONVERGENCE_GAIN or float(step.abs().max()) < 1e-10:
             return g, it
     return g, max_iterations
+
+
+def _group_subspace(U: torch.Tensor, W: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal subspace of each ``U' pC_i U`` from the subject's own ``pC_i = W diag(v) W'``.
+
+    The nonzero eigenvalues of ``B B'`` (``B = U' W diag(v)^1/2``, K x r) are those of
+    ``B' B`` (r x r): the same subspace and threshold as :func:`principal_basis` of the
+    K x K matrix, at O(K r^2) per subject.
+    """
+    B = (U.T @ W) * torch.sqrt(v.clamp(min=0))[..., None, :]
+    lam, E = torch.linalg.eigh(B.transpose(-1, -2) @ B)
+    lam, order = torch.sort(lam, dim=-1, descending=True)
+    E = torch.gather(E, -1, order.unsqueeze(-2).expand_as(E))
+    energy = lam.clamp(min=0) ** 2
+    keep = energy * U.shape[1] / energy.sum(-1, keepdim=True).clamp(min=1e-300) > SUBSPACE_TOLERANCE
+    rank = int(keep.sum(-1).max())
+    scale = torch.where(keep, 1.0 / torch.sqrt(lam.clamp(min=1e-300)), torch.zeros_like(lam))
+    return (B @ E * scale[..., None, :])[..., :rank], keep[..., :rank].to(U.dtype)
 
 
 def fit_peb(
@@ -463,15 +580,13 @@ def fit_peb(
     U, _ = principal_basis(PC)
     K = U.shape[1]
     Ut = U.T
-    pC_U = Ut @ pC @ U
-    V, mask = principal_basis(pC_U)
-    qE_U = (Ut @ qE[..., None])[..., 0]
-    pE_U = (Ut @ pE[..., None])[..., 0]
-    qP = _inv(_project(Ut @ qC @ U, V, mask))
-    pP = _inv(_project(pC_U, V, mask))
+    V, mask = _group_subspace(U, *(t(a) for a in posteriors.prior_bases(index)))
+    UV = U @ V  # the subjects' subspaces in the parameters' coordinates
+    qP = _inv(_project(qC, UV, mask))
+    pP = _inv(_project(pC, UV, mask))
     qP = qP + POSTERIOR_PRECISION_BOOST * pP  # SPM12's shrinkage of the subject posteriors
-    q_e = (V.transpose(-1, -2) @ qE_U[..., None])[..., 0]
-    p_e = (V.transpose(-1, -2) @ pE_U[..., None])[..., 0]
+    q_e = (UV.transpose(-1, -2) @ qE[..., None])[..., 0]
+    p_e = (UV.transpose(-1, -2) @ pE[..., None])[..., 0]
     a = (qP @ q_e[..., None] - pP @ p_e[..., None])[..., 0]
     const = 0.5 * (_logdet(qP) - _logdet(pP) - _quad(q_e, qP) + _quad(p_e, pP)) + t(posteriors.F)
     Xt = t(X)
@@ -494,15 +609,21 @@ def fit_peb(
     prob = _Problem(X=Xt, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
                     bP=bP, gP=gP)
     g0 = torch.zeros(Ng, dtype=U.dtype, device=U.device) if start is None else t(start)
-    g, iterations = _newton(prob, g0, max_iterations)
-    L, b, Hbb = _objective(prob, g)
-    H_profile = torch.autograd.functional.hessian(lambda x: _objective(prob, x)[0], g)
+    if precision == "single":
+        spec = _spectral(prob)
+        g, iterations = _newton(lambda x: _single_precision(prob, spec, x)[0],
+                                lambda x: _single_precision(prob, spec, x)[3:5], g0, max_iterations)
+        L, b, Hbb, _, H_profile, H_fixed = _single_precision(prob, spec, g)
+    else:
+        g, iterations = _newton(*_autograd_derivatives(lambda x: _objective(prob, x)), g0, max_iterations)
+        L, b, Hbb = _objective(prob, g)
+        H_profile = torch.autograd.functional.hessian(lambda x: _objective(prob, x)[0], g)
+        H_fixed = torch.autograd.functional.hessian(lambda x: _fixed_b_objective(prob, x, b), g)
     Cb = _inv(Hbb)
     F = L + 0.5 * (_logdet(bP) + _logdet(gP) - _logdet(Hbb) - _logdet(-H_profile))
     d = b - bE
     complexity = float(L + 0.5 * d @ bP @ d + 0.5 * g @ gP @ g - F)
-    Ch = _inv(-torch.autograd.functional.hessian(
-        lambda x: _fixed_b_objective(prob, x, b), g))
+    Ch = _inv(-H_fixed)
     rP_U = PRECISION_FLOOR * pq + torch.einsum("j,jkl->kl", torch.exp(g), Q)
     rC_U = _inv(rP_U)
     B = b.reshape(Nx, K).T
