@@ -158,7 +158,8 @@ def _average(G: torch.Tensor, sE: torch.Tensor, sV: torch.Tensor) -> tuple[np.nd
     return mean.cpu().numpy(), (second - mean**2).clamp(min=0).cpu().numpy()
 
 
-def _tensors(peb: PEBResult, device: str | torch.device) -> tuple[torch.Tensor, ...]:
+def _tensors(peb: PEBResult, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
     t = lambda a: torch.as_tensor(np.asarray(a, dtype=float), device=device)  # noqa: E731
     return t(peb.Ep.T.ravel()), t(peb.Cp), t(peb.pE), t(peb.pC)
 
@@ -260,8 +261,8 @@ def _evaluate(base: _Base, models: np.ndarray, posterior: bool = True) -> tuple[
     M, P = models.shape
     device, dtype = base.qE.device, base.qE.dtype
     dF = torch.empty(M, dtype=dtype, device=device)
-    sE = torch.zeros((M, P), dtype=dtype, device=device) if posterior else None
-    sV = torch.zeros((M, P), dtype=dtype, device=device) if posterior else None
+    sE = torch.zeros((M, P if posterior else 0), dtype=dtype, device=device)
+    sV = torch.zeros_like(sE)
     cols = torch.as_tensor(np.flatnonzero(base.keep), device=device)
     for size in np.unique(sizes):
         rows = np.flatnonzero(sizes == size)

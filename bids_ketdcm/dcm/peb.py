@@ -30,6 +30,7 @@ with the joint Hessian of ``(b, g)``; SPM12's own value differs from it by
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -357,6 +358,10 @@ class _Problem:
     bE: torch.Tensor
     bP: torch.Tensor
     gP: torch.Tensor
+    U: torch.Tensor       # (Np, K) principal subspace of the mean prior PC
+    PE: torch.Tensor      # (Np,) mean prior mean
+    PC: torch.Tensor      # (Np, Np) mean prior covariance
+    Xc: torch.Tensor      # (Nx,) prior variance scaling of each covariate's effects
 
 
 def _subject_terms(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -399,7 +404,11 @@ def _objective(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return L, b, H
 
 
-def _autograd_derivatives(objective) -> tuple:
+Value = Callable[[torch.Tensor], torch.Tensor]
+Derivatives = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _autograd_derivatives(objective: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[Value, Derivatives]:
     """Value and (gradient, Hessian) functions of a scalar objective of the log precisions."""
     value = lambda g: objective(g)[0]  # noqa: E731
     return value, lambda g: (torch.autograd.functional.jacobian(value, g),
@@ -476,7 +485,7 @@ def _single_precision(prob: _Problem, spec: _Spectral, g: torch.Tensor) -> tuple
     return L, b, H, grad, hess, hess_fixed
 
 
-def _newton(value, derivatives, g0: torch.Tensor, max_iterations: int) -> tuple[torch.Tensor, int]:
+def _newton(value: Value, derivatives: Derivatives, g0: torch.Tensor, max_iterations: int) -> tuple[torch.Tensor, int]:
     """Maximise the profile objective over the log precisions.
 
     Saddle-free Newton steps (the Hessian's eigenvalues taken in absolute value, floored),
@@ -521,6 +530,66 @@ def _group_subspace(U: torch.Tensor, W: torch.Tensor, v: torch.Tensor) -> tuple[
     rank = int(keep.sum(-1).max())
     scale = torch.where(keep, 1.0 / torch.sqrt(lam.clamp(min=1e-300)), torch.zeros_like(lam))
     return (B @ E * scale[..., None, :])[..., :rank], keep[..., :rank].to(U.dtype)
+
+
+def _problem(posteriors: SubjectPosteriors, X: np.ndarray, index: np.ndarray, precision: str,
+             device: str | torch.device) -> _Problem:
+    """The second-level model of :func:`fit_peb` in the subjects' subspaces, SPM's priors included."""
+    t = lambda a: torch.as_tensor(np.asarray(a, dtype=float), device=device)  # noqa: E731
+    qE, qC, pE, pC = (t(a)[..., index] if a.ndim == 2 else t(a)[:, index][:, :, index]
+                      for a in (posteriors.Ep, posteriors.Cp, posteriors.pE, posteriors.pC))
+    PC = pC.mean(0)
+    PE = pE.mean(0)
+    U, _ = principal_basis(PC)
+    K = U.shape[1]
+    Ut = U.T
+    V, mask = _group_subspace(U, *(t(a) for a in posteriors.prior_bases(index)))
+    UV = U @ V  # the subjects' subspaces in the parameters' coordinates
+    qP = _inv(_project(qC, UV, mask))
+    pP = _inv(_project(pC, UV, mask))
+    qP = qP + POSTERIOR_PRECISION_BOOST * pP  # SPM12's shrinkage of the subject posteriors
+    q_e = (UV.transpose(-1, -2) @ qE[..., None])[..., 0]
+    p_e = (UV.transpose(-1, -2) @ pE[..., None])[..., 0]
+    a = (qP @ q_e[..., None] - pP @ p_e[..., None])[..., 0]
+    const = 0.5 * (_logdet(qP) - _logdet(pP) - _quad(q_e, qP) + _quad(p_e, pP)) + t(posteriors.F)
+    Xt = t(X)
+    Nx = X.shape[1]
+    M_pC = PC / BETWEEN_SUBJECT_RATIO
+    pq = _inv(Ut @ M_pC @ U)
+    if precision == "single":
+        Q = pq[None]
+    else:
+        pq_full = torch.linalg.pinv(M_pC)
+        comps = [Ut @ torch.diag_embed(torch.nn.functional.one_hot(torch.tensor(j), len(index)).to(U) *
+                                       pq_full[j, j]) @ U for j in range(len(index))]
+        Q = torch.stack([c for c in comps if bool(c.abs().sum() > 0)])
+    Xc = _design_prior(Xt)
+    bP = _inv(torch.kron(torch.diag(Xc), Ut @ (PC / GROUP_PRIOR_SCALE) @ U))
+    bE = torch.cat([Ut @ PE, torch.zeros((Nx - 1) * K, dtype=U.dtype, device=U.device)])
+    gP = torch.eye(Q.shape[0], dtype=U.dtype, device=U.device) / LOG_PRECISION_VARIANCE
+    return _Problem(X=Xt, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
+                    bP=bP, gP=gP, U=U, PE=PE, PC=PC, Xc=Xc)
+
+
+def _solve(prob: _Problem, g0: torch.Tensor, max_iterations: int, analytic: bool) -> tuple:
+    """Optimal log precisions and, there: iterations, L, b, the Hessian in b, the profile
+    Hessian in g and the Hessian in g at fixed b. ``analytic``: the closed-form derivatives
+    of a single precision component (:func:`_single_precision`); otherwise autograd."""
+    if analytic:
+        spec = _spectral(prob)
+
+        def derivatives(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = _single_precision(prob, spec, x)
+            return out[3], out[4]
+
+        g, iterations = _newton(lambda x: _single_precision(prob, spec, x)[0], derivatives, g0, max_iterations)
+        L, b, Hbb, _, H_profile, H_fixed = _single_precision(prob, spec, g)
+    else:
+        g, iterations = _newton(*_autograd_derivatives(lambda x: _objective(prob, x)), g0, max_iterations)
+        L, b, Hbb = _objective(prob, g)
+        H_profile = torch.autograd.functional.hessian(lambda x: _objective(prob, x)[0], g)
+        H_fixed = torch.autograd.functional.hessian(lambda x: _fixed_b_objective(prob, x, b), g)
+    return g, iterations, L, b, Hbb, H_profile, H_fixed
 
 
 def fit_peb(
@@ -572,59 +641,19 @@ def fit_peb(
     if np.any((X**2).sum(0) == 0):
         raise ValueError("a covariate of the design is zero for every subject")
     index = np.asarray(index, dtype=int)
-    t = lambda a: torch.as_tensor(np.asarray(a, dtype=float), device=device)  # noqa: E731
-    qE, qC, pE, pC = (t(a)[..., index] if a.ndim == 2 else t(a)[:, index][:, :, index]
-                      for a in (posteriors.Ep, posteriors.Cp, posteriors.pE, posteriors.pC))
-    PC = pC.mean(0)
-    PE = pE.mean(0)
-    U, _ = principal_basis(PC)
-    K = U.shape[1]
-    Ut = U.T
-    V, mask = _group_subspace(U, *(t(a) for a in posteriors.prior_bases(index)))
-    UV = U @ V  # the subjects' subspaces in the parameters' coordinates
-    qP = _inv(_project(qC, UV, mask))
-    pP = _inv(_project(pC, UV, mask))
-    qP = qP + POSTERIOR_PRECISION_BOOST * pP  # SPM12's shrinkage of the subject posteriors
-    q_e = (UV.transpose(-1, -2) @ qE[..., None])[..., 0]
-    p_e = (UV.transpose(-1, -2) @ pE[..., None])[..., 0]
-    a = (qP @ q_e[..., None] - pP @ p_e[..., None])[..., 0]
-    const = 0.5 * (_logdet(qP) - _logdet(pP) - _quad(q_e, qP) + _quad(p_e, pP)) + t(posteriors.F)
-    Xt = t(X)
-    Nx = X.shape[1]
-    M_pC = PC / BETWEEN_SUBJECT_RATIO
-    pq = _inv(Ut @ M_pC @ U)
-    if precision == "single":
-        Q = pq[None]
-    else:
-        pq_full = torch.linalg.pinv(M_pC)
-        comps = [Ut @ torch.diag_embed(torch.nn.functional.one_hot(torch.tensor(j), len(index)).to(U) *
-                                       pq_full[j, j]) @ U for j in range(len(index))]
-        Q = torch.stack([c for c in comps if bool(c.abs().sum() > 0)])
-    Xc = _design_prior(Xt)
-    bC = torch.kron(torch.diag(Xc), Ut @ (PC / GROUP_PRIOR_SCALE) @ U)
-    bP = _inv(bC)
-    bE = torch.cat([Ut @ PE, torch.zeros((Nx - 1) * K, dtype=U.dtype, device=U.device)])
-    Ng = Q.shape[0]
-    gP = torch.eye(Ng, dtype=U.dtype, device=U.device) / LOG_PRECISION_VARIANCE
-    prob = _Problem(X=Xt, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
-                    bP=bP, gP=gP)
-    g0 = torch.zeros(Ng, dtype=U.dtype, device=U.device) if start is None else t(start)
-    if precision == "single":
-        spec = _spectral(prob)
-        g, iterations = _newton(lambda x: _single_precision(prob, spec, x)[0],
-                                lambda x: _single_precision(prob, spec, x)[3:5], g0, max_iterations)
-        L, b, Hbb, _, H_profile, H_fixed = _single_precision(prob, spec, g)
-    else:
-        g, iterations = _newton(*_autograd_derivatives(lambda x: _objective(prob, x)), g0, max_iterations)
-        L, b, Hbb = _objective(prob, g)
-        H_profile = torch.autograd.functional.hessian(lambda x: _objective(prob, x)[0], g)
-        H_fixed = torch.autograd.functional.hessian(lambda x: _fixed_b_objective(prob, x, b), g)
+    prob = _problem(posteriors, X, index, precision, device)
+    U, PC, PE, Xc, bP, bE, gP, Q = prob.U, prob.PC, prob.PE, prob.Xc, prob.bP, prob.bE, prob.gP, prob.Q
+    K, Nx, Ut = U.shape[1], X.shape[1], U.T
+    g0 = torch.zeros(Q.shape[0], dtype=U.dtype, device=U.device)
+    if start is not None:
+        g0 = torch.as_tensor(np.asarray(start, dtype=float), device=device)
+    g, iterations, L, b, Hbb, H_profile, H_fixed = _solve(prob, g0, max_iterations, precision == "single")
     Cb = _inv(Hbb)
     F = L + 0.5 * (_logdet(bP) + _logdet(gP) - _logdet(Hbb) - _logdet(-H_profile))
     d = b - bE
     complexity = float(L + 0.5 * d @ bP @ d + 0.5 * g @ gP @ g - F)
     Ch = _inv(-H_fixed)
-    rP_U = PRECISION_FLOOR * pq + torch.einsum("j,jkl->kl", torch.exp(g), Q)
+    rP_U = PRECISION_FLOOR * prob.pQ + torch.einsum("j,jkl->kl", torch.exp(g), Q)
     rC_U = _inv(rP_U)
     B = b.reshape(Nx, K).T
     Ub = torch.kron(torch.eye(Nx, dtype=U.dtype, device=U.device), U)
