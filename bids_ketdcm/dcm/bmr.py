@@ -3,14 +3,13 @@
 A reduced model switches a set ``S`` of parameters off: their prior becomes a point mass at
 zero while every other parameter keeps its prior marginal ``N(pE_R, pC_RR)`` (SPM12's
 ``rE = R pE``, ``rC = R pC R`` with ``R = diag(r)``). Its log evidence relative to the full
-model is exact, in two steps:
-
-1. Savage-Dickey: ``log q_S(0) - log p_S(0)`` with ``q_S``, ``p_S`` the posterior and prior
-   marginals of ``S``;
-2. when the prior couples ``S`` with the rest, the reduction, by
-   :func:`bids_ketdcm.dcm.peb.reduce_evidence`, of the posterior conditioned on
-   ``theta_S = 0`` from the prior conditioned on it to the prior marginal of the rest
-   (zero when the prior covariance does not couple ``S`` with the rest).
+model is exact, in two steps: Savage-Dickey (``log q_S(0) - log p_S(0)``, the posterior and
+prior marginals of ``S``), then, when the prior couples ``S`` with the rest, the reduction
+of the posterior conditioned on ``theta_S = 0`` from the prior conditioned on it to the
+prior marginal of the rest. Both are evaluated in closed form from blocks of precomputed
+``m x m`` matrices (:func:`_reduce_sets`): ``O(|S|^3)`` per model instead of ``O(m^3)``,
+which makes the greedy search at 15 regions (450 group parameters under the coupled,
+projected prior) take seconds. After each greedy step the model kept becomes the new base.
 
 The search is SPM12's ``spm_dcm_bmr_all``; the explicit model space comparison with
 commonality and difference probabilities is ``spm_dcm_peb_bmc(PEB, K)``. The Bayesian model
@@ -21,13 +20,12 @@ SPM's Monte Carlo (1000 draws).
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .peb import PEBResult, reduce_evidence
+from .peb import PEBResult
 
 #: Occam's window of the Bayesian model average (nats below the best model).
 OCCAM_WINDOW = 8.0
@@ -87,68 +85,6 @@ class ModelComparison:
     average: ModelAverage
 
 
-def _gauss_logpdf_zero(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """log N(0; mean, cov), batched; padded dimensions must be (0 mean, unit variance)."""
-    chol = torch.linalg.cholesky(cov)
-    z = torch.cholesky_solve(mean[..., None], chol)[..., 0]
-    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * (logdet + (mean * z).sum(-1) + mean.shape[-1] * math.log(2 * math.pi))
-
-
-def _marginal(E: torch.Tensor, C: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance of the switched-off set, padded to full size with N(0, 1)."""
-    o = off.to(C.dtype)
-    return E * o, C * o[..., :, None] * o[..., None, :] + torch.diag_embed(1.0 - o)
-
-
-def _condition(E: torch.Tensor, C: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian conditioned on theta_S = 0 (S = ``off``); S rows and columns become zero."""
-    mS, cSS = _marginal(E, C, off)
-    o = off.to(C.dtype)
-    cRS = C * (1.0 - o)[..., :, None] * o[..., None, :]
-    gain = cRS @ torch.cholesky_inverse(torch.linalg.cholesky(cSS))
-    keep = 1.0 - o
-    mean = (E - (gain @ mS[..., None])[..., 0]) * keep
-    cov = (C - gain @ cRS.transpose(-1, -2)) * keep[..., :, None] * keep[..., None, :]
-    return mean, cov
-
-
-def reduce_off(
-    qE: torch.Tensor, qC: torch.Tensor, pE: torch.Tensor, pC: torch.Tensor, off: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log evidence and posterior of reduced models that switch parameters off.
-
-    Parameters
-    ----------
-    qE, qC, pE, pC
-        Full posterior and prior, (P,) and (P, P).
-    off
-        (M, P) boolean: the parameters each of M models switches off (prior fixed at 0).
-
-    Returns
-    -------
-    dF : torch.Tensor
-        (M,) log evidence relative to the full model.
-    sE, sC : torch.Tensor
-        (M, P) and (M, P, P) reduced posteriors (zero for switched-off parameters).
-    """
-    M = off.shape[0]
-    qE_b, qC_b = qE.expand(M, -1), qC.expand(M, -1, -1)
-    pE_b, pC_b = pE.expand(M, -1), pC.expand(M, -1, -1)
-    dF = _gauss_logpdf_zero(*_marginal(qE_b, qC_b, off)) - _gauss_logpdf_zero(*_marginal(pE_b, pC_b, off))
-    sE, sC = _condition(qE_b, qC_b, off)
-    keep = (~off).to(qC.dtype)
-    coupling = pC_b * keep[..., :, None] * (1.0 - keep)[..., None, :]
-    if bool(coupling.abs().max() > 0):
-        cE, cC = _condition(pE_b, pC_b, off)
-        rE = pE_b * keep
-        rC = pC_b * keep[..., :, None] * keep[..., None, :]
-        basis = torch.diag_embed(keep)
-        d2, sE, sC = reduce_evidence(sE, sC, cE, cC, rE, rC, basis, keep)
-        dF = dF + d2
-    return dF, sE, sC
-
-
 def _average(G: torch.Tensor, sE: torch.Tensor, sV: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Exact model average over Occam's window: mixture mean and marginal variances (sV)."""
     window = G > G.max() - OCCAM_WINDOW
@@ -177,27 +113,35 @@ class _Base:
     offset: float        # log evidence relative to the full model
     qE: torch.Tensor     # (m,) posterior mean over the free parameters
     qC: torch.Tensor     # (m, m) posterior covariance
+    pE: torch.Tensor     # (m,) prior mean
+    pC: torch.Tensor     # (m, m) prior covariance
     pP: torch.Tensor     # (m, m) inverse of the prior covariance
     Mq: torch.Tensor     # pP qC
     Y: torch.Tensor      # pP qC pP
     w: torch.Tensor      # pP (qE - pE)
 
 
-def _base(qE: torch.Tensor, qC: torch.Tensor, pE: torch.Tensor, pC: torch.Tensor, removed: np.ndarray) -> _Base:
-    """The reduced model switching ``removed`` off (exactly, by :func:`reduce_off`), prepared."""
-    keep = ~removed
-    offset = 0.0
-    if removed.any():
-        dF, sE, sC = reduce_off(qE, qC, pE, pC, torch.as_tensor(removed[None], device=qE.device))
-        qE, qC, offset = sE[0], sC[0], float(dF[0])
-    k = torch.as_tensor(np.flatnonzero(keep), device=qE.device)
-    qE, qC, pE, pC = qE[k], qC[k][:, k], pE[k], pC[k][:, k]
+def _base(qE: torch.Tensor, qC: torch.Tensor, pE: torch.Tensor, pC: torch.Tensor, keep: np.ndarray,
+          offset: float = 0.0) -> _Base:
+    """A model's posterior and prior over its free parameters ``keep``, prepared."""
     pP = torch.cholesky_inverse(torch.linalg.cholesky((pC + pC.T) / 2))
     Mq = pP @ qC
-    return _Base(keep=keep, offset=offset, qE=qE, qC=qC, pP=pP, Mq=Mq, Y=Mq @ pP, w=pP @ (qE - pE))
+    return _Base(keep=keep, offset=offset, qE=qE, qC=qC, pE=pE, pC=pC, pP=pP, Mq=Mq, Y=Mq @ pP,
+                 w=pP @ (qE - pE))
 
 
-def _reduce_sets(base: _Base, S: torch.Tensor, posterior: bool) -> tuple[torch.Tensor, ...]:
+def _switch_off(base: _Base, removed: np.ndarray) -> _Base:
+    """The reduced model switching off ``removed`` (a superset of the base's), prepared."""
+    if np.array_equal(removed, ~base.keep):
+        return base
+    local = np.flatnonzero(removed[base.keep])
+    S = torch.as_tensor(local[None], device=base.qE.device)
+    dF, sE, sC = _reduce_sets(base, S, "full")
+    k = torch.as_tensor(np.flatnonzero(~removed[base.keep]), device=base.qE.device)
+    return _base(sE[0, k], sC[0][k][:, k], base.pE[k], base.pC[k][:, k], ~removed, base.offset + float(dF[0]))
+
+
+def _reduce_sets(base: _Base, S: torch.Tensor, posterior: str) -> tuple[torch.Tensor, ...]:
     """Switch off sets of the base's free parameters: log evidence and reduced posteriors.
 
     The reduced prior is the point mass at zero on ``S`` times the base prior's marginal on
@@ -216,18 +160,20 @@ def _reduce_sets(base: _Base, S: torch.Tensor, posterior: bool) -> tuple[torch.T
     S
         (M, s) positions (within the base's free parameters) switched off by each of M models.
     posterior
-        Also return the reduced posterior means and marginal variances.
+        ``"none"``; ``"diag"``: also the reduced posterior means and marginal variances;
+        ``"full"``: means and covariances.
 
     Returns
     -------
     tuple of torch.Tensor
-        dF (M,) relative to the base; with ``posterior``, sE and sV (M, m), zero on ``S``.
+        dF (M,) relative to the base; then sE (M, m) and sV (M, m) or sC (M, m, m), zero on ``S``.
     """
     M, s = S.shape
     m = base.qE.shape[0]
     if s == 0:
         dF = torch.zeros(M, dtype=base.qE.dtype, device=base.qE.device)
-        return (dF, base.qE.expand(M, m), torch.diagonal(base.qC).expand(M, m)) if posterior else (dF,)
+        spread = base.qC if posterior == "full" else torch.diagonal(base.qC)
+        return (dF,) if posterior == "none" else (dF, base.qE.expand(M, m), spread.expand(M, *spread.shape))
     block = lambda X: X[S[:, :, None], S[:, None, :]]  # noqa: E731
     qSS, MSS = block(base.qC), block(base.Mq)
     qe = base.qE[S]
@@ -239,7 +185,7 @@ def _reduce_sets(base: _Base, S: torch.Tensor, posterior: bool) -> tuple[torch.T
     Ai_h = torch.cholesky_solve(h, LA)
     logdet = lambda L: 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # noqa: E731
     dF = -0.5 * (logdet(Lq) + logdet(LA) + (qe[..., None] * qi_qe).sum((-2, -1)) - (h * Ai_h).sum((-2, -1)))
-    if not posterior:
+    if posterior == "none":
         return (dF,)
     QS = base.qC[S].transpose(-1, -2)                              # qC_:S (M, m, s)
     X = torch.cholesky_solve(QS.transpose(-1, -2), Lq).transpose(-1, -2)  # qC_:S qC_SS^-1
@@ -247,6 +193,9 @@ def _reduce_sets(base: _Base, S: torch.Tensor, posterior: bool) -> tuple[torch.T
     keep = torch.ones(M, m, dtype=dF.dtype, device=dF.device).scatter_(1, S, 0.0)
     sE = (base.qE - (X @ qe[..., None])[..., 0] - (Bq @ Ai_h)[..., 0]) * keep
     BAi = torch.cholesky_solve(Bq.transpose(-1, -2), LA).transpose(-1, -2)
+    if posterior == "full":
+        sC = (base.qC - X @ QS.transpose(-1, -2) + BAi @ Bq.transpose(-1, -2)) * keep[:, :, None] * keep[:, None, :]
+        return dF, sE, (sC + sC.transpose(-1, -2)) / 2
     sV = (torch.diagonal(base.qC) - (X * QS).sum(-1) + (BAi * Bq).sum(-1)) * keep
     return dF, sE, sV
 
@@ -267,7 +216,7 @@ def _evaluate(base: _Base, models: np.ndarray, posterior: bool = True) -> tuple[
     for size in np.unique(sizes):
         rows = np.flatnonzero(sizes == size)
         S = torch.as_tensor(np.nonzero(local[rows])[1].reshape(rows.size, size), device=device)
-        out = _reduce_sets(base, S, posterior)
+        out = _reduce_sets(base, S, "diag" if posterior else "none")
         r = torch.as_tensor(rows, device=device)
         dF[r] = out[0] + base.offset
         if posterior:
@@ -303,8 +252,9 @@ def search_reduced(peb: PEBResult, device: str | torch.device = "cpu") -> ModelA
     small = q[q < 1024]
     present = q > (small.mean() / 1024 if small.size else 0.0)
     removed = ~present
+    base = _base(qE, qC, pE, pC, np.ones(qE.shape[0], dtype=bool))
     while True:
-        base = _base(qE, qC, pE, pC, removed)
+        base = _switch_off(base, removed)
         k = np.flatnonzero(~removed)
         n_candidates = k.size
         if n_candidates == 0:
@@ -372,7 +322,7 @@ def compare_models(peb: PEBResult, K: np.ndarray, device: str | torch.device = "
     off = np.zeros((Nm, Nm, Np * Nx), dtype=bool)
     off[:, :, :Np] = ~K[:, None, :]
     off[:, :, Np:2 * Np] = ~K[None, :, :]
-    base = _base(*_tensors(peb, device), np.zeros(Np * Nx, dtype=bool))
+    base = _base(*_tensors(peb, device), np.ones(Np * Nx, dtype=bool))
     G, sE, sV = _evaluate(base, off.reshape(Nm * Nm, -1))
     Gm = G.cpu().numpy().reshape(Nm, Nm)
     P = np.exp(Gm - Gm.max())

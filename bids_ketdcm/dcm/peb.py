@@ -577,13 +577,18 @@ def _solve(prob: _Problem, g0: torch.Tensor, max_iterations: int, analytic: bool
     of a single precision component (:func:`_single_precision`); otherwise autograd."""
     if analytic:
         spec = _spectral(prob)
+        last: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-        def derivatives(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = _single_precision(prob, spec, x)
-            return out[3], out[4]
+        def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            key = tuple(x.tolist())  # Newton asks for the derivatives where it just evaluated
+            if key not in last:
+                last.clear()
+                last[key] = _single_precision(prob, spec, x)
+            return last[key]
 
-        g, iterations = _newton(lambda x: _single_precision(prob, spec, x)[0], derivatives, g0, max_iterations)
-        L, b, Hbb, _, H_profile, H_fixed = _single_precision(prob, spec, g)
+        g, iterations = _newton(lambda x: evaluate(x)[0], lambda x: (evaluate(x)[3], evaluate(x)[4]), g0,
+                                max_iterations)
+        L, b, Hbb, _, H_profile, H_fixed = evaluate(g)
     else:
         g, iterations = _newton(*_autograd_derivatives(lambda x: _objective(prob, x)), g0, max_iterations)
         L, b, Hbb = _objective(prob, g)
