@@ -374,3 +374,35 @@ def test_single_precision_closed_form_equals_autograd(case, cohort) -> None:
     assert float(fast[0][0]) == pytest.approx(float(ref[0][0]), abs=1e-4)
     for a, r in zip(fast[2:], ref[2:], strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-8)
+
+
+def test_group_subspace_of_the_subjects_own_subspaces() -> None:
+    """Both ways into the second level agree: the subjects' own prior subspaces (kept when the
+    group basis spans everything) and their subspaces inside a smaller group basis (as
+    ``principal_basis(U' pC U)``): same projectors, same objective."""
+    from dataclasses import replace
+
+    from bids_ketdcm.dcm.peb import _group_subspace, _objective, _problem, _subject_space, _terms, principal_basis
+    from bids_ketdcm.testing.peb_cohort import synthetic_posteriors
+
+    post, X, _ = synthetic_posteriors(10, 6, seed=4)
+    index = a_parameter_index(10)
+    sub = _subject_space(post, index)
+    # a group basis smaller than the parameter space
+    U = torch.linalg.qr(torch.as_tensor(np.random.default_rng(0).standard_normal((100, 70))))[0]
+    V, mask = _group_subspace(U, sub["W"], sub["v"])
+    ref, ref_mask = principal_basis(U.T @ sub["pC"] @ U)
+    assert torch.equal(mask.sum(-1), ref_mask.sum(-1))
+    np.testing.assert_allclose((V @ V.transpose(-1, -2)).numpy(), (ref @ ref.transpose(-1, -2)).numpy(), atol=1e-8)
+    # the full group basis: the subjects' own subspaces against their images through U
+    prob = _problem(post, X, index, "single", "cpu")
+    assert prob.U.shape[1] == 100
+    V2, mask2 = _group_subspace(prob.U, sub["W"], sub["v"])
+    terms = _terms(sub["qE"], sub["qC"], sub["pE"], sub["pC"], sub["F"], prob.U @ V2, mask2)
+    other = replace(prob, V=V2, mask=mask2, qP=terms["qP"], pP=terms["pP"], a=terms["a"], const=terms["const"])
+    for value in (-1.0, 0.5):
+        g = torch.tensor([value], dtype=torch.float64)
+        L, b, _ = _objective(prob, g)
+        L2, b2, _ = _objective(other, g)
+        assert float(L) == pytest.approx(float(L2), abs=1e-8 * abs(float(L)))
+        np.testing.assert_allclose(b.numpy(), b2.numpy(), atol=1e-10)

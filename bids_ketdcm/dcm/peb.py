@@ -80,9 +80,10 @@ class SubjectPosteriors:
     pC: np.ndarray
     F: np.ndarray
     names: list[str]
-    #: Per parameter subset: each subject's prior principal subspace (basis, variances),
-    #: computed once and shared by the subsets :meth:`take` makes (leave-one-out folds).
-    _bases: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: Per parameter subset: each subject's terms in its own prior subspace
+    #: (:func:`_subject_space`), computed once and shared by the subsets :meth:`take` makes
+    #: (leave-one-out folds).
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         N, P = np.shape(self.Ep)
@@ -100,26 +101,10 @@ class SubjectPosteriors:
         idx = np.arange(len(self.names))[rows]
         out = SubjectPosteriors(self.Ep[idx], self.Cp[idx], self.pE[idx], self.pC[idx],
                                 self.F[idx], [self.names[i] for i in idx])
-        out._bases.update({key: (W[idx], v[idx]) for key, (W, v) in self._bases.items()})
+        rows_t = torch.as_tensor(idx)
+        out._cache.update({key: {name: value[rows_t] for name, value in terms.items()}
+                           for key, terms in self._cache.items()})
         return out
-
-    def prior_bases(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Principal subspace of each subject's prior over the parameters ``index``.
-
-        Returns
-        -------
-        basis : numpy.ndarray
-            (N, len(index), R) orthonormal columns (zero padding), as :func:`principal_basis`.
-        variances : numpy.ndarray
-            (N, R) prior variance along each column (0 for padding).
-        """
-        key = np.asarray(index, dtype=int).tobytes()
-        if key not in self._bases:
-            pC = torch.as_tensor(self.pC[:, index][:, :, index], dtype=torch.float64)
-            W, mask = principal_basis(pC)
-            v = torch.diagonal(W.transpose(-1, -2) @ pC @ W, dim1=-2, dim2=-1) * mask
-            self._bases[key] = (W.numpy(), v.numpy())
-        return self._bases[key]
 
 
 @dataclass
@@ -337,6 +322,36 @@ def reduce_evidence(
     return dF, sE, basis @ sC @ Vt
 
 
+def _terms(qE: torch.Tensor, qC: torch.Tensor, pE: torch.Tensor, pC: torch.Tensor, F: torch.Tensor,
+           basis: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each subject's posterior and prior in a basis of its subspace: the precisions (the
+    posterior's increased by SPM12's sixteenth of the prior's), ``a = qP qE - pP pE`` and
+    the part of its evidence that does not depend on the group model."""
+    qP = _inv(_project(qC, basis, mask))
+    pP = _inv(_project(pC, basis, mask))
+    qP = qP + POSTERIOR_PRECISION_BOOST * pP  # SPM12's shrinkage of the subject posteriors
+    q_e = (basis.transpose(-1, -2) @ qE[..., None])[..., 0]
+    p_e = (basis.transpose(-1, -2) @ pE[..., None])[..., 0]
+    a = (qP @ q_e[..., None] - pP @ p_e[..., None])[..., 0]
+    const = 0.5 * (_logdet(qP) - _logdet(pP) - _quad(q_e, qP) + _quad(p_e, pP)) + F
+    return {"qP": qP, "pP": pP, "a": a, "const": const}
+
+
+def _subject_space(posteriors: SubjectPosteriors, index: np.ndarray) -> dict[str, torch.Tensor]:
+    """The subjects' posteriors and priors over ``index`` and their terms (:func:`_terms`) in
+    the principal subspace ``W`` (variances ``v``) of each subject's own prior; cached."""
+    key = np.asarray(index, dtype=int).tobytes()
+    if key not in posteriors._cache:
+        t = lambda a: torch.as_tensor(np.asarray(a, dtype=float))  # noqa: E731
+        qE, qC, pE, pC = (t(a)[..., index] if a.ndim == 2 else t(a)[:, index][:, :, index]
+                          for a in (posteriors.Ep, posteriors.Cp, posteriors.pE, posteriors.pC))
+        W, mask = principal_basis(pC)
+        v = torch.diagonal(W.transpose(-1, -2) @ pC @ W, dim1=-2, dim2=-1) * mask
+        posteriors._cache[key] = {"qE": qE, "qC": qC, "pE": pE, "pC": pC, "F": t(posteriors.F), "W": W,
+                                  "v": v, "mask": mask, **_terms(qE, qC, pE, pC, t(posteriors.F), W, mask)}
+    return posteriors._cache[key]
+
+
 def _design_prior(X: torch.Tensor) -> torch.Tensor:
     """SPM's ``Xc``: prior variance scaling of each covariate's effects, n / sum(x^2)."""
     return X.shape[0] / (X**2).sum(0)
@@ -536,22 +551,18 @@ def _problem(posteriors: SubjectPosteriors, X: np.ndarray, index: np.ndarray, pr
              device: str | torch.device) -> _Problem:
     """The second-level model of :func:`fit_peb` in the subjects' subspaces, SPM's priors included."""
     t = lambda a: torch.as_tensor(np.asarray(a, dtype=float), device=device)  # noqa: E731
-    qE, qC, pE, pC = (t(a)[..., index] if a.ndim == 2 else t(a)[:, index][:, :, index]
-                      for a in (posteriors.Ep, posteriors.Cp, posteriors.pE, posteriors.pC))
-    PC = pC.mean(0)
-    PE = pE.mean(0)
+    sub = {name: value.to(device) for name, value in _subject_space(posteriors, index).items()}
+    PC = sub["pC"].mean(0)
+    PE = sub["pE"].mean(0)
     U, _ = principal_basis(PC)
     K = U.shape[1]
     Ut = U.T
-    V, mask = _group_subspace(U, *(t(a) for a in posteriors.prior_bases(index)))
-    UV = U @ V  # the subjects' subspaces in the parameters' coordinates
-    qP = _inv(_project(qC, UV, mask))
-    pP = _inv(_project(pC, UV, mask))
-    qP = qP + POSTERIOR_PRECISION_BOOST * pP  # SPM12's shrinkage of the subject posteriors
-    q_e = (UV.transpose(-1, -2) @ qE[..., None])[..., 0]
-    p_e = (UV.transpose(-1, -2) @ pE[..., None])[..., 0]
-    a = (qP @ q_e[..., None] - pP @ p_e[..., None])[..., 0]
-    const = 0.5 * (_logdet(qP) - _logdet(pP) - _quad(q_e, qP) + _quad(p_e, pP)) + t(posteriors.F)
+    if K == len(index):  # U rotates the whole space: the subjects' own subspaces are kept
+        V, mask, terms = Ut @ sub["W"], sub["mask"], sub
+    else:
+        V, mask = _group_subspace(U, sub["W"], sub["v"])
+        terms = _terms(sub["qE"], sub["qC"], sub["pE"], sub["pC"], sub["F"], U @ V, mask)
+    qP, pP, a, const = terms["qP"], terms["pP"], terms["a"], terms["const"]
     Xt = t(X)
     Nx = X.shape[1]
     M_pC = PC / BETWEEN_SUBJECT_RATIO
