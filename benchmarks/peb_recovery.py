@@ -121,7 +121,9 @@ def run(n: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
     scale = calibrate(n, args, rng)
     truth, x, target = cohort(n, args.subjects, args.deviation, args.effect, rng)
     start = time.perf_counter()
-    y, post = _simulate_and_fit(truth, args.scans, args.seed + n, _cache(args, f"cohort-n{n}"))
+    cache = _cache(args, f"cohort-n{n}")
+    cached = cache is not None and cache.exists()
+    y, post = _simulate_and_fit(truth, args.scans, args.seed + n, cache)
     fit_seconds = time.perf_counter() - start
     subjects = posteriors_from_fit(post, y, [f"sub-{i:02d}" for i in range(args.subjects)])
     X = np.column_stack([np.ones(args.subjects), x])
@@ -144,10 +146,9 @@ def run(n: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
         "effect_true_hz": args.effect,
         "log_precision": [round(float(v), 3) for v in peb.Eh],
         "fit_seconds": round(fit_seconds, 1),
+        "inversions_from_cache": cached,
         "peb_seconds": round(peb_seconds, 2),
     }
-    if n > args.search_max_regions:
-        return out
     start = time.perf_counter()
     bma = search_reduced(peb)
     bmr_seconds = time.perf_counter() - start
@@ -179,9 +180,6 @@ def main() -> None:
     parser.add_argument("--effect", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration-subjects", type=int, default=8)
-    parser.add_argument("--search-max-regions", type=int, default=8,
-                        help="model reduction and leave-one-out only up to this many regions (the exact "
-                        "reduction under the coupled prior of projected models costs O(P^3) per model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder keeping the simulated cohorts' inversions (reused when the truth matches)")
