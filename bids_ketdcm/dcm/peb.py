@@ -21,7 +21,11 @@ The numbers are those of SPM12 r7771 and its defaults (DESIGN.md section 7):
 
 The optimum (b, g) is found exactly rather than by SPM's damped Fisher scoring: for fixed
 ``g`` the objective is quadratic in ``b``, so ``b`` is solved in closed form and ``g`` by
-Newton's method on the profile objective (exact derivatives by autograd). The free energy
+Newton's method on the profile objective, with exact derivatives: in closed form for one
+precision component (SPM's default; each subject's terms diagonalise in one basis, see
+:func:`_single_precision`), by autograd for one per parameter. Each subject's posterior and
+prior are projected once onto its own prior subspace and reused by every fit of the same
+cohort (leave-one-out folds). The free energy
 is the Laplace approximation ``L(b, g) + logdet(prior precision)/2 - logdet(-Hessian)/2``
 with the joint Hessian of ``(b, g)``; SPM12's own value differs from it by
 ``(b'bP b - (b - bE)'bP (b - bE))/2`` (SPM centres that term on zero, not on the prior mean).
