@@ -10,7 +10,11 @@ r between true and estimated off-diagonal A (each subject's, mean over subjects,
 for the single-subject posteriors and the empirical-Bayes ones; the same for the subject
 deviations from the cohort mean; the covariate effect's posterior probability after model
 reduction; the leave-one-out r (p) of the covariate; and the seconds of PEB, model reduction
-and leave-one-out (one process, ``--threads`` torch threads).
+and leave-one-out (one process, ``--threads`` torch threads). Diagnostics: the r of the group
+model's prediction ``X Ep'`` alone, and the share of the true A (departure from the prior
+mean) inside each subject's prior subspace (below 1 above 8 regions, where SPM projects the
+A prior onto 8 data modes: the rest a single-subject inversion cannot see, and empirical
+Bayes fills it with the group prediction).
 
 Empirical Bayes is run as SPM does (``eb_spm``) and on tempered posteriors (``eb_tempered``,
 :func:`bids_ketdcm.dcm.peb.temper`), the likelihood scale calibrated on an independent
@@ -35,7 +39,14 @@ from dcm_recovery import sparse_coupling
 from bids_ketdcm.dcm import fit, simulate
 from bids_ketdcm.dcm.bmr import search_reduced
 from bids_ketdcm.dcm.loo import leave_one_out
-from bids_ketdcm.dcm.peb import a_parameter_index, fit_peb, posteriors_from_fit, temper
+from bids_ketdcm.dcm.peb import (
+    SubjectPosteriors,
+    a_parameter_index,
+    fit_peb,
+    posteriors_from_fit,
+    principal_basis,
+    temper,
+)
 
 
 def cohort(n: int, subjects: int, deviation: float, effect: float,
@@ -116,6 +127,18 @@ def calibrate(n: int, args: argparse.Namespace, rng: np.random.Generator) -> flo
     return float(np.mean(z**2))
 
 
+def support_fraction(truth: np.ndarray, subjects: SubjectPosteriors, index: np.ndarray) -> float:
+    """Mean share of the true A's departure from the prior mean (SPM's raw parameters) that lies
+    in the subject's prior subspace: the rest is invisible to its single-subject inversion
+    (1 up to 8 regions; above, SPM projects the A prior onto 8 data modes)."""
+    n = truth.shape[-1]
+    raw = np.where(np.eye(n, dtype=bool), np.log(np.clip(-2 * truth, 1e-12, None)), truth)
+    dev = np.swapaxes(raw, 1, 2).reshape(len(truth), -1) - subjects.pE[:, index]
+    W, _ = principal_basis(torch.as_tensor(subjects.pC[:, index][:, :, index]))
+    inside = (W @ (W.transpose(-1, -2) @ torch.as_tensor(dev)[..., None]))[..., 0].numpy()
+    return float(np.mean(np.sum(inside**2, 1) / np.sum(dev**2, 1)))
+
+
 def run(n: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
     """One cohort of ``n`` regions: simulate, invert, PEB, model reduction, leave-one-out."""
     scale = calibrate(n, args, rng)
@@ -142,6 +165,8 @@ def run(n: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
         "eb_spm": _r(truth, _hz(peb.subject_Ep[:, index], n)),
         "single_subject_tempered": _r(truth, _hz(hot.Ep[:, index], n)),
         "eb_tempered": _r(truth, _hz(peb_hot.subject_Ep[:, index], n)),
+        "group_prediction": _r(truth, _hz(X @ peb.Ep.T, n)),
+        "prior_support_fraction": round(support_fraction(truth, subjects, index), 3),
         "effect_estimate_hz": round(float(peb.Ep[col, 1]), 4),
         "effect_true_hz": args.effect,
         "log_precision": [round(float(v), 3) for v in peb.Eh],
