@@ -31,6 +31,8 @@ from .peb import PEBResult
 OCCAM_WINDOW = 8.0
 #: SPM's ``spm_dcm_bmr_all``: at most this many parameters are searched over exhaustively.
 EXHAUSTIVE_SEARCH = 8
+#: Models evaluated together hold at most about this many numbers per (m, |S|) block.
+_CHUNK = 2**23
 
 
 @dataclass
@@ -214,14 +216,17 @@ def _evaluate(base: _Base, models: np.ndarray, posterior: bool = True) -> tuple[
     sV = torch.zeros_like(sE)
     cols = torch.as_tensor(np.flatnonzero(base.keep), device=device)
     for size in np.unique(sizes):
-        rows = np.flatnonzero(sizes == size)
-        S = torch.as_tensor(np.nonzero(local[rows])[1].reshape(rows.size, size), device=device)
-        out = _reduce_sets(base, S, "diag" if posterior else "none")
-        r = torch.as_tensor(rows, device=device)
-        dF[r] = out[0] + base.offset
-        if posterior:
-            sE[r[:, None], cols[None, :]] = out[1]
-            sV[r[:, None], cols[None, :]] = out[2]
+        group = np.flatnonzero(sizes == size)
+        step = max(1, _CHUNK // max(1, int(size) * local.shape[1]))
+        for start in range(0, group.size, step):
+            rows = group[start:start + step]
+            S = torch.as_tensor(np.nonzero(local[rows])[1].reshape(rows.size, size), device=device)
+            out = _reduce_sets(base, S, "diag" if posterior else "none")
+            r = torch.as_tensor(rows, device=device)
+            dF[r] = out[0] + base.offset
+            if posterior:
+                sE[r[:, None], cols[None, :]] = out[1]
+                sV[r[:, None], cols[None, :]] = out[2]
     return (dF, sE, sV) if posterior else (dF,)
 
 
