@@ -7,7 +7,9 @@ different per subject), and an exact Gaussian posterior inside the prior's suppo
 is inverted (the PEB stages see only posteriors and priors). Prints one JSON line: wall and
 process-CPU seconds of each stage (PEB with empirical-Bayes subject posteriors; greedy
 model reduction; leave-one-out of the covariate), their total, the threads, and the load
-average before and after.
+average before and after. On a loaded machine use ``--threads 1``: torch's OpenMP threads
+spin when the cores are oversubscribed (at load 10 on 2 cores, 2 threads took 15 times the
+CPU time of 1).
 
 Usage: python benchmarks/peb_speed.py [--regions 15] [--subjects 27] [--threads 2]
 """
@@ -41,7 +43,6 @@ def main() -> None:
     index = a_parameter_index(args.regions)
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
-    results: dict = {}
 
     def stage(name: str, func):
         wall, proc = time.perf_counter(), time.process_time()
