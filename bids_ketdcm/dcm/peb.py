@@ -508,7 +508,8 @@ def _newton(value: Value, derivatives: Derivatives, g0: torch.Tensor, max_iterat
     """Maximise the profile objective over the log precisions.
 
     Saddle-free Newton steps (the Hessian's eigenvalues taken in absolute value, floored),
-    scaled so no coordinate moves by more than 1 (as SPM's ``tanh``), halved until the objective rises.
+    scaled so no coordinate moves by more than 1 (as SPM's ``tanh``), halved until the objective rises;
+    stops when a step gains, or the quadratic model promises, less than ``CONVERGENCE_GAIN``.
     ``value(g)`` is the objective, ``derivatives(g)`` its gradient and Hessian.
     """
     g = g0.clone()
@@ -518,6 +519,8 @@ def _newton(value: Value, derivatives: Derivatives, g0: torch.Tensor, max_iterat
         evals, evecs = torch.linalg.eigh((hess + hess.T) / 2)
         scale = evals.abs().clamp(min=1e-3 * float(evals.abs().max()) + 1e-9)
         step = evecs @ ((evecs.T @ grad) / scale)
+        if 0.5 * float(grad @ step) < CONVERGENCE_GAIN:  # the quadratic model promises no gain
+            return g, it
         step = step / max(1.0, float(step.abs().max()))
         for _ in range(40):
             new = value(g + step)
