@@ -151,10 +151,39 @@ def read_json_object(path: str | os.PathLike, what: str = "") -> dict[str, Any]:
     """
     where = f"{what} {path}" if what else str(path)
     try:
-        content = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{where} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{where} is not valid JSON: {err}") from None
+    return parse_json_object(text, where)
+
+
+def parse_json_object(data: str | bytes, where: str) -> dict[str, Any]:
+    """Parse JSON text that must hold an object, or fail with one clear message.
+
+    For content already read (e.g. bytes that are also hashed, or a package resource);
+    :func:`read_json_object` reads a file with this rule.
+
+    Parameters
+    ----------
+    data
+        The JSON text (bytes: UTF-8, -16 or -32, as :func:`json.loads` detects).
+    where
+        The source named in messages (e.g. ``"--denoise mine.json"``).
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    InputError
+        ``data`` is not JSON, or not a JSON object.
+    """
+    try:
+        content = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{where} is not valid JSON: {err}") from None
     if not isinstance(content, dict):
         raise InputError(f"{where} must hold a JSON object")

@@ -31,8 +31,8 @@ def test_every_preset_is_a_valid_file_named_as_its_strategy():
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ("{not json", "not valid JSON"),
-    ('["spm"]', "expected a JSON object"),
+    ("{not json", "is not valid JSON"),
+    ('["spm"]', "must hold a JSON object"),
     ('{"name": "x", "function": "load_confounds", "colour": 1}', "unknown key.*colour"),
     ('{"name": "x", "function": "clean"}', "function 'clean' is not one of"),
     ('{"name": "x", "function": "load_confounds", "parameters": {"motoin": "basic"}}', "takes no parameter.*motoin"),

@@ -21,7 +21,8 @@ from bids_ketdcm.bids.naming import RunEntities, connectivity_paths
 from bids_ketdcm.dcm import fit, simulate
 from bids_ketdcm.dcm.peb import posteriors_from_fit
 from bids_ketdcm.errors import InputError
-from bids_ketdcm.group.peb_analysis import peb_loo, peb_section, subject_posteriors
+from bids_ketdcm.group.peb_analysis import peb_loo, subject_posteriors
+from bids_ketdcm.group.report import peb_section
 
 N, REGIONS = 16, ["R1", "R2", "R3", "R4"]
 
@@ -75,7 +76,7 @@ def test_peb_loo_finds_the_planted_connection_and_not_a_shuffled_one(cohort) -> 
     record = {"target": "improvement", "networks": {"toy4": {
         **{k: res[k] for k in ("r", "p_parametric", "p_permutation", "n_permutations", "participants")},
         "top_effects": res["effects"].head(3).to_dict(orient="records")}}}
-    html = "\n".join(peb_section(record))
+    html = peb_section(record)
     assert "R1-&gt;R4" in html or "R1->R4" in html
 
 

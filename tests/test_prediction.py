@@ -13,8 +13,9 @@ import pytest
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.group.model_io import fit_final
 from bids_ketdcm.model_store import load_model, save_model
-from bids_ketdcm.participant.predict import DISCLAIMER, predict_patients, report_section, run_predictions
+from bids_ketdcm.participant.predict import DISCLAIMER, predict_patients, run_predictions
 from bids_ketdcm.report import RunResult, update_participant_report, write_participant_report
+from bids_ketdcm.report.participant import prediction_section
 from bids_ketdcm.testing.fixtures import write_a_matrix
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -98,7 +99,7 @@ def test_run_predictions_writes_derivatives(tmp_path):
 def test_report_section_is_labelled(tmp_path):
     model = _model(tmp_path / "m")
     preds = predict_patients(model, np.zeros((1, 4)), A_NAMES, ["sub-01"], "dmn2")
-    section = report_section(preds)
+    section = prediction_section(preds, DISCLAIMER)
     assert "research tool, not a clinical device" in section and DISCLAIMER in section
     skipped = RunResult(
         run_label="ses-b0_task-rest", network="dmn4", roi_names=REGIONS, roi_coords=None, timeseries=None, tr=2.5,
@@ -152,13 +153,14 @@ def test_prediction_section_added_to_an_existing_report(tmp_path):
     before = path.read_text()
     for x in (2.5, -2.5):  # a second prediction replaces the first
         preds = predict_patients(model, np.array([[x, 0.0, 0.0, 0.0]]), A_NAMES, ["sub-01"], "dmn2")
-        update_participant_report(path, "01", [("prediction", "Prediction", report_section(preds))])
+        update_participant_report(path, "01", [("prediction", "Prediction", prediction_section(preds, DISCLAIMER))])
     page = path.read_text()
     assert page.count('<section id="prediction">') == 1 and page.count('<a href="#prediction">') == 1
     assert f"<td>{preds[0].probability:.2f}</td>" in page and preds[0].probability < 0.2
     assert page.index('id="summary"') < page.index('id="prediction"') < page.index('id="skipped"')
     # everything else of the report is kept
-    stripped = page.replace(report_section(preds) + "\n", "").replace('<a href="#prediction">Prediction</a>', "")
+    section = prediction_section(preds, DISCLAIMER)
+    stripped = page.replace(section + "\n", "").replace('<a href="#prediction">Prediction</a>', "")
     assert stripped == before
 
 

@@ -21,17 +21,10 @@ from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
 from bids_ketdcm.group.batched import predict_splits
+from bids_ketdcm.group.cv import _outer_predictions, _tree_probas, _tune_batched, evaluate, make_splits
 from bids_ketdcm.group.metrics import classification_metrics, regression_metrics
-from bids_ketdcm.group.suite import (
-    SuiteConfig,
-    Task,
-    _outer_predictions,
-    _tree_probas,
-    _tune_batched,
-    evaluate,
-    make_splits,
-    run_task,
-)
+from bids_ketdcm.group.models import SuiteConfig, Task
+from bids_ketdcm.group.suite import run_task
 
 # binary25 labels of the 27 MDD participants of ds005917 (sorted ids) and their improvement r
 R = np.array([11 / 35, 9 / 31, 24 / 41, 2 / 36, 17 / 38, -8 / 33, 7 / 25, 2 / 31, 1.0, 30 / 35, 6 / 37,

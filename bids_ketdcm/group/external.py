@@ -20,13 +20,13 @@ treatment), ``predictions.tsv``, ``calibration.tsv``, ``results.json`` and ``rep
 
 from __future__ import annotations
 
-import html
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
@@ -37,7 +37,7 @@ from bids_ketdcm.group.labels import LabelSet
 from bids_ketdcm.group.metrics import balanced_accuracy_batch, classification_metrics
 from bids_ketdcm.io import finite_json, write_json, write_text, write_tsv
 from bids_ketdcm.model_store import SavedModel, feature_fingerprint, load_models
-from bids_ketdcm.report.figures import figure_to_base64_png
+from bids_ketdcm.report.render import figure_png, render_page
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,7 @@ def check_label_definition(model: SavedModel, labels: LabelSet) -> None:
                     want["score_column"], labels.score_column)
 
 
-def _calibration_figure(curves: dict[str, pd.DataFrame], title: str):
-    from matplotlib.figure import Figure
-
+def _calibration_figure(curves: dict[str, pd.DataFrame], title: str) -> Figure:
     fig = Figure(figsize=(4.2, 4.0))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfect calibration")
@@ -316,18 +314,8 @@ def _power_note(y: np.ndarray, n_classes: int) -> str:
 def _report(results: pd.DataFrame, figures: list) -> str:
     cols = ["model_id", "treatment", "n_participants", "classes", "balanced_accuracy", "p_balanced_accuracy",
             "roc_auc", "p_roc_auc", "brier", "train_cv_balanced_accuracy", "note"]
-    table = results[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a", border=0)
-    imgs = "".join(
-        f'<figure><img alt="calibration {html.escape(name)}" src="data:image/png;base64,'
-        f'{figure_to_base64_png(fig)}"></figure>' for name, fig in figures)
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>bids-ketdcm external "
-        "validation</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-        "table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd}"
-        ".warning{background:#fff3cd;border-left:5px solid #e0a800;padding:.6em 1em}</style></head><body>"
-        "<h1>External validation of saved models</h1>"
-        '<p class="warning">Research tool, not a clinical device. Frozen models (no refitting) applied to this '
-        "dataset; p-values permute the labels against the fixed predictions. The placebo rows are the "
-        "specificity check: a drug-specific signal should be at chance there.</p>"
-        f"<h2>Metrics</h2>{table}<h2>Calibration</h2>{imgs}</body></html>\n"
-    )
+    table = results[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a", border=0,
+                                  classes="data")
+    return render_page("external.html", title="external validation", table=table,
+                       figures=[(name, figure_png(fig)) for name, fig in figures],
+                       nav=[("metrics", "Metrics"), ("calibration", "Calibration")])

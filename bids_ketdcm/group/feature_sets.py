@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bids_ketdcm.config import FEATURE_SETS, split_key
-from bids_ketdcm.group.suite import HEADLINE_METRIC, HEADLINE_MODEL
+from bids_ketdcm.group.models import HEADLINE_METRIC, HEADLINE_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from bids_ketdcm.bids.naming import normalise_session
 from bids_ketdcm.config import split_key
 from bids_ketdcm.group.metrics import CLASSIFICATION_METRICS, classification_metrics
-from bids_ketdcm.group.suite import MODEL_DESCRIPTIONS, SuiteConfig, make_estimator
+from bids_ketdcm.group.models import MODEL_DESCRIPTIONS, ResultKey, SuiteConfig, make_estimator
 from bids_ketdcm.model_store import feature_fingerprint, prior_corrected, save_model, write_index
 from bids_ketdcm.seeds import derive_seed
 
@@ -50,7 +50,7 @@ def fit_final(X: np.ndarray, y: np.ndarray, n_classes: int, params: dict, n_boot
     seed
         Seed of the resampling.
     model
-        Model name of :func:`bids_ketdcm.group.suite.make_estimator` (a linear classifier
+        Model name of :func:`bids_ketdcm.group.models.make_estimator` (a linear classifier
         with ``predict_proba``).
 
     Returns
@@ -87,7 +87,7 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
     directory
         The ``--save-model`` folder.
     tasks
-        The suite's tasks (:class:`bids_ketdcm.group.suite.Task`).
+        The suite's tasks (:class:`bids_ketdcm.group.models.Task`).
     suite
         The suite's :class:`~bids_ketdcm.group.suite.SuiteResult`.
     labels
@@ -109,10 +109,10 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
         if task.treatment != "ketamine" or task.kind != "classification":
             continue
         feature_set, network = split_key(task.network)
-        key = f"ketamine|{task.network}|{task.target}|logistic|nested"
+        key = ResultKey.of(task, "logistic", "nested")
         chosen = [p for p in suite.params.get(key, []) if "C" in p]
         C = Counter(float(p["C"]) for p in chosen).most_common(1)[0][0] if chosen else config.C
-        seed = derive_seed(options.seed, f"saved-model|{task.network}|{task.target}")
+        seed = derive_seed(options.seed, "|".join(("saved-model", task.network, task.target)))
         estimator, boots = fit_final(task.X, task.y, task.n_classes, {"C": C}, n_bootstrap, seed)
         rows = res[(res.treatment == "ketamine") & (res.network == task.network) & (res.target == task.target)
                    & (res.model == "logistic")] if len(res) else res

@@ -15,7 +15,6 @@ that each connection's effect on the target is present.
 
 from __future__ import annotations
 
-import html
 import logging
 import time
 from pathlib import Path
@@ -160,26 +159,3 @@ def run_peb(features: dict[str, FeatureSet], labels: LabelSet, group_dir: Path, 
             "files": {k: str(v) for k, v in files.items()},
         }
     return out
-
-
-def peb_section(record: dict) -> list[str]:
-    """HTML of the report's PEB section (the record :func:`run_peb` returns)."""
-    parts = [f"<h2>PEB leave-one-out: {html.escape(record['target'])} (ketamine)</h2>",
-             "<p class='note'>Parametric empirical Bayes over the full DCM posteriors of the A parameters, design "
-             "[1, standardised target]; each participant's target predicted from its own DCM and the PEB of the "
-             "others (SPM12's spm_dcm_loo). r: correlation of predicted and observed; p (parametric): SPM's "
-             "one-sided t-test; p (permutation): the target shuffled and every leave-one-out redone. Effects: "
-             "change of each connection (Hz; log scaling for self-connections) per SD of the target, with the "
-             "posterior probability that it is present after Bayesian model reduction (SPM's greedy search: 1 "
-             "for the parameters never worth testing for removal).</p>"]
-    for network, res in record["networks"].items():
-        parts.append(f"<h3>seg-{html.escape(network)}</h3>")
-        if "skipped" in res:
-            parts.append(f"<p>Not run: {html.escape(res['skipped'])}.</p>")
-            continue
-        perm = "not run" if res["p_permutation"] is None else f"{res['p_permutation']:.3g} ({res['n_permutations']})"
-        parts.append(f"<p>{res['participants']} participants: r = {res['r']:.3f}, p (parametric) = "
-                     f"{res['p_parametric']:.3g}, p (permutation) = {perm}.</p>")
-        parts.append(pd.DataFrame(res["top_effects"]).to_html(index=False, float_format=lambda v: f"{v:.3g}",
-                                                              border=0))
-    return parts

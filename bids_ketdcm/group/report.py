@@ -10,45 +10,31 @@ the reason it was skipped. One self-contained file; figures are drawn in paralle
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
 
 from bids_ketdcm.group.feature_sets import compare_feature_sets
 from bids_ketdcm.group.metrics import confusion
-from bids_ketdcm.group.peb_analysis import peb_section
-from bids_ketdcm.group.suite import HEADLINE_METRIC, HEADLINE_MODEL, SuiteResult, Task
+from bids_ketdcm.group.models import HEADLINE_METRIC, HEADLINE_MODEL, ResultKey, Task
+from bids_ketdcm.group.suite import SuiteResult
 from bids_ketdcm.io import write_text
 from bids_ketdcm.provenance import command_line, software_versions
 from bids_ketdcm.report.methods import group_methods_paragraph
-from bids_ketdcm.report.render import render_page
-
-
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+from bids_ketdcm.report.render import figure_png, png_file, render_page
 
 
 def _target_figure(ctx: dict) -> str:
     """One row of panels for one analysis target and network (runs in a worker)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
     kind, classes = ctx["kind"], ctx["classes"]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    fig = Figure(figsize=(18, 3.8))
+    axes = fig.subplots(1, 4)
     pred = ctx["pred"]
     head = pred[pred.model == ctx["model"]]
     if kind == "classification":
@@ -120,18 +106,14 @@ def _target_figure(ctx: dict) -> str:
     else:
         ax.text(0.5, 0.5, "no permutation test", ha="center", transform=ax.transAxes)
     fig.suptitle(f"{ctx['target']} / seg-{ctx['network']}", fontsize=11)
-    return _png(fig)
+    return figure_png(fig, dpi=80, bbox_inches="tight")
 
 
 def _weights_figure(best: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     w = np.asarray(best["weights"], dtype=float)
     n = len(best["regions"])
-    fig, ax = plt.subplots(figsize=(3 + 0.35 * n, 2.5 + 0.3 * n))
+    fig = Figure(figsize=(3 + 0.35 * n, 2.5 + 0.3 * n))
+    ax = fig.subplots()
     lim = np.nanmax(np.abs(w)) if np.isfinite(w).any() else 1.0
     cmap = "viridis" if best["kind"] == "importance" else "RdBu_r"
     im = ax.imshow(w, cmap=cmap, vmin=0 if best["kind"] == "importance" else -lim, vmax=lim)
@@ -141,7 +123,15 @@ def _weights_figure(best: dict) -> str:
     ax.set_ylabel("target")
     fig.colorbar(im, ax=ax, label=best["kind"])
     ax.set_title(f"{best['model']} on {best['target']} (seg-{best['network']})", fontsize=9)
-    return _png(fig)
+    return figure_png(fig, dpi=80, bbox_inches="tight")
+
+
+def peb_section(record: dict) -> str:
+    """The PEB leave-one-out section (the record :func:`bids_ketdcm.group.peb_analysis.run_peb` returns)."""
+    tables = {network: pd.DataFrame(res["top_effects"]).to_html(index=False, float_format=lambda v: f"{v:.3g}",
+                                                                 border=0, classes="data")
+              for network, res in record["networks"].items() if "skipped" not in res}
+    return render_page("peb_section.html", record=record, tables=tables)
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -204,7 +194,7 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         fsel = (folds.treatment == "ketamine") & (folds.network == task.network) & (folds.target == task.target)
         nulls = {}
         for arm in ("ketamine", "placebo"):  # not `treatment`: that is the treatment-selection result
-            key = f"{arm}|{task.network}|{task.target}|{model}|{protocol}"
+            key = ResultKey(arm, task.network, task.target, model, protocol)
             row = res[(res.treatment == arm) & (res.network == task.network) & (res.target == task.target)
                       & (res.model == model) & (res.protocol == protocol)]
             if key in suite.nulls and len(row):
@@ -268,7 +258,7 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
     if treatment is not None:
         parts += _treatment_section(treatment)
     if info.get("peb"):
-        parts += peb_section(info["peb"])
+        parts.append(peb_section(info["peb"]))
     parts.append("<h2>Figures per target and network (ketamine)</h2>")
     for ctx, img in zip(contexts, images, strict=True):
         parts.append(f"<h3>{html.escape(ctx['target'])} / seg-{html.escape(ctx['network'])}</h3>")
@@ -399,7 +389,7 @@ def _treatment_section(treatment: dict) -> list[str]:
                      f"{loss}; versus {html.escape(diff['reference_policy'])}: p = {diff['p_versus_reference']:.3g} "
                      f"({html.escape(diff['note'])}).</p>")
     figure = Path(treatment["files"]["figure"])
-    image = base64.b64encode(figure.read_bytes()).decode("ascii")
+    image = png_file(figure)
     return parts + [f"<img src='data:image/png;base64,{image}'>"]
 
 

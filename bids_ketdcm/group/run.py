@@ -46,23 +46,23 @@ from bids_ketdcm.group.labels import (
     read_scores,
 )
 from bids_ketdcm.group.model_io import save_group_models
-from bids_ketdcm.group.peb_analysis import run_peb
-from bids_ketdcm.group.primary import PrimaryInputs, load_plan, run_primary
-from bids_ketdcm.group.qc import write_group_tables
-from bids_ketdcm.group.report import write_report
-from bids_ketdcm.group.suite import (
+from bids_ketdcm.group.models import (
     ALL_MODELS,
     HEADLINE_DEFINITION,
     HEADLINE_METRIC,
     HEADLINE_MODEL,
     MODEL_DESCRIPTIONS,
     PERMUTABLE,
+    ResultKey,
     SuiteConfig,
-    SuiteResult,
     Task,
     fit_full,
-    run_suite,
 )
+from bids_ketdcm.group.peb_analysis import run_peb
+from bids_ketdcm.group.primary import PrimaryInputs, load_plan, run_primary
+from bids_ketdcm.group.qc import write_group_tables
+from bids_ketdcm.group.report import write_report
+from bids_ketdcm.group.suite import SuiteResult, run_suite
 from bids_ketdcm.group.treatment.cohort import TreatmentOptions
 from bids_ketdcm.group.treatment.workflow import run_treatment_selection
 from bids_ketdcm.io import finite_json, write_json, write_tsv
@@ -296,7 +296,7 @@ def _adjust(suite: SuiteResult, tasks: list[Task], config: SuiteConfig) -> None:
     same = {(t.network, t.target) for t in ket if t.participants == reference}
     nulls = []
     for i, row in enumerate(res.itertuples()):
-        null = suite.nulls.get(f"{row.treatment}|{row.network}|{row.target}|{row.model}|{row.protocol}")
+        null = suite.nulls.get(ResultKey(row.treatment, row.network, row.target, row.model, row.protocol))
         joint = (row.treatment == "ketamine" and row.protocol == config.permutation_protocol
                  and (row.network, row.target) in same)
         nulls.append(null - chance[i] if null is not None and joint else None)
@@ -366,7 +366,7 @@ def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, Fea
     gain = rows.headline - _chance(rows)
     best = rows.loc[gain.idxmax()]
     task = next(t for t in tasks if (t.treatment, t.network, t.target) == ("ketamine", best.network, best.target))
-    chosen = suite.params[f"ketamine|{best.network}|{best.target}|{best.model}|{protocol}"]
+    chosen = suite.params[ResultKey.of(task, best.model, protocol)]
     counts = pd.Series([tuple(sorted(p.items())) for p in chosen]).value_counts()
     params = dict(counts.index[0])
     weights = fit_full(task, best.model, params, config)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_ketdcm.errors import InputError
+from bids_ketdcm.io import parse_json_object
 
 #: The nilearn loaders a strategy may name.
 FUNCTIONS = ("load_confounds", "load_confounds_strategy")
@@ -114,12 +114,7 @@ def _load(spec: str) -> DenoiseStrategy:
 def _parse(data: bytes, file: str, where: str, builtin: bool) -> DenoiseStrategy:
     from nilearn.interfaces import fmriprep
 
-    try:
-        content = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{where}: not valid JSON ({err})") from None
-    if not isinstance(content, dict):
-        raise InputError(f"{where}: expected a JSON object with keys {', '.join(sorted(_KEYS))}")
+    content = parse_json_object(data, where)
     unknown, missing = set(content) - _KEYS, {"name", "function"} - set(content)
     if unknown or missing:
         raise InputError(f"{where}: " + "; ".join(

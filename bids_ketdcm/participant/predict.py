@@ -21,7 +21,6 @@ section of the participant report.
 
 from __future__ import annotations
 
-import html
 import logging
 import os
 from dataclasses import dataclass, field
@@ -210,29 +209,6 @@ def write_predictions(output_dir: str | os.PathLike, subject: str, session: str 
         } for p in predictions],
     })
     return paths
-
-
-def report_section(predictions: list[PatientPrediction]) -> str:
-    """HTML section of the participant report, labelled as a research tool."""
-    e = lambda v: html.escape(str(v), quote=True)  # noqa: E731
-    rows = "".join(
-        f"<tr><td>{e(p.feature_set)} / {e(p.network)}</td><td>{e(p.target)}</td><td>{e(p.positive_class)}</td>"
-        f"<td>{p.probability:.2f}</td><td>{p.interval[0]:.2f} - {p.interval[1]:.2f}</td>"
-        f"<td>{e(p.predicted_class)}</td><td>{p.train_cv_balanced_accuracy:.2f}</td>"
-        f"<td>{e(p.top_features())}</td><td>{e(', '.join(p.out_of_range) or 'none')}</td></tr>"
-        for p in predictions)
-    return (
-        '<section id="prediction">\n<h2>Predicted response (research tool, not a clinical device)</h2>\n'
-        f'<div class="warning"><strong>{e(DISCLAIMER)}</strong></div>\n'
-        '<table class="data"><thead><tr><th>features</th><th>label scheme</th><th>positive class</th>'
-        f"<th>probability</th><th>{int(round(100 * predictions[0].level))} % interval (bootstrap)</th>"
-        "<th>predicted class</th><th>training CV balanced accuracy</th><th>features that drove it "
-        "(contribution to log-odds)</th><th>outside training range (|z| &gt; 3)</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>\n"
-        '<p class="note">Probability: the saved model fitted on all training participants. Interval: spread of '
-        "the same model refitted on bootstrap resamples of the training participants. Contribution: "
-        "coefficient x standardised feature value.</p>\n</section>"
-    )
 
 
 def run_predictions(models: list[SavedModel], output_dir: str | os.PathLike, subjects: list[str],

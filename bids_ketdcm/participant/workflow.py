@@ -40,7 +40,7 @@ from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import write_text
 from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy
-from bids_ketdcm.participant.predict import report_section, run_predictions
+from bids_ketdcm.participant.predict import DISCLAIMER, run_predictions
 from bids_ketdcm.participant.rois import load_network, network_label
 from bids_ketdcm.participant.structural import run_structural
 from bids_ketdcm.participant.timeseries import RunSkipped, extract_timeseries
@@ -50,7 +50,7 @@ from bids_ketdcm.report import (
     update_participant_report,
     write_participant_report,
 )
-from bids_ketdcm.report.participant import write_run_figures
+from bids_ketdcm.report.participant import prediction_section, write_run_figures
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _predict(opts: ParticipantOptions, subjects: list[str]) -> dict[str, list[tu
         return {}
     models = load_models(opts.apply_model)
     predictions = run_predictions(models, opts.output_dir, subjects, opts.one_session, space=opts.space, task=opts.task)
-    return {s: [("prediction", "Prediction", report_section(p))] for s, p in predictions.items() if p}
+    return {s: [("prediction", "Prediction", prediction_section(p, DISCLAIMER))] for s, p in predictions.items() if p}
 
 
 def _device(choice: str) -> torch.device:

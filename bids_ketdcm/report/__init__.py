@@ -1,6 +1,6 @@
 """HTML reports: the participant-level page (one per subject) and its methods text."""
 
-from bids_ketdcm.report.methods import citations_bibtex, methods_paragraph, software_versions
+from bids_ketdcm.report.methods import citations_bibtex, cited_software_versions, methods_paragraph
 from bids_ketdcm.report.participant import (
     DEFAULT_QC_THRESHOLDS,
     RunResult,
@@ -15,7 +15,7 @@ __all__ = [
     "citations_bibtex",
     "methods_paragraph",
     "run_warnings",
-    "software_versions",
+    "cited_software_versions",
     "update_participant_report",
     "write_participant_report",
 ]

@@ -1,14 +1,12 @@
 """Figures of the participant report, rendered with matplotlib (Agg) and embedded as PNG.
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global
-state, no display needed); :func:`figure_to_base64_png` turns it into the text of a
-``data:`` URI and releases it.
+state, no display needed); :func:`bids_ketdcm.report.render.figure_png` turns it into the
+text of a ``data:`` URI and releases it.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import warnings
 
 import numpy as np
@@ -27,19 +25,7 @@ MAX_GLASS_EDGES = 30
 #: Connectivity values are printed in the heat-map cells up to this many regions.
 MAX_ANNOTATED_REGIONS = 12
 
-_DPI = 100
 _CSD_COLUMNS = 4
-
-
-def figure_to_base64_png(fig: Figure) -> str:
-    """Render ``fig`` as PNG and return it base64-encoded (ASCII); the figure is cleared.
-
-    The PNG carries no software or time stamp, so identical figures give identical bytes.
-    """
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
-    fig.clear()
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def roi_colors(n: int) -> np.ndarray:

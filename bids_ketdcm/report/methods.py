@@ -2,13 +2,16 @@
 
 The paragraph describes what the participant level actually did (network, ROI extraction,
 spectral DCM settings, software versions) in prose a researcher can paste into a paper;
-:func:`citations_bibtex` gives the cited works as BibTeX.
+:func:`citations_bibtex` gives the cited works as BibTeX (``references.bib``, the package's
+bibliography, read as data).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from bids_ketdcm.provenance import distribution_versions
@@ -33,54 +36,34 @@ _ROI_SUMMARIES = {
 
 @dataclass(frozen=True)
 class Reference:
-    """One cited work: enough fields for a BibTeX entry and a formatted reference."""
+    """One cited work of ``references.bib``: its key and BibTeX fields."""
 
     key: str
-    kind: str  # BibTeX entry type
-    authors: tuple[str, ...]  # "Last, First M." each
-    title: str
-    venue: str  # journal or proceedings title
-    year: int
-    volume: str
-    pages: str
-    doi: str = ""
-    number: str = ""
-    url: str = ""
+    fields: Mapping[str, str]
+
+    @property
+    def authors(self) -> list[str]:
+        """``"Last, First M."`` each."""
+        return self.fields["author"].split(" and ")
 
     @property
     def cite(self) -> str:
         """In-text citation, e.g. ``Friston et al., 2014`` (every cited work has 3+ authors)."""
-        return f"{self.authors[0].split(',')[0]} et al., {self.year}"
-
-    def bibtex(self) -> str:
-        """The BibTeX entry (UTF-8; for biber/biblatex or a UTF-8-aware BibTeX)."""
-        venue_field = "journal" if self.kind == "article" else "booktitle"
-        fields = [
-            ("author", " and ".join(self.authors)),
-            ("title", "{" + self.title + "}"),
-            (venue_field, self.venue),
-            ("year", str(self.year)),
-            ("volume", self.volume),
-            ("number", self.number),
-            ("pages", self.pages.replace("-", "--")),
-            ("doi", self.doi),
-            ("url", self.url),
-        ]
-        body = ",\n".join(f"  {name} = {{{value}}}" for name, value in fields if value)
-        return f"@{self.kind}{{{self.key},\n{body}\n}}"
+        return f"{self.authors[0].split(',')[0]} et al., {self.fields['year']}"
 
     def formatted(self, max_authors: int = 6) -> str:
         """A plain-text reference: ``Friston KJ, Kahan J, ... (2014). Title. Venue 94:396-407.``"""
+        f = self.fields
         names = [_short_name(a) for a in self.authors]
         if len(names) > max_authors:
             names = names[:max_authors] + ["et al."]
-        where = f"{self.venue} {self.volume}"
-        if self.number:
-            where += f"({self.number})"
-        where += f":{self.pages}"
-        text = f"{', '.join(names)} ({self.year}). {self.title}. {where}."
-        if self.doi:
-            text += f" doi:{self.doi}"
+        where = f"{f.get('journal') or f['booktitle']} {f['volume']}"
+        if f.get("number"):
+            where += f"({f['number']})"
+        where += f":{f['pages'].replace('--', '-')}"
+        text = f"{', '.join(names)} ({f['year']}). {f['title'].strip('{}')}. {where}."
+        if f.get("doi"):
+            text += f" doi:{f['doi']}"
         return text
 
 
@@ -91,110 +74,39 @@ def _short_name(author: str) -> str:
     return f"{last.strip()} {initials}".strip()
 
 
-REFERENCES: tuple[Reference, ...] = (
-    Reference(
-        key="friston2014dcm",
-        kind="article",
-        authors=("Friston, Karl J.", "Kahan, Joshua", "Biswal, Bharat", "Razi, Adeel"),
-        title="A DCM for resting state fMRI",
-        venue="NeuroImage",
-        year=2014,
-        volume="94",
-        pages="396-407",
-        doi="10.1016/j.neuroimage.2013.12.009",
-    ),
-    Reference(
-        key="razi2015construct",
-        kind="article",
-        authors=("Razi, Adeel", "Kahan, Joshua", "Rees, Geraint", "Friston, Karl J."),
-        title="Construct validation of a DCM for resting state fMRI",
-        venue="NeuroImage",
-        year=2015,
-        volume="106",
-        pages="1-14",
-        doi="10.1016/j.neuroimage.2014.11.027",
-    ),
-    Reference(
-        key="esteban2019fmriprep",
-        kind="article",
-        authors=(
-            "Esteban, Oscar", "Markiewicz, Christopher J.", "Blair, Ross W.",
-            "Moodie, Craig A.", "Isik, A. Ilkay", "Erramuzpe, Asier", "Kent, James D.",
-            "Goncalves, Mathias", "DuPre, Elizabeth", "Snyder, Madeleine", "Oya, Hiroyuki",
-            "Ghosh, Satrajit S.", "Wright, Jessey", "Durnez, Joke", "Poldrack, Russell A.",
-            "Gorgolewski, Krzysztof J.",
-        ),
-        title="fMRIPrep: a robust preprocessing pipeline for functional MRI",
-        venue="Nature Methods",
-        year=2019,
-        volume="16",
-        number="1",
-        pages="111-116",
-        doi="10.1038/s41592-018-0235-4",
-    ),
-    Reference(
-        key="abraham2014nilearn",
-        kind="article",
-        authors=(
-            "Abraham, Alexandre", "Pedregosa, Fabian", "Eickenberg, Michael",
-            "Gervais, Philippe", "Mueller, Andreas", "Kossaifi, Jean", "Gramfort, Alexandre",
-            "Thirion, Bertrand", "Varoquaux, Gaël",
-        ),
-        title="Machine learning for neuroimaging with scikit-learn",
-        venue="Frontiers in Neuroinformatics",
-        year=2014,
-        volume="8",
-        pages="14",
-        doi="10.3389/fninf.2014.00014",
-    ),
-    Reference(
-        key="yarkoni2019pybids",
-        kind="article",
-        authors=(
-            "Yarkoni, Tal", "Markiewicz, Christopher J.", "de la Vega, Alejandro",
-            "Gorgolewski, Krzysztof J.", "Salo, Taylor", "Halchenko, Yaroslav O.",
-            "McNamara, Quinten", "DeStasio, Krista", "Poline, Jean-Baptiste",
-            "Petrov, Dmitry", "Hayot-Sasson, Valérie", "Nielson, Dylan M.", "Carlin, Johan",
-            "Kiar, Gregory", "Whitaker, Kirstie", "DuPre, Elizabeth", "Wagner, Adina",
-            "Tirrell, Lee S.", "Jas, Mainak", "Hanke, Michael", "Poldrack, Russell A.",
-            "Esteban, Oscar", "Appelhoff, Stefan", "Holdgraf, Chris", "Staden, Isla",
-            "Rokem, Ariel", "Thirion, Bertrand", "Kleinschmidt, Dave F.", "Lee, John A.",
-            "Visconti di Oleggio Castello, Matteo", "Notter, Michael P.", "Roca, Pauline",
-            "Blair, Ross",
-        ),
-        title="PyBIDS: Python tools for BIDS datasets",
-        venue="Journal of Open Source Software",
-        year=2019,
-        volume="4",
-        number="40",
-        pages="1294",
-        doi="10.21105/joss.01294",
-    ),
-    Reference(
-        key="paszke2019pytorch",
-        kind="inproceedings",
-        authors=(
-            "Paszke, Adam", "Gross, Sam", "Massa, Francisco", "Lerer, Adam",
-            "Bradbury, James", "Chanan, Gregory", "Killeen, Trevor", "Lin, Zeming",
-            "Gimelshein, Natalia", "Antiga, Luca", "Desmaison, Alban", "Köpf, Andreas",
-            "Yang, Edward", "DeVito, Zachary", "Raison, Martin", "Tejani, Alykhan",
-            "Chilamkurthy, Sasank", "Steiner, Benoit", "Fang, Lu", "Bai, Junjie",
-            "Chintala, Soumith",
-        ),
-        title="PyTorch: an imperative style, high-performance deep learning library",
-        venue="Advances in Neural Information Processing Systems",
-        year=2019,
-        volume="32",
-        pages="8024-8035",
-        url="https://proceedings.neurips.cc/paper/2019/hash/"
-        "bdbca288fee7f92f2bfa9f7012727740-Abstract.html",
-    ),
-)
+def _braced(text: str, start: int) -> tuple[str, int]:
+    """The text inside the balanced braces opening at ``text[start]``, and the index after them."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + 1:i], i + 1
+    raise ValueError(f"references.bib: unbalanced braces from character {start}")
+
+
+def _parse_bibtex(text: str) -> tuple[Reference, ...]:
+    """The entries of the package's own ``references.bib`` (``field = {value}`` fields only)."""
+    references = []
+    for entry in re.finditer(r"^@\w+\{([^,\s]+),", text, flags=re.M):
+        body, _ = _braced(text, entry.end() - len(entry.group(1)) - 2)
+        fields, pos = {}, body.index(",") + 1
+        for field in re.finditer(r"(\w+)\s*=\s*\{", body):
+            if field.start() < pos:
+                continue
+            value, pos = _braced(body, field.end() - 1)
+            fields[field.group(1)] = value
+        references.append(Reference(entry.group(1), fields))
+    return tuple(references)
+
+
+_BIBTEX = resources.files("bids_ketdcm.report").joinpath("references.bib").read_text(encoding="utf-8")
+#: The cited works, in the order of ``references.bib``.
+REFERENCES: tuple[Reference, ...] = _parse_bibtex(_BIBTEX)
 
 _BY_KEY = {ref.key: ref for ref in REFERENCES}
 
 
-def software_versions() -> dict[str, str]:
+def cited_software_versions() -> dict[str, str]:
     """Installed versions of the software the methods paragraph names.
 
     Returns
@@ -214,7 +126,7 @@ def citations_bibtex() -> str:
     str
         BibTeX, UTF-8, ending with a newline; save it as e.g. ``citations.bib``.
     """
-    return "\n\n".join(ref.bibtex() for ref in REFERENCES) + "\n"
+    return _BIBTEX
 
 
 def methods_paragraph(settings: Mapping[str, Any]) -> str:
@@ -262,7 +174,7 @@ def methods_paragraph(settings: Mapping[str, Any]) -> str:
             f"methods settings: roi_summary must be one of {sorted(_ROI_SUMMARIES)}, "
             f"got {summary!r}"
         )
-    versions = {**software_versions(), **dict(s.get("versions") or {})}
+    versions = {**cited_software_versions(), **dict(s.get("versions") or {})}
     cite = {key: ref.cite for key, ref in _BY_KEY.items()}
 
     fmriprep = "fMRIPrep"

@@ -9,12 +9,11 @@ there is no script and no external resource.
 
 from __future__ import annotations
 
-import base64
 import html
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,13 @@ import numpy as np
 from bids_ketdcm.bids.derivatives import RunResult
 from bids_ketdcm.io import atomic_path, write_text
 from bids_ketdcm.report import figures
-from bids_ketdcm.report.methods import citations_bibtex, formatted_references, methods_paragraph, software_versions
-from bids_ketdcm.report.render import render_page
+from bids_ketdcm.report.methods import (
+    citations_bibtex,
+    cited_software_versions,
+    formatted_references,
+    methods_paragraph,
+)
+from bids_ketdcm.report.render import figure_png, png_file, render_page
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +488,7 @@ def _methods_section(settings: Mapping[str, Any]) -> str:
 
 
 def _about_section(settings: Mapping[str, Any]) -> str:
-    versions = {**software_versions(), **dict(settings.get("versions") or {})}
+    versions = {**cited_software_versions(), **dict(settings.get("versions") or {})}
     other = [(_SETTING_LABELS.get(k, k.replace("_", " ").capitalize()), _format_value(v))
              for k, v in sorted(settings.items()) if k != "versions"]
     return (
@@ -612,7 +616,7 @@ def _e(text: Any) -> str:
 
 
 def _figure(fig: Any, title: str, caption: str) -> str:
-    data = figures.figure_to_base64_png(fig)
+    data = figure_png(fig)
     return (
         f'<figure>\n<h3>{_e(title)}</h3>\n<img alt="{_e(title)}" '
         f'src="data:image/png;base64,{data}">\n<figcaption>{_e(caption)}</figcaption>\n</figure>'
@@ -620,7 +624,7 @@ def _figure(fig: Any, title: str, caption: str) -> str:
 
 
 def _stored_figure(path: Path, title: str, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    data = png_file(path)
     return (
         f'<figure>\n<h3>{_e(title)}</h3>\n<img alt="{_e(title)}" '
         f'src="data:image/png;base64,{data}">\n<figcaption>{_e(caption)}</figcaption>\n</figure>'
@@ -638,3 +642,24 @@ def _table(header: list[str], rows: list[list[Any]], raw: bool = False) -> str:
     cell = (lambda v: str(v)) if raw else _e
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def prediction_section(predictions: Sequence[Any], disclaimer: str) -> str:
+    """HTML section of the participant report for ``--apply-model``, labelled as a research tool.
+
+    Parameters
+    ----------
+    predictions
+        One participant's predictions (at least one), one per saved model: records with the
+        attributes of :class:`bids_ketdcm.participant.predict.PatientPrediction` (the report
+        layer does not import the participant level).
+    disclaimer
+        The intended-use statement shown above the table.
+
+    Returns
+    -------
+    str
+        A ``<section id="prediction">`` for :func:`update_participant_report`.
+    """
+    return render_page("prediction_section.html", predictions=predictions, disclaimer=disclaimer,
+                       level_percent=int(round(100 * predictions[0].level))).rstrip("\n")

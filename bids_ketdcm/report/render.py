@@ -10,12 +10,11 @@ import base64
 import io
 import math
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import jinja2
 from matplotlib.figure import Figure
-
-_DPI = 100
 
 
 @lru_cache(maxsize=1)
@@ -53,16 +52,31 @@ def render_page(template: str, **context: Any) -> str:
     return environment().get_template(template).render(**context)
 
 
-def figure_png(fig: Figure) -> str:
+def figure_png(fig: Figure, dpi: int = 100, bbox_inches: str | None = None) -> str:
     """Render ``fig`` as PNG, base64-encoded (ASCII), for an ``<img src="data:image/png;base64,...">``.
 
     The figure is cleared. The PNG carries no software or time stamp, so identical figures give
     identical bytes.
+
+    Parameters
+    ----------
+    fig
+        A figure built without pyplot (``matplotlib.figure.Figure``).
+    dpi
+        Resolution.
+    bbox_inches
+        ``"tight"`` crops the canvas to the drawn artists (labels included).
     """
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches=bbox_inches, metadata={"Software": None})
     fig.clear()
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def png_file(path: str | Path) -> str:
+    """A PNG file written earlier (e.g. a figure saved beside the derivatives), base64-encoded
+    (ASCII) like :func:`figure_png`, for embedding."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def format_number(value: Any, spec: str = ".3g") -> str:

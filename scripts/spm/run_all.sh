@@ -2,12 +2,14 @@
 # Regenerate SPM12's numbers for the real-data reference cases under GNU Octave.
 # Usage: scripts/spm/run_all.sh SPM12_DIR CASE_DIR [CASE_DIR ...]
 # Each CASE_DIR holds ts.txt and source.txt (TR) from scripts/spm/make_real_cases.py.
-# OpenBLAS's thread count is fixed: spm_svd's basis of pC's degenerate eigenspaces depends on it.
+# OpenBLAS's thread count is fixed (SPM_BLAS_THREADS, default 2): spm_svd's basis of pC's degenerate
+# eigenspaces depends on it, and run_spm_csd.m records the basis it got.
 set -eu
 spm_dir=$1; shift
 here=$(cd "$(dirname "$0")" && pwd)
+threads=${SPM_BLAS_THREADS:-2}
 for case_dir in "$@"; do
     tr=$(awk '/^TR/ {print $2}' "$case_dir/source.txt")
-    OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 octave --no-gui --quiet --eval \
+    OPENBLAS_NUM_THREADS=$threads OMP_NUM_THREADS=$threads octave --no-gui --quiet --eval \
         "addpath('$spm_dir'); addpath('$here'); run_spm_csd('$case_dir/ts.txt', $tr, '$case_dir')"
 done

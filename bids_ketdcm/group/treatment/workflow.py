@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import RepeatedKFold
 from sklearn.pipeline import make_pipeline
@@ -234,12 +235,8 @@ def _participant_table(cohort: pd.DataFrame, result: CVResult) -> pd.DataFrame:
 
 
 def _figure(path: Path, summary: pd.DataFrame, per_participant: pd.DataFrame, options: TreatmentOptions) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    fig = Figure(figsize=(15, 3.8))
+    axes = fig.subplots(1, 4)
     x = np.arange(len(summary))
     panels = (
         ("rpl", "RPL (lower is better)"),
@@ -248,7 +245,7 @@ def _figure(path: Path, summary: pd.DataFrame, per_participant: pd.DataFrame, op
     )
     for ax, (metric, title) in zip(axes[:3], panels, strict=True):
         ax.errorbar(x, summary[f"{metric}_mean"], yerr=summary[f"{metric}_sd"], fmt="o", capsize=3)
-        ax.set_xticks(x, summary["method"], rotation=30)
+        ax.set_xticks(x, summary["method"], rotation=30, ha="right", rotation_mode="anchor")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[2].axhline(summary["base_rate"].iloc[0], ls="--", color="grey", label="base rate")
@@ -277,5 +274,4 @@ def _figure(path: Path, summary: pd.DataFrame, per_participant: pd.DataFrame, op
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
