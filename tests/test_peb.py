@@ -26,7 +26,7 @@ import pytest
 import scipy.io
 import torch
 
-from bids_ketdcm.dcm.bmr import compare_models, reduce_off, search_reduced
+from bids_ketdcm.dcm.bmr import compare_models, search_reduced
 from bids_ketdcm.dcm.loo import leave_one_out
 from bids_ketdcm.dcm.peb import SubjectPosteriors, a_parameter_index, fit_peb, reduce_evidence
 
@@ -58,6 +58,73 @@ def _centring(peb) -> float:
     bP = np.linalg.inv(peb.pC)
     d = b - peb.pE
     return 0.5 * (d @ bP @ d - b @ bP @ b)
+
+
+# The direct reduction: Savage-Dickey on S, then the reduction (reduce_evidence) of the
+# posterior conditioned on theta_S = 0 from the conditioned prior to the prior marginal of
+# the rest, at O(P^3) per model. The reference of the closed form in bids_ketdcm.dcm.bmr.
+
+
+def _gauss_logpdf_zero(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """log N(0; mean, cov), batched; padded dimensions must be (0 mean, unit variance)."""
+    chol = torch.linalg.cholesky(cov)
+    z = torch.cholesky_solve(mean[..., None], chol)[..., 0]
+    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (logdet + (mean * z).sum(-1) + mean.shape[-1] * math.log(2 * math.pi))
+
+
+def _marginal(E: torch.Tensor, C: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of the switched-off set, padded to full size with N(0, 1)."""
+    o = off.to(C.dtype)
+    return E * o, C * o[..., :, None] * o[..., None, :] + torch.diag_embed(1.0 - o)
+
+
+def _condition(E: torch.Tensor, C: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian conditioned on theta_S = 0 (S = ``off``); S rows and columns become zero."""
+    mS, cSS = _marginal(E, C, off)
+    o = off.to(C.dtype)
+    cRS = C * (1.0 - o)[..., :, None] * o[..., None, :]
+    gain = cRS @ torch.cholesky_inverse(torch.linalg.cholesky(cSS))
+    keep = 1.0 - o
+    mean = (E - (gain @ mS[..., None])[..., 0]) * keep
+    cov = (C - gain @ cRS.transpose(-1, -2)) * keep[..., :, None] * keep[..., None, :]
+    return mean, cov
+
+
+def reduce_off(
+    qE: torch.Tensor, qC: torch.Tensor, pE: torch.Tensor, pC: torch.Tensor, off: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log evidence and posterior of reduced models that switch parameters off.
+
+    Parameters
+    ----------
+    qE, qC, pE, pC
+        Full posterior and prior, (P,) and (P, P).
+    off
+        (M, P) boolean: the parameters each of M models switches off (prior fixed at 0).
+
+    Returns
+    -------
+    dF : torch.Tensor
+        (M,) log evidence relative to the full model.
+    sE, sC : torch.Tensor
+        (M, P) and (M, P, P) reduced posteriors (zero for switched-off parameters).
+    """
+    M = off.shape[0]
+    qE_b, qC_b = qE.expand(M, -1), qC.expand(M, -1, -1)
+    pE_b, pC_b = pE.expand(M, -1), pC.expand(M, -1, -1)
+    dF = _gauss_logpdf_zero(*_marginal(qE_b, qC_b, off)) - _gauss_logpdf_zero(*_marginal(pE_b, pC_b, off))
+    sE, sC = _condition(qE_b, qC_b, off)
+    keep = (~off).to(qC.dtype)
+    coupling = pC_b * keep[..., :, None] * (1.0 - keep)[..., None, :]
+    if bool(coupling.abs().max() > 0):
+        cE, cC = _condition(pE_b, pC_b, off)
+        rE = pE_b * keep
+        rC = pC_b * keep[..., :, None] * keep[..., None, :]
+        basis = torch.diag_embed(keep)
+        d2, sE, sC = reduce_evidence(sE, sC, cE, cC, rE, rC, basis, keep)
+        dF = dF + d2
+    return dF, sE, sC
 
 
 def test_peb_matches_spm(peb, spm) -> None:
@@ -230,3 +297,112 @@ def test_tempering_divides_the_likelihood_precision() -> None:
     assert hot.Cp[0, 0, 0] == pytest.approx(C, rel=1e-10)
     assert hot.Ep[0, 0] == pytest.approx(C * y / (k * s2), rel=1e-10)
     assert temper(post, 1.0) is post
+
+
+def _random_models(rng: np.random.Generator, P: int, removed: np.ndarray) -> np.ndarray:
+    """Models switching off supersets of ``removed``: singles, small and large random sets."""
+    free = np.flatnonzero(~removed)
+    models = [removed.copy()]
+    for size in (1, 1, 2, 3, 8, len(free) // 2, len(free) - 1):
+        m = removed.copy()
+        m[rng.choice(free, size, replace=False)] = True
+        models.append(m)
+    return np.array(models)
+
+
+@pytest.mark.parametrize("case", ["reference-4", "coupled-9"])
+def test_fast_reduction_equals_exact_reduction(case, cohort) -> None:
+    """The rank-|S| reduction of the search equals the direct one (Savage-Dickey + reduction
+    of the conditioned posterior at O(P^3) per model), from the full model and from a model
+    with parameters already switched off, including under the coupled (projected) prior."""
+    from bids_ketdcm.dcm.bmr import _base, _evaluate, _switch_off, _tensors
+    from bids_ketdcm.testing.peb_cohort import synthetic_posteriors
+
+    if case == "reference-4":
+        post, X = cohort
+        peb = fit_peb(post, X, a_parameter_index(4), subject_posteriors=False)
+    else:
+        post, X, _ = synthetic_posteriors(9, 8, seed=2)
+        peb = fit_peb(post, X, a_parameter_index(9), subject_posteriors=False)
+        assert np.abs(peb.pC - np.diag(np.diag(peb.pC))).max() > 1e-3 * np.diag(peb.pC).max()  # coupled
+    qE, qC, pE, pC = _tensors(peb, "cpu")
+    rng = np.random.default_rng(1)
+    P = qE.shape[0]
+    start = np.zeros(P, dtype=bool)
+    start[rng.choice(P, P // 3, replace=False)] = True
+    for removed in (np.zeros(P, dtype=bool), start):
+        models = _random_models(rng, P, removed)
+        base = _switch_off(_base(qE, qC, pE, pC, np.ones(P, dtype=bool)), removed)
+        dF, sE, sV = _evaluate(base, models)
+        ref_dF, ref_sE, ref_sC = reduce_off(qE, qC, pE, pC, torch.as_tensor(models))
+        np.testing.assert_allclose(dF.numpy(), ref_dF.numpy(), atol=1e-6, rtol=1e-9)
+        sd = np.sqrt(np.diag(peb.Cp))
+        assert np.max(np.abs(sE.numpy() - ref_sE.numpy()) / sd) < 1e-6
+        np.testing.assert_allclose(sV.numpy(), torch.diagonal(ref_sC, dim1=-2, dim2=-1).numpy(),
+                                   atol=1e-8 * sd.max() ** 2)
+        assert np.all(sE.numpy()[models] == 0) and np.all(sV.numpy()[models] == 0)
+
+
+@pytest.mark.parametrize("case", ["reference-4", "coupled-9"])
+def test_single_precision_closed_form_equals_autograd(case, cohort) -> None:
+    """The spectral closed form of one precision component (value, optimal group parameters,
+    first and second derivatives) equals automatic differentiation of the generic objective,
+    at and away from the optimum; both optimisers land on the same fit."""
+    from bids_ketdcm.dcm.peb import _objective, _problem, _single_precision, _solve, _spectral
+    from bids_ketdcm.testing.peb_cohort import synthetic_posteriors
+
+    if case == "reference-4":
+        post, X = cohort
+        index = a_parameter_index(4)
+    else:
+        post, X, _ = synthetic_posteriors(9, 8, seed=2)
+        index = a_parameter_index(9)
+    prob = _problem(post, X, index, "single", "cpu")
+    spec = _spectral(prob)
+    f = lambda x: _objective(prob, x)[0]  # noqa: E731
+    for value in (-3.0, -0.5, 1.0):
+        g = torch.tensor([value], dtype=torch.float64)
+        L, b, H, grad, hess, _ = _single_precision(prob, spec, g)
+        L_ref, b_ref, H_ref = _objective(prob, g)
+        assert float(L) == pytest.approx(float(L_ref), abs=1e-8 * abs(float(L_ref)))
+        np.testing.assert_allclose(b.numpy(), b_ref.numpy(), atol=1e-9 * np.abs(b_ref.numpy()).max())
+        np.testing.assert_allclose(H.numpy(), H_ref.numpy(), rtol=1e-9, atol=1e-9 * np.abs(H_ref.numpy()).max())
+        np.testing.assert_allclose(grad.numpy(), torch.autograd.functional.jacobian(f, g).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(hess.numpy(), torch.autograd.functional.hessian(f, g).numpy(), rtol=1e-6)
+    g0 = torch.zeros(1, dtype=torch.float64)
+    fast, ref = _solve(prob, g0, 64, True), _solve(prob, g0, 64, False)
+    assert float(fast[0][0]) == pytest.approx(float(ref[0][0]), abs=1e-4)
+    for a, r in zip(fast[2:], ref[2:], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-8)
+
+
+def test_group_subspace_of_the_subjects_own_subspaces() -> None:
+    """Both ways into the second level agree: the subjects' own prior subspaces (kept when the
+    group basis spans everything) and their subspaces inside a smaller group basis (as
+    ``principal_basis(U' pC U)``): same projectors, same objective."""
+    from dataclasses import replace
+
+    from bids_ketdcm.dcm.peb import _group_subspace, _objective, _problem, _subject_space, _terms, principal_basis
+    from bids_ketdcm.testing.peb_cohort import synthetic_posteriors
+
+    post, X, _ = synthetic_posteriors(10, 6, seed=4)
+    index = a_parameter_index(10)
+    sub = _subject_space(post, index)
+    # a group basis smaller than the parameter space
+    U = torch.linalg.qr(torch.as_tensor(np.random.default_rng(0).standard_normal((100, 70))))[0]
+    V, mask = _group_subspace(U, sub["W"], sub["v"])
+    ref, ref_mask = principal_basis(U.T @ sub["pC"] @ U)
+    assert torch.equal(mask.sum(-1), ref_mask.sum(-1))
+    np.testing.assert_allclose((V @ V.transpose(-1, -2)).numpy(), (ref @ ref.transpose(-1, -2)).numpy(), atol=1e-8)
+    # the full group basis: the subjects' own subspaces against their images through U
+    prob = _problem(post, X, index, "single", "cpu")
+    assert prob.U.shape[1] == 100
+    V2, mask2 = _group_subspace(prob.U, sub["W"], sub["v"])
+    terms = _terms(sub["qE"], sub["qC"], sub["pE"], sub["pC"], sub["F"], prob.U @ V2, mask2)
+    other = replace(prob, V=V2, mask=mask2, qP=terms["qP"], pP=terms["pP"], a=terms["a"], const=terms["const"])
+    for value in (-1.0, 0.5):
+        g = torch.tensor([value], dtype=torch.float64)
+        L, b, _ = _objective(prob, g)
+        L2, b2, _ = _objective(other, g)
+        assert float(L) == pytest.approx(float(L2), abs=1e-8 * abs(float(L)))
+        np.testing.assert_allclose(b.numpy(), b2.numpy(), atol=1e-10)

@@ -3,14 +3,13 @@
 A reduced model switches a set ``S`` of parameters off: their prior becomes a point mass at
 zero while every other parameter keeps its prior marginal ``N(pE_R, pC_RR)`` (SPM12's
 ``rE = R pE``, ``rC = R pC R`` with ``R = diag(r)``). Its log evidence relative to the full
-model is exact, in two steps:
-
-1. Savage-Dickey: ``log q_S(0) - log p_S(0)`` with ``q_S``, ``p_S`` the posterior and prior
-   marginals of ``S``;
-2. when the prior couples ``S`` with the rest, the reduction, by
-   :func:`bids_ketdcm.dcm.peb.reduce_evidence`, of the posterior conditioned on
-   ``theta_S = 0`` from the prior conditioned on it to the prior marginal of the rest
-   (zero when the prior covariance does not couple ``S`` with the rest).
+model is exact, in two steps: Savage-Dickey (``log q_S(0) - log p_S(0)``, the posterior and
+prior marginals of ``S``), then, when the prior couples ``S`` with the rest, the reduction
+of the posterior conditioned on ``theta_S = 0`` from the prior conditioned on it to the
+prior marginal of the rest. Both are evaluated in closed form from blocks of precomputed
+``m x m`` matrices (:func:`_reduce_sets`): ``O(|S|^3)`` per model instead of ``O(m^3)``,
+which makes the greedy search at 15 regions (450 group parameters under the coupled,
+projected prior) take seconds. After each greedy step the model kept becomes the new base.
 
 The search is SPM12's ``spm_dcm_bmr_all``; the explicit model space comparison with
 commonality and difference probabilities is ``spm_dcm_peb_bmc(PEB, K)``. The Bayesian model
@@ -21,18 +20,19 @@ SPM's Monte Carlo (1000 draws).
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .peb import PEBResult, reduce_evidence
+from .peb import PEBResult
 
 #: Occam's window of the Bayesian model average (nats below the best model).
 OCCAM_WINDOW = 8.0
 #: SPM's ``spm_dcm_bmr_all``: at most this many parameters are searched over exhaustively.
 EXHAUSTIVE_SEARCH = 8
+#: Models evaluated together hold at most about this many numbers per (m, |S|) block.
+_CHUNK = 2**23
 
 
 @dataclass
@@ -87,85 +87,147 @@ class ModelComparison:
     average: ModelAverage
 
 
-def _gauss_logpdf_zero(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """log N(0; mean, cov), batched; padded dimensions must be (0 mean, unit variance)."""
-    chol = torch.linalg.cholesky(cov)
-    z = torch.cholesky_solve(mean[..., None], chol)[..., 0]
-    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * (logdet + (mean * z).sum(-1) + mean.shape[-1] * math.log(2 * math.pi))
-
-
-def _marginal(E: torch.Tensor, C: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance of the switched-off set, padded to full size with N(0, 1)."""
-    o = off.to(C.dtype)
-    return E * o, C * o[..., :, None] * o[..., None, :] + torch.diag_embed(1.0 - o)
-
-
-def _condition(E: torch.Tensor, C: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian conditioned on theta_S = 0 (S = ``off``); S rows and columns become zero."""
-    mS, cSS = _marginal(E, C, off)
-    o = off.to(C.dtype)
-    cRS = C * (1.0 - o)[..., :, None] * o[..., None, :]
-    gain = cRS @ torch.cholesky_inverse(torch.linalg.cholesky(cSS))
-    keep = 1.0 - o
-    mean = (E - (gain @ mS[..., None])[..., 0]) * keep
-    cov = (C - gain @ cRS.transpose(-1, -2)) * keep[..., :, None] * keep[..., None, :]
-    return mean, cov
-
-
-def reduce_off(
-    qE: torch.Tensor, qC: torch.Tensor, pE: torch.Tensor, pC: torch.Tensor, off: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log evidence and posterior of reduced models that switch parameters off.
-
-    Parameters
-    ----------
-    qE, qC, pE, pC
-        Full posterior and prior, (P,) and (P, P).
-    off
-        (M, P) boolean: the parameters each of M models switches off (prior fixed at 0).
-
-    Returns
-    -------
-    dF : torch.Tensor
-        (M,) log evidence relative to the full model.
-    sE, sC : torch.Tensor
-        (M, P) and (M, P, P) reduced posteriors (zero for switched-off parameters).
-    """
-    M = off.shape[0]
-    qE_b, qC_b = qE.expand(M, -1), qC.expand(M, -1, -1)
-    pE_b, pC_b = pE.expand(M, -1), pC.expand(M, -1, -1)
-    dF = _gauss_logpdf_zero(*_marginal(qE_b, qC_b, off)) - _gauss_logpdf_zero(*_marginal(pE_b, pC_b, off))
-    sE, sC = _condition(qE_b, qC_b, off)
-    keep = (~off).to(qC.dtype)
-    coupling = pC_b * keep[..., :, None] * (1.0 - keep)[..., None, :]
-    if bool(coupling.abs().max() > 0):
-        cE, cC = _condition(pE_b, pC_b, off)
-        rE = pE_b * keep
-        rC = pC_b * keep[..., :, None] * keep[..., None, :]
-        basis = torch.diag_embed(keep)
-        d2, sE, sC = reduce_evidence(sE, sC, cE, cC, rE, rC, basis, keep)
-        dF = dF + d2
-    return dF, sE, sC
-
-
-def _average(G: torch.Tensor, sE: torch.Tensor, sC: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Exact model average over Occam's window: mixture mean and marginal variances."""
+def _average(G: torch.Tensor, sE: torch.Tensor, sV: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Exact model average over Occam's window: mixture mean and marginal variances (sV)."""
     window = G > G.max() - OCCAM_WINDOW
     w = torch.softmax(torch.where(window, G, torch.full_like(G, -torch.inf)), 0)
     mean = (w[:, None] * sE).sum(0)
-    second = (w[:, None] * (torch.diagonal(sC, dim1=-2, dim2=-1) + sE**2)).sum(0)
+    second = (w[:, None] * (sV + sE**2)).sum(0)
     return mean.cpu().numpy(), (second - mean**2).clamp(min=0).cpu().numpy()
 
 
-def _tensors(peb: PEBResult, device: str | torch.device) -> tuple[torch.Tensor, ...]:
+def _tensors(peb: PEBResult, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
     t = lambda a: torch.as_tensor(np.asarray(a, dtype=float), device=device)  # noqa: E731
     return t(peb.Ep.T.ravel()), t(peb.Cp), t(peb.pE), t(peb.pC)
 
 
-def _evaluate(qE, qC, pE, pC, K: torch.Tensor, chunk: int = 64):
-    out = [reduce_off(qE, qC, pE, pC, K[i:i + chunk]) for i in range(0, K.shape[0], chunk)]
-    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
+@dataclass
+class _Base:
+    """A model (the full one, or one with parameters switched off) prepared for fast reduction.
+
+    With ``pP = inv(pC)`` precomputed, switching off a further set ``S`` of its ``m`` free
+    parameters costs ``O(|S|^3)`` for the evidence and ``O(m |S|^2)`` for the posterior
+    means and variances (:func:`_reduce_sets`), instead of ``O(m^3)``.
+    """
+
+    keep: np.ndarray     # (P,) bool: the free parameters (the others are switched off)
+    offset: float        # log evidence relative to the full model
+    qE: torch.Tensor     # (m,) posterior mean over the free parameters
+    qC: torch.Tensor     # (m, m) posterior covariance
+    pE: torch.Tensor     # (m,) prior mean
+    pC: torch.Tensor     # (m, m) prior covariance
+    pP: torch.Tensor     # (m, m) inverse of the prior covariance
+    Mq: torch.Tensor     # pP qC
+    Y: torch.Tensor      # pP qC pP
+    w: torch.Tensor      # pP (qE - pE)
+
+
+def _base(qE: torch.Tensor, qC: torch.Tensor, pE: torch.Tensor, pC: torch.Tensor, keep: np.ndarray,
+          offset: float = 0.0) -> _Base:
+    """A model's posterior and prior over its free parameters ``keep``, prepared."""
+    pP = torch.cholesky_inverse(torch.linalg.cholesky((pC + pC.T) / 2))
+    Mq = pP @ qC
+    return _Base(keep=keep, offset=offset, qE=qE, qC=qC, pE=pE, pC=pC, pP=pP, Mq=Mq, Y=Mq @ pP,
+                 w=pP @ (qE - pE))
+
+
+def _switch_off(base: _Base, removed: np.ndarray) -> _Base:
+    """The reduced model switching off ``removed`` (a superset of the base's), prepared."""
+    if np.array_equal(removed, ~base.keep):
+        return base
+    local = np.flatnonzero(removed[base.keep])
+    S = torch.as_tensor(local[None], device=base.qE.device)
+    dF, sE, sC = _reduce_sets(base, S, "full")
+    k = torch.as_tensor(np.flatnonzero(~removed[base.keep]), device=base.qE.device)
+    return _base(sE[0, k], sC[0][k][:, k], base.pE[k], base.pC[k][:, k], ~removed, base.offset + float(dF[0]))
+
+
+def _reduce_sets(base: _Base, S: torch.Tensor, posterior: str) -> tuple[torch.Tensor, ...]:
+    """Switch off sets of the base's free parameters: log evidence and reduced posteriors.
+
+    The reduced prior is the point mass at zero on ``S`` times the base prior's marginal on
+    the rest ``R``. Its evidence ratio is exact in closed form (Savage-Dickey on ``S``, then
+    the reduction from the conditional to the marginal prior on ``R``, which moves the prior
+    only within the |S|-dimensional span of ``pC_RS``); with ``A = pP_SS - Y_SS + Mq_SS
+    qC_SS^-1 Mq_SS'`` and ``h = Mq_SS qC_SS^-1 qE_S - w_S``:
+    ``dF = -[logdet qC_SS + logdet A + qE_S'qC_SS^-1 qE_S - h'A^-1 h] / 2``.
+    The posterior is that conditioned on ``theta_S = 0`` shifted along ``Bq = (qC pP)_RS -
+    qC_RS qC_SS^-1 (qC pP)_SS``: mean ``- Bq A^-1 h``, covariance ``+ Bq A^-1 Bq'``.
+
+    Parameters
+    ----------
+    base
+        The model reduced from.
+    S
+        (M, s) positions (within the base's free parameters) switched off by each of M models.
+    posterior
+        ``"none"``; ``"diag"``: also the reduced posterior means and marginal variances;
+        ``"full"``: means and covariances.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        dF (M,) relative to the base; then sE (M, m) and sV (M, m) or sC (M, m, m), zero on ``S``.
+    """
+    M, s = S.shape
+    m = base.qE.shape[0]
+    if s == 0:
+        dF = torch.zeros(M, dtype=base.qE.dtype, device=base.qE.device)
+        spread = base.qC if posterior == "full" else torch.diagonal(base.qC)
+        return (dF,) if posterior == "none" else (dF, base.qE.expand(M, m), spread.expand(M, *spread.shape))
+    block = lambda X: X[S[:, :, None], S[:, None, :]]  # noqa: E731
+    qSS, MSS = block(base.qC), block(base.Mq)
+    qe = base.qE[S]
+    Lq = torch.linalg.cholesky(qSS)
+    qi_qe = torch.cholesky_solve(qe[..., None], Lq)
+    A = block(base.pP) - block(base.Y) + MSS @ torch.cholesky_solve(MSS.transpose(-1, -2), Lq)
+    LA = torch.linalg.cholesky((A + A.transpose(-1, -2)) / 2)
+    h = MSS @ qi_qe - base.w[S][..., None]
+    Ai_h = torch.cholesky_solve(h, LA)
+    logdet = lambda L: 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # noqa: E731
+    dF = -0.5 * (logdet(Lq) + logdet(LA) + (qe[..., None] * qi_qe).sum((-2, -1)) - (h * Ai_h).sum((-2, -1)))
+    if posterior == "none":
+        return (dF,)
+    QS = base.qC[S].transpose(-1, -2)                              # qC_:S (M, m, s)
+    X = torch.cholesky_solve(QS.transpose(-1, -2), Lq).transpose(-1, -2)  # qC_:S qC_SS^-1
+    Bq = base.Mq[S].transpose(-1, -2) - X @ MSS.transpose(-1, -2)  # (qC pP)_:S - X (qC pP)_SS
+    keep = torch.ones(M, m, dtype=dF.dtype, device=dF.device).scatter_(1, S, 0.0)
+    sE = (base.qE - (X @ qe[..., None])[..., 0] - (Bq @ Ai_h)[..., 0]) * keep
+    BAi = torch.cholesky_solve(Bq.transpose(-1, -2), LA).transpose(-1, -2)
+    if posterior == "full":
+        sC = (base.qC - X @ QS.transpose(-1, -2) + BAi @ Bq.transpose(-1, -2)) * keep[:, :, None] * keep[:, None, :]
+        return dF, sE, (sC + sC.transpose(-1, -2)) / 2
+    sV = (torch.diagonal(base.qC) - (X * QS).sum(-1) + (BAi * Bq).sum(-1)) * keep
+    return dF, sE, sV
+
+
+def _evaluate(base: _Base, models: np.ndarray, posterior: bool = True) -> tuple[torch.Tensor, ...]:
+    """Log evidence (relative to the full model) of models that switch off supersets of the
+    base's switched-off parameters; with ``posterior``, their means and variances (M, P)."""
+    if np.any(~models[:, ~base.keep]):
+        raise ValueError("a model keeps a parameter its base model switched off")
+    local = models[:, base.keep]
+    sizes = local.sum(1)
+    M, P = models.shape
+    device, dtype = base.qE.device, base.qE.dtype
+    dF = torch.empty(M, dtype=dtype, device=device)
+    sE = torch.zeros((M, P if posterior else 0), dtype=dtype, device=device)
+    sV = torch.zeros_like(sE)
+    cols = torch.as_tensor(np.flatnonzero(base.keep), device=device)
+    for size in np.unique(sizes):
+        group = np.flatnonzero(sizes == size)
+        step = max(1, _CHUNK // max(1, int(size) * local.shape[1]))
+        for start in range(0, group.size, step):
+            rows = group[start:start + step]
+            S = torch.as_tensor(np.nonzero(local[rows])[1].reshape(rows.size, size), device=device)
+            out = _reduce_sets(base, S, "diag" if posterior else "none")
+            r = torch.as_tensor(rows, device=device)
+            dF[r] = out[0] + base.offset
+            if posterior:
+                sE[r[:, None], cols[None, :]] = out[1]
+                sV[r[:, None], cols[None, :]] = out[2]
+    return (dF, sE, sV) if posterior else (dF,)
 
 
 def search_reduced(peb: PEBResult, device: str | torch.device = "cpu") -> ModelAverage:
@@ -195,7 +257,9 @@ def search_reduced(peb: PEBResult, device: str | torch.device = "cpu") -> ModelA
     small = q[q < 1024]
     present = q > (small.mean() / 1024 if small.size else 0.0)
     removed = ~present
+    base = _base(qE, qC, pE, pC, np.ones(qE.shape[0], dtype=bool))
     while True:
+        base = _switch_off(base, removed)
         k = np.flatnonzero(~removed)
         n_candidates = k.size
         if n_candidates == 0:
@@ -205,11 +269,11 @@ def search_reduced(peb: PEBResult, device: str | torch.device = "cpu") -> ModelA
         if more:
             single = np.tile(removed, (n_candidates, 1))
             single[np.arange(n_candidates), k] = True
-            Z = _evaluate(qE, qC, pE, pC, torch.as_tensor(single, device=qE.device))[0].cpu().numpy()
+            Z = _evaluate(base, single, posterior=False)[0].cpu().numpy()
             k = k[np.argsort(-Z, kind="stable")[:n_max]]
         two = np.tile(removed, (2, 1))
         two[0, k] = True
-        G2 = _evaluate(qE, qC, pE, pC, torch.as_tensor(two, device=qE.device))[0].cpu().numpy()
+        G2 = _evaluate(base, two, posterior=False)[0].cpu().numpy()
         if more and G2[0] - G2[1] > n_max:
             K_sub = np.array([[True] * k.size, [False] * k.size])
             models = two
@@ -218,8 +282,7 @@ def search_reduced(peb: PEBResult, device: str | torch.device = "cpu") -> ModelA
             K_sub = np.array(list(itertools.product([False, True], repeat=k.size)), dtype=bool)[:, ::-1]
             models = np.tile(removed, (K_sub.shape[0], 1))
             models[:, k] |= K_sub
-        Kt = torch.as_tensor(models, device=qE.device)
-        G, sE, sC = _evaluate(qE, qC, pE, pC, Kt)
+        G, sE, sV = _evaluate(base, models)
         p = torch.softmax(G, 0).cpu().numpy()
         best = int(np.argmax(p))
         removed = models[best].copy()
@@ -230,7 +293,7 @@ def search_reduced(peb: PEBResult, device: str | torch.device = "cpu") -> ModelA
     keep_p = np.array([p[~K_sub[:, j]].mean() for j in range(k.size)])
     drop_p = np.array([p[K_sub[:, j]].mean() for j in range(k.size)])
     Pp[k] = keep_p / (keep_p + drop_p)
-    mean, var = _average(G, sE, sC)
+    mean, var = _average(G, sE, sV)
     Np, Nx = peb.Ep.shape
     return ModelAverage(Ep=mean.reshape(Nx, Np).T, Vp=var.reshape(Nx, Np).T,
                         Pp=Pp.reshape(Nx, Np).T, F=G.cpu().numpy(), P=p, K=models)
@@ -264,8 +327,8 @@ def compare_models(peb: PEBResult, K: np.ndarray, device: str | torch.device = "
     off = np.zeros((Nm, Nm, Np * Nx), dtype=bool)
     off[:, :, :Np] = ~K[:, None, :]
     off[:, :, Np:2 * Np] = ~K[None, :, :]
-    qE, qC, pE, pC = _tensors(peb, device)
-    G, sE, sC = _evaluate(qE, qC, pE, pC, torch.as_tensor(off.reshape(Nm * Nm, -1), device=qE.device))
+    base = _base(*_tensors(peb, device), np.ones(Np * Nx, dtype=bool))
+    G, sE, sV = _evaluate(base, off.reshape(Nm * Nm, -1))
     Gm = G.cpu().numpy().reshape(Nm, Nm)
     P = np.exp(Gm - Gm.max())
     P /= P.sum()
@@ -274,7 +337,7 @@ def compare_models(peb: PEBResult, K: np.ndarray, device: str | torch.device = "
                    for j in switched])
     Px = np.array([P[:, K[:, j]].sum(0).mean() / (P[:, K[:, j]].sum(0).mean() + P[:, ~K[:, j]].sum(0).mean())
                    for j in switched])
-    mean, var = _average(G, sE, sC)
+    mean, var = _average(G, sE, sV)
     present = 1.0 - np.tensordot(P.ravel(), off.reshape(Nm * Nm, -1).astype(float), axes=1)
     average = ModelAverage(Ep=mean.reshape(Nx, Np).T, Vp=var.reshape(Nx, Np).T,
                            Pp=present.reshape(Nx, Np).T, F=Gm, P=P, K=off.reshape(Nm * Nm, -1))

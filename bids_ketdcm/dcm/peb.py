@@ -21,7 +21,11 @@ The numbers are those of SPM12 r7771 and its defaults (DESIGN.md section 7):
 
 The optimum (b, g) is found exactly rather than by SPM's damped Fisher scoring: for fixed
 ``g`` the objective is quadratic in ``b``, so ``b`` is solved in closed form and ``g`` by
-Newton's method on the profile objective (exact derivatives by autograd). The free energy
+Newton's method on the profile objective, with exact derivatives: in closed form for one
+precision component (SPM's default; each subject's terms diagonalise in one basis, see
+:func:`_single_precision`), by autograd for one per parameter. Each subject's posterior and
+prior are projected once onto its own prior subspace and reused by every fit of the same
+cohort (leave-one-out folds). The free energy
 is the Laplace approximation ``L(b, g) + logdet(prior precision)/2 - logdet(-Hessian)/2``
 with the joint Hessian of ``(b, g)``; SPM12's own value differs from it by
 ``(b'bP b - (b - bE)'bP (b - bE))/2`` (SPM centres that term on zero, not on the prior mean).
@@ -30,7 +34,8 @@ with the joint Hessian of ``(b, g)``; SPM12's own value differs from it by
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -79,6 +84,10 @@ class SubjectPosteriors:
     pC: np.ndarray
     F: np.ndarray
     names: list[str]
+    #: Per parameter subset: each subject's terms in its own prior subspace
+    #: (:func:`_subject_space`), computed once and shared by the subsets :meth:`take` makes
+    #: (leave-one-out folds).
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         N, P = np.shape(self.Ep)
@@ -94,8 +103,12 @@ class SubjectPosteriors:
     def take(self, rows: np.ndarray) -> SubjectPosteriors:
         """The posteriors of a subset of subjects (``rows`` indexes or a boolean mask)."""
         idx = np.arange(len(self.names))[rows]
-        return SubjectPosteriors(self.Ep[idx], self.Cp[idx], self.pE[idx], self.pC[idx],
-                                 self.F[idx], [self.names[i] for i in idx])
+        out = SubjectPosteriors(self.Ep[idx], self.Cp[idx], self.pE[idx], self.pC[idx],
+                                self.F[idx], [self.names[i] for i in idx])
+        rows_t = torch.as_tensor(idx)
+        out._cache.update({key: {name: value[rows_t] for name, value in terms.items()}
+                           for key, terms in self._cache.items()})
+        return out
 
 
 @dataclass
@@ -313,6 +326,36 @@ def reduce_evidence(
     return dF, sE, basis @ sC @ Vt
 
 
+def _terms(qE: torch.Tensor, qC: torch.Tensor, pE: torch.Tensor, pC: torch.Tensor, F: torch.Tensor,
+           basis: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each subject's posterior and prior in a basis of its subspace: the precisions (the
+    posterior's increased by SPM12's sixteenth of the prior's), ``a = qP qE - pP pE`` and
+    the part of its evidence that does not depend on the group model."""
+    qP = _inv(_project(qC, basis, mask))
+    pP = _inv(_project(pC, basis, mask))
+    qP = qP + POSTERIOR_PRECISION_BOOST * pP  # SPM12's shrinkage of the subject posteriors
+    q_e = (basis.transpose(-1, -2) @ qE[..., None])[..., 0]
+    p_e = (basis.transpose(-1, -2) @ pE[..., None])[..., 0]
+    a = (qP @ q_e[..., None] - pP @ p_e[..., None])[..., 0]
+    const = 0.5 * (_logdet(qP) - _logdet(pP) - _quad(q_e, qP) + _quad(p_e, pP)) + F
+    return {"qP": qP, "pP": pP, "a": a, "const": const}
+
+
+def _subject_space(posteriors: SubjectPosteriors, index: np.ndarray) -> dict[str, torch.Tensor]:
+    """The subjects' posteriors and priors over ``index`` and their terms (:func:`_terms`) in
+    the principal subspace ``W`` (variances ``v``) of each subject's own prior; cached."""
+    key = np.asarray(index, dtype=int).tobytes()
+    if key not in posteriors._cache:
+        t = lambda a: torch.as_tensor(np.asarray(a, dtype=float))  # noqa: E731
+        qE, qC, pE, pC = (t(a)[..., index] if a.ndim == 2 else t(a)[:, index][:, :, index]
+                          for a in (posteriors.Ep, posteriors.Cp, posteriors.pE, posteriors.pC))
+        W, mask = principal_basis(pC)
+        v = torch.diagonal(W.transpose(-1, -2) @ pC @ W, dim1=-2, dim2=-1) * mask
+        posteriors._cache[key] = {"qE": qE, "qC": qC, "pE": pE, "pC": pC, "F": t(posteriors.F), "W": W,
+                                  "v": v, "mask": mask, **_terms(qE, qC, pE, pC, t(posteriors.F), W, mask)}
+    return posteriors._cache[key]
+
+
 def _design_prior(X: torch.Tensor) -> torch.Tensor:
     """SPM's ``Xc``: prior variance scaling of each covariate's effects, n / sum(x^2)."""
     return X.shape[0] / (X**2).sum(0)
@@ -334,6 +377,10 @@ class _Problem:
     bE: torch.Tensor
     bP: torch.Tensor
     gP: torch.Tensor
+    U: torch.Tensor       # (Np, K) principal subspace of the mean prior PC
+    PE: torch.Tensor      # (Np,) mean prior mean
+    PC: torch.Tensor      # (Np, Np) mean prior covariance
+    Xc: torch.Tensor      # (Nx,) prior variance scaling of each covariate's effects
 
 
 def _subject_terms(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -376,34 +423,196 @@ def _objective(prob: _Problem, g: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return L, b, H
 
 
-def _newton(prob: _Problem, g0: torch.Tensor, max_iterations: int) -> tuple[torch.Tensor, int]:
+Value = Callable[[torch.Tensor], torch.Tensor]
+Derivatives = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _autograd_derivatives(objective: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[Value, Derivatives]:
+    """Value and (gradient, Hessian) functions of a scalar objective of the log precisions."""
+    value = lambda g: objective(g)[0]  # noqa: E731
+    return value, lambda g: (torch.autograd.functional.jacobian(value, g),
+                             torch.autograd.functional.hessian(value, g, vectorize=True))
+
+
+@dataclass
+class _Spectral:
+    """The single-precision problem diagonalised per subject (see :func:`_single_precision`).
+
+    With one precision component ``pQ`` the between-subject precision is ``k pQ``,
+    ``k = exp(-8) + exp(g)``, so each subject's reduced prior precision is ``k P0_i``. In the
+    basis ``T_i`` with ``T' P0 T = I`` and ``T' (qP - pP) T = diag(d)`` every subject term
+    is a sum of scalar functions of ``k``.
+    """
+
+    Y: torch.Tensor       # (N, K, R): V_i T_i^-T, the subject coordinates of group directions
+    d: torch.Tensor       # (N, R): likelihood precision relative to P0
+    alpha: torch.Tensor   # (N, R): T' a
+
+
+def _spectral(prob: _Problem) -> _Spectral:
+    N = prob.V.shape[0]
+    P0 = _inv(_project(_inv(prob.pQ).expand(N, -1, -1), prob.V, prob.mask))
+    L = torch.linalg.cholesky(P0)
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    omega = Linv @ (prob.qP - prob.pP) @ Linv.transpose(-1, -2)
+    d, E = torch.linalg.eigh((omega + omega.transpose(-1, -2)) / 2)
+    alpha = (E.transpose(-1, -2) @ Linv @ prob.a[..., None])[..., 0]
+    return _Spectral(Y=prob.V @ L @ E, d=d, alpha=alpha)
+
+
+def _single_precision(prob: _Problem, spec: _Spectral, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Profile objective of one precision component with exact first and second derivatives.
+
+    Per subject and direction ``k``, with ``D = d + k``: the evidence term
+    ``(-log(1 + d/k) + alpha^2/D)/2``, and the group parameters enter through
+    ``u = Y' B x`` as ``v u - w u^2/2`` with ``v = k alpha/D``, ``w = k d/D``. The optimal
+    ``b`` solves ``H b = rhs``; derivatives in ``k`` follow by the envelope theorem, the
+    second adding ``gamma' H^-1 gamma`` with ``gamma`` the derivative of the gradient in b.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        L, b, H (as :func:`_objective`), then dL/dg (1,), d2L/dg2 (1, 1) and the second
+        derivative at fixed b (1, 1).
+    """
+    eg = torch.exp(g[0])
+    k = PRECISION_FLOOR + eg
+    d, al, Y, X = spec.d, spec.alpha, spec.Y, prob.X
+    D = d + k
+    w, v = k * d / D, k * al / D
+    w1, v1 = (d / D) ** 2, al * d / D**2
+    w2, v2 = -2 * d**2 / D**3, -2 * al * d / D**3
+    Mw = (Y * w[:, None, :]) @ Y.transpose(-1, -2)
+    Kd, Nx = Y.shape[1], X.shape[1]
+    H = prob.bP + torch.einsum("na,nb,nkl->akbl", X, X, Mw).reshape(Nx * Kd, Nx * Kd)
+    rhs = prob.bP @ prob.bE + torch.einsum("na,nk->ak", X, (Y @ v[..., None])[..., 0]).reshape(-1)
+    chol = torch.linalg.cholesky(H)
+    b = torch.cholesky_solve(rhs[:, None], chol)[:, 0]
+    u = (Y.transpose(-1, -2) @ (X @ b.reshape(Nx, Kd))[..., None])[..., 0]
+    gamma = torch.einsum("na,nk->ak", X, (Y @ (v1 - w1 * u)[..., None])[..., 0]).reshape(-1)
+    evidence = 0.5 * (al**2 / D - torch.log1p(d / k)).sum()
+    d1 = 0.5 * (1 / k - 1 / D - al**2 / D**2).sum() + (v1 * u - 0.5 * w1 * u**2).sum()
+    d2_fixed = 0.5 * (1 / D**2 - 1 / k**2 + 2 * al**2 / D**3).sum() + (v2 * u - 0.5 * w2 * u**2).sum()
+    d2 = d2_fixed + gamma @ torch.cholesky_solve(gamma[:, None], chol)[:, 0]
+    gP = prob.gP[0, 0]
+    L = (evidence + prob.const.sum() + 0.5 * b @ rhs - 0.5 * prob.bE @ prob.bP @ prob.bE
+         - 0.5 * gP * g[0] ** 2)
+    grad = (d1 * eg - gP * g[0]).reshape(1)
+    hess = (d2 * eg**2 + d1 * eg - gP).reshape(1, 1)
+    hess_fixed = (d2_fixed * eg**2 + d1 * eg - gP).reshape(1, 1)
+    return L, b, H, grad, hess, hess_fixed
+
+
+def _newton(value: Value, derivatives: Derivatives, g0: torch.Tensor, max_iterations: int) -> tuple[torch.Tensor, int]:
     """Maximise the profile objective over the log precisions.
 
     Saddle-free Newton steps (the Hessian's eigenvalues taken in absolute value, floored),
-    scaled so no coordinate moves by more than 1 (as SPM's ``tanh``), halved until the objective rises.
+    scaled so no coordinate moves by more than 1 (as SPM's ``tanh``), halved until the objective rises;
+    stops when a step gains, or the quadratic model promises, less than ``CONVERGENCE_GAIN``.
+    ``value(g)`` is the objective, ``derivatives(g)`` its gradient and Hessian.
     """
     g = g0.clone()
-    f = lambda x: _objective(prob, x)[0]  # noqa: E731
-    value = f(g)
+    current = value(g)
     for it in range(1, max_iterations + 1):
-        grad = torch.autograd.functional.jacobian(f, g)
-        hess = torch.autograd.functional.hessian(f, g, vectorize=True)
+        grad, hess = derivatives(g)
         evals, evecs = torch.linalg.eigh((hess + hess.T) / 2)
         scale = evals.abs().clamp(min=1e-3 * float(evals.abs().max()) + 1e-9)
         step = evecs @ ((evecs.T @ grad) / scale)
+        if 0.5 * float(grad @ step) < CONVERGENCE_GAIN:  # the quadratic model promises no gain
+            return g, it
         step = step / max(1.0, float(step.abs().max()))
         for _ in range(40):
-            new = f(g + step)
-            if new > value:
+            new = value(g + step)
+            if new > current:
                 break
             step = step / 2
         else:
             return g, it
-        gain = float(new - value)
-        g, value = g + step, new
+        gain = float(new - current)
+        g, current = g + step, new
         if gain < CONVERGENCE_GAIN or float(step.abs().max()) < 1e-10:
             return g, it
     return g, max_iterations
+
+
+def _group_subspace(U: torch.Tensor, W: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal subspace of each ``U' pC_i U`` from the subject's own ``pC_i = W diag(v) W'``.
+
+    The nonzero eigenvalues of ``B B'`` (``B = U' W diag(v)^1/2``, K x r) are those of
+    ``B' B`` (r x r): the same subspace and threshold as :func:`principal_basis` of the
+    K x K matrix, at O(K r^2) per subject.
+    """
+    B = (U.T @ W) * torch.sqrt(v.clamp(min=0))[..., None, :]
+    lam, E = torch.linalg.eigh(B.transpose(-1, -2) @ B)
+    lam, order = torch.sort(lam, dim=-1, descending=True)
+    E = torch.gather(E, -1, order.unsqueeze(-2).expand_as(E))
+    energy = lam.clamp(min=0) ** 2
+    keep = energy * U.shape[1] / energy.sum(-1, keepdim=True).clamp(min=1e-300) > SUBSPACE_TOLERANCE
+    rank = int(keep.sum(-1).max())
+    scale = torch.where(keep, 1.0 / torch.sqrt(lam.clamp(min=1e-300)), torch.zeros_like(lam))
+    return (B @ E * scale[..., None, :])[..., :rank], keep[..., :rank].to(U.dtype)
+
+
+def _problem(posteriors: SubjectPosteriors, X: np.ndarray, index: np.ndarray, precision: str,
+             device: str | torch.device) -> _Problem:
+    """The second-level model of :func:`fit_peb` in the subjects' subspaces, SPM's priors included."""
+    t = lambda a: torch.as_tensor(np.asarray(a, dtype=float), device=device)  # noqa: E731
+    sub = {name: value.to(device) for name, value in _subject_space(posteriors, index).items()}
+    PC = sub["pC"].mean(0)
+    PE = sub["pE"].mean(0)
+    U, _ = principal_basis(PC)
+    K = U.shape[1]
+    Ut = U.T
+    if K == len(index):  # U rotates the whole space: the subjects' own subspaces are kept
+        V, mask, terms = Ut @ sub["W"], sub["mask"], sub
+    else:
+        V, mask = _group_subspace(U, sub["W"], sub["v"])
+        terms = _terms(sub["qE"], sub["qC"], sub["pE"], sub["pC"], sub["F"], U @ V, mask)
+    qP, pP, a, const = terms["qP"], terms["pP"], terms["a"], terms["const"]
+    Xt = t(X)
+    Nx = X.shape[1]
+    M_pC = PC / BETWEEN_SUBJECT_RATIO
+    pq = _inv(Ut @ M_pC @ U)
+    if precision == "single":
+        Q = pq[None]
+    else:
+        pq_full = torch.linalg.pinv(M_pC)
+        comps = [Ut @ torch.diag_embed(torch.nn.functional.one_hot(torch.tensor(j), len(index)).to(U) *
+                                       pq_full[j, j]) @ U for j in range(len(index))]
+        Q = torch.stack([c for c in comps if bool(c.abs().sum() > 0)])
+    Xc = _design_prior(Xt)
+    bP = _inv(torch.kron(torch.diag(Xc), Ut @ (PC / GROUP_PRIOR_SCALE) @ U))
+    bE = torch.cat([Ut @ PE, torch.zeros((Nx - 1) * K, dtype=U.dtype, device=U.device)])
+    gP = torch.eye(Q.shape[0], dtype=U.dtype, device=U.device) / LOG_PRECISION_VARIANCE
+    return _Problem(X=Xt, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
+                    bP=bP, gP=gP, U=U, PE=PE, PC=PC, Xc=Xc)
+
+
+def _solve(prob: _Problem, g0: torch.Tensor, max_iterations: int, analytic: bool) -> tuple:
+    """Optimal log precisions and, there: iterations, L, b, the Hessian in b, the profile
+    Hessian in g and the Hessian in g at fixed b. ``analytic``: the closed-form derivatives
+    of a single precision component (:func:`_single_precision`); otherwise autograd."""
+    if analytic:
+        spec = _spectral(prob)
+        last: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+        def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            key = tuple(x.tolist())  # Newton asks for the derivatives where it just evaluated
+            if key not in last:
+                last.clear()
+                last[key] = _single_precision(prob, spec, x)
+            return last[key]
+
+        g, iterations = _newton(lambda x: evaluate(x)[0], lambda x: (evaluate(x)[3], evaluate(x)[4]), g0,
+                                max_iterations)
+        L, b, Hbb, _, H_profile, H_fixed = evaluate(g)
+    else:
+        g, iterations = _newton(*_autograd_derivatives(lambda x: _objective(prob, x)), g0, max_iterations)
+        L, b, Hbb = _objective(prob, g)
+        H_profile = torch.autograd.functional.hessian(lambda x: _objective(prob, x)[0], g)
+        H_fixed = torch.autograd.functional.hessian(lambda x: _fixed_b_objective(prob, x, b), g)
+    return g, iterations, L, b, Hbb, H_profile, H_fixed
 
 
 def fit_peb(
@@ -455,55 +664,19 @@ def fit_peb(
     if np.any((X**2).sum(0) == 0):
         raise ValueError("a covariate of the design is zero for every subject")
     index = np.asarray(index, dtype=int)
-    t = lambda a: torch.as_tensor(np.asarray(a, dtype=float), device=device)  # noqa: E731
-    qE, qC, pE, pC = (t(a)[..., index] if a.ndim == 2 else t(a)[:, index][:, :, index]
-                      for a in (posteriors.Ep, posteriors.Cp, posteriors.pE, posteriors.pC))
-    PC = pC.mean(0)
-    PE = pE.mean(0)
-    U, _ = principal_basis(PC)
-    K = U.shape[1]
-    Ut = U.T
-    pC_U = Ut @ pC @ U
-    V, mask = principal_basis(pC_U)
-    qE_U = (Ut @ qE[..., None])[..., 0]
-    pE_U = (Ut @ pE[..., None])[..., 0]
-    qP = _inv(_project(Ut @ qC @ U, V, mask))
-    pP = _inv(_project(pC_U, V, mask))
-    qP = qP + POSTERIOR_PRECISION_BOOST * pP  # SPM12's shrinkage of the subject posteriors
-    q_e = (V.transpose(-1, -2) @ qE_U[..., None])[..., 0]
-    p_e = (V.transpose(-1, -2) @ pE_U[..., None])[..., 0]
-    a = (qP @ q_e[..., None] - pP @ p_e[..., None])[..., 0]
-    const = 0.5 * (_logdet(qP) - _logdet(pP) - _quad(q_e, qP) + _quad(p_e, pP)) + t(posteriors.F)
-    Xt = t(X)
-    Nx = X.shape[1]
-    M_pC = PC / BETWEEN_SUBJECT_RATIO
-    pq = _inv(Ut @ M_pC @ U)
-    if precision == "single":
-        Q = pq[None]
-    else:
-        pq_full = torch.linalg.pinv(M_pC)
-        comps = [Ut @ torch.diag_embed(torch.nn.functional.one_hot(torch.tensor(j), len(index)).to(U) *
-                                       pq_full[j, j]) @ U for j in range(len(index))]
-        Q = torch.stack([c for c in comps if bool(c.abs().sum() > 0)])
-    Xc = _design_prior(Xt)
-    bC = torch.kron(torch.diag(Xc), Ut @ (PC / GROUP_PRIOR_SCALE) @ U)
-    bP = _inv(bC)
-    bE = torch.cat([Ut @ PE, torch.zeros((Nx - 1) * K, dtype=U.dtype, device=U.device)])
-    Ng = Q.shape[0]
-    gP = torch.eye(Ng, dtype=U.dtype, device=U.device) / LOG_PRECISION_VARIANCE
-    prob = _Problem(X=Xt, V=V, mask=mask, qP=qP, pP=pP, a=a, const=const, Q=Q, pQ=pq, bE=bE,
-                    bP=bP, gP=gP)
-    g0 = torch.zeros(Ng, dtype=U.dtype, device=U.device) if start is None else t(start)
-    g, iterations = _newton(prob, g0, max_iterations)
-    L, b, Hbb = _objective(prob, g)
-    H_profile = torch.autograd.functional.hessian(lambda x: _objective(prob, x)[0], g)
+    prob = _problem(posteriors, X, index, precision, device)
+    U, PC, PE, Xc, bP, bE, gP, Q = prob.U, prob.PC, prob.PE, prob.Xc, prob.bP, prob.bE, prob.gP, prob.Q
+    K, Nx, Ut = U.shape[1], X.shape[1], U.T
+    g0 = torch.zeros(Q.shape[0], dtype=U.dtype, device=U.device)
+    if start is not None:
+        g0 = torch.as_tensor(np.asarray(start, dtype=float), device=device)
+    g, iterations, L, b, Hbb, H_profile, H_fixed = _solve(prob, g0, max_iterations, precision == "single")
     Cb = _inv(Hbb)
     F = L + 0.5 * (_logdet(bP) + _logdet(gP) - _logdet(Hbb) - _logdet(-H_profile))
     d = b - bE
     complexity = float(L + 0.5 * d @ bP @ d + 0.5 * g @ gP @ g - F)
-    Ch = _inv(-torch.autograd.functional.hessian(
-        lambda x: _fixed_b_objective(prob, x, b), g))
-    rP_U = PRECISION_FLOOR * pq + torch.einsum("j,jkl->kl", torch.exp(g), Q)
+    Ch = _inv(-H_fixed)
+    rP_U = PRECISION_FLOOR * prob.pQ + torch.einsum("j,jkl->kl", torch.exp(g), Q)
     rC_U = _inv(rP_U)
     B = b.reshape(Nx, K).T
     Ub = torch.kron(torch.eye(Nx, dtype=U.dtype, device=U.device), U)
