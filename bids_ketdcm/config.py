@@ -84,3 +84,7 @@ class ParticipantOptions:
     def wants_gmv(self) -> bool:
         """Whether gray-matter volumes are requested."""
         return uses_gmv(self.features)
+
+#: Group models whose nested CV can be permuted with the inner search redone (binary or continuous
+#: targets); here so that the CLI can offer them without importing the group level.
+NESTED_PERMUTABLE = ("logistic", "svm", "elasticnet")

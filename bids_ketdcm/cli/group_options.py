@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from bids_ketdcm.cli.options import GROUP, option
-from bids_ketdcm.group.models import NESTED_PERMUTABLE
+from bids_ketdcm.config import NESTED_PERMUTABLE
 
 
 def _option(*param_decls: str, **attrs: Any) -> Callable:

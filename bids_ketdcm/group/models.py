@@ -49,8 +49,6 @@ BATCHED = ("logistic", "multinomial", "svm", "elasticnet", "baseline_score")
 PERMUTABLE = BATCHED
 #: Models whose hyper-parameters the nested CV tunes by an inner CV.
 TUNED_BATCHED = ("logistic", "multinomial", "svm", "elasticnet")
-#: Models whose nested CV can be permuted with the inner search redone (binary or continuous targets).
-NESTED_PERMUTABLE = ("logistic", "svm", "elasticnet")
 MODEL_DESCRIPTIONS = {
     "logistic": "L2 logistic regression, class_weight balanced (one-vs-rest for >2 classes)",
     "multinomial": "multinomial L2 logistic regression, class_weight balanced (>2 classes only)",
@@ -80,7 +78,7 @@ class SuiteConfig:
     #: ketamine binary and continuous targets (the multi-class and placebo nested rows cost several
     #: times more and are not permuted).
     nested_permutations: int = 0
-    #: Models whose nested CV is permuted (:data:`NESTED_PERMUTABLE`; the elastic net's inner search
+    #: Models whose nested CV is permuted (:data:`bids_ketdcm.config.NESTED_PERMUTABLE`; the elastic net's inner search
     #: costs ~10 x the logistic's).
     nested_permuted: tuple[str, ...] = ("logistic",)
     C: float = 1.0

@@ -32,7 +32,7 @@ import pandas as pd
 from bids_ketdcm import __version__
 from bids_ketdcm.bids.features import FeatureSet, gather_features
 from bids_ketdcm.bids.naming import normalise_session
-from bids_ketdcm.config import FEATURE_SETS
+from bids_ketdcm.config import FEATURE_SETS, NESTED_PERMUTABLE
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.external import apply_models
 from bids_ketdcm.group.inference import adjust_grid, bootstrap_headline, bootstrap_indices
@@ -52,7 +52,6 @@ from bids_ketdcm.group.models import (
     HEADLINE_METRIC,
     HEADLINE_MODEL,
     MODEL_DESCRIPTIONS,
-    NESTED_PERMUTABLE,
     PERMUTABLE,
     ResultKey,
     SuiteConfig,
