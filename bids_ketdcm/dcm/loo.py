@@ -245,6 +245,7 @@ def leave_one_out(
     mean, var = np.empty(N), np.empty(N)
     prob = np.empty((levels.size, N))
     start = None
+    posteriors.prepare(index)
     for i in range(N):
         train = np.arange(N) != i
         held = predict_held_out(posteriors.take(train), X[train], posteriors.take(np.array([i])), X[i:i + 1],

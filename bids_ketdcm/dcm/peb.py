@@ -110,6 +110,13 @@ class SubjectPosteriors:
                            for key, terms in self._cache.items()})
         return out
 
+    def prepare(self, index: np.ndarray) -> SubjectPosteriors:
+        """Compute each subject's terms over the parameters ``index`` now, once for every
+        subset :meth:`take` makes afterwards (cross-validation folds); returns ``self``."""
+        _subject_space(self, index)
+        _prior_basis(self)
+        return self
+
 
 @dataclass
 class PEBResult:
@@ -354,6 +361,15 @@ def _subject_space(posteriors: SubjectPosteriors, index: np.ndarray) -> dict[str
         posteriors._cache[key] = {"qE": qE, "qC": qC, "pE": pE, "pC": pC, "F": t(posteriors.F), "W": W,
                                   "v": v, "mask": mask, **_terms(qE, qC, pE, pC, t(posteriors.F), W, mask)}
     return posteriors._cache[key]
+
+
+def _prior_basis(posteriors: SubjectPosteriors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal subspace of each subject's whole prior covariance (:func:`principal_basis`); cached."""
+    if "prior basis" not in posteriors._cache:
+        basis, mask = principal_basis(torch.as_tensor(np.asarray(posteriors.pC, dtype=float)))
+        posteriors._cache["prior basis"] = {"basis": basis, "mask": mask}
+    terms = posteriors._cache["prior basis"]
+    return terms["basis"], terms["mask"]
 
 
 def _design_prior(X: torch.Tensor) -> torch.Tensor:
@@ -746,7 +762,7 @@ def empirical_bayes(peb: PEBResult, posteriors: SubjectPosteriors, X: np.ndarray
     rC[:, idx, :] = 0.0
     rC[:, :, idx] = 0.0
     rC[:, idx[:, None], idx[None, :]] = t(peb.Ce)
-    basis, mask = principal_basis(pC)
+    basis, mask = (a.to(device) for a in _prior_basis(posteriors))
     dF, sE, sC = reduce_evidence(qE, qC, pE, pC, rE, rC, basis, mask)
     return sE.cpu().numpy(), sC.cpu().numpy(), dF.cpu().numpy()
 

@@ -250,8 +250,11 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
             f"max-statistic p {best['p_maxstat']:.3g} over the {best['grid_size']} models it was chosen from), "
             "refitted on all "
             f"participants with {best['params']}. "
-            + ("Coefficients on standardised A entries" + (f" for class {best['class']}" if best["class"] else "")
-               if best["kind"] == "coefficient" else "Impurity importances")
+            + {"coefficient": "Coefficients on standardised A entries"
+               + (f" for class {best['class']}" if best["class"] else ""),
+               "importance": "Impurity importances",
+               "PEB effect": "PEB effects of the standardised target (class index for label schemes) on each "
+               "connection (Hz per SD; self-connections: log scaling per SD)"}[best["kind"]]
             + f"; rows = targets, columns = sources. Other features: {best['extra_weights'] or 'none'}.</p>",
             f"<img src='data:image/png;base64,{_weights_figure(best)}'>",
         ]
