@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
@@ -102,7 +103,7 @@ def _tune_batched(task: Task, model: str, outer: list[tuple], config: SuiteConfi
 
 
 def tune_many(task: Task, model: str, outer: list[tuple], config: SuiteConfig, seed: int,
-              orders: list[np.ndarray | None]) -> list[list[dict]]:
+              orders: Sequence[np.ndarray | None]) -> list[list[dict]]:
     """Inner-CV choice of hyper-parameters for each outer split, for several row orders of the
     features at once (the real one, or permutations for a nested permutation test).
 

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -337,7 +338,7 @@ def fold_features(task: Task, model: str, train: np.ndarray, test: np.ndarray,
 
 
 def fold_matrices(task: Task, model: str, problems: list[tuple[np.ndarray, np.ndarray]],
-                  orders: list[np.ndarray | None]) -> list[np.ndarray]:
+                  orders: Sequence[np.ndarray | None]) -> list[np.ndarray]:
     """:func:`fold_features` of every (order, problem) pair, ``orders`` outermost.
 
     Without a per-fold transform each order's matrix is made once and shared by its problems.

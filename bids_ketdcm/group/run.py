@@ -36,6 +36,7 @@ from bids_ketdcm.config import FEATURE_SETS, NESTED_PERMUTABLE, split_key
 from bids_ketdcm.dcm.peb import SubjectPosteriors, a_parameter_index
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.external import apply_models
+from bids_ketdcm.group.hierarchical import DcmPosteriors
 from bids_ketdcm.group.inference import adjust_grid, bootstrap_headline, bootstrap_indices
 from bids_ketdcm.group.labels import (
     SCHEME_NAMES,
@@ -47,7 +48,6 @@ from bids_ketdcm.group.labels import (
     read_scores,
 )
 from bids_ketdcm.group.model_io import save_group_models
-from bids_ketdcm.group.hierarchical import DcmPosteriors
 from bids_ketdcm.group.models import (
     ALL_MODELS,
     DEFAULT_MODELS,
