@@ -10,6 +10,10 @@ prior variances are ``1`` plus, for the predicted covariate, ``4 var(x)``; four 
 the predicted covariate's prior mean to its posterior mean and the extra variance to
 ``exp(-k)`` (k = 1, 2, 3). The predictive probability of each observed level of the
 covariate is the Savage-Dickey ratio of its posterior and prior densities, normalised.
+
+One fold, a PEB of training subjects predicting held-out ones, is :func:`predict_held_out`:
+:func:`leave_one_out` calls it once per subject, the group suite's ``peb`` model once per
+fold of its own protocols.
 """
 
 from __future__ import annotations

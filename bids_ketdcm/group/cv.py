@@ -15,6 +15,11 @@ which reproduces those pipelines to solver tolerance for thousands of small prob
 once (tests compare the two engines); the random forest and the majority / mean
 comparators always use scikit-learn.
 
+Every fold's features are :func:`~bids_ketdcm.group.models.fold_features`: for the ``eb``
+feature sets the empirical-Bayes estimates are refitted on the training rows of each outer
+and inner fold. The ``peb`` model (a PEB refitted per fold) has no hyper-parameters: its
+nested CV is repeated 5-fold CV.
+
 Headline metric: balanced accuracy of the pooled out-of-fold predictions for label
 schemes, out-of-fold R^2 (``1 - SS_res / SS_tot`` over all participants) for
 continuous targets. For nested CV, "pooled" is the mean over repeats of each repeat's

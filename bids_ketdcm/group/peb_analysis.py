@@ -8,8 +8,8 @@ participant's ``z`` is then predicted from its own DCM and the PEB of the others
 Pearson r of predicted and observed target, with SPM's one-sided parametric p-value and a
 permutation p-value: the target is shuffled across participants and the whole
 leave-one-out redone, ``(1 + #{null >= observed}) / (1 + permutations)`` as the suite's.
-Leave-one-out is the protocol SPM defines for this model; the suite's k-fold protocols do
-not apply to it. The full-sample PEB and its model reduction give the posterior probability
+Leave-one-out is the protocol SPM defines for this model; the same predictor runs under the
+suite's protocols as the model ``peb`` (:mod:`bids_ketdcm.group.hierarchical`). The full-sample PEB and its model reduction give the posterior probability
 that each connection's effect on the target is present.
 """
 
