@@ -22,6 +22,7 @@ from conftest import DS005917
 
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.dcm.peb import SubjectPosteriors, a_parameter_index, coupling_hz, fit_peb
+from bids_ketdcm.errors import InputError
 from bids_ketdcm.group import GroupOptions, run_group
 from bids_ketdcm.group.cv import make_splits
 from bids_ketdcm.group.hierarchical import DcmPosteriors, peb_scores
@@ -161,3 +162,15 @@ def test_group_level_runs_the_peb_model_beside_raw_and_eb_features(derivatives, 
     assert res.loc[("eb_dmn4", "binary25", "logistic", "nested")].n_permutations == 0  # not permuted on eb
     page = (out / "group" / "report.html").read_text()
     assert "PEB predictor in the suite" in page and "spm_dcm_loo" in page
+
+
+def test_a_missing_posterior_names_the_option_and_the_file(derivatives, tmp_path) -> None:
+    bids, written = derivatives
+    out = tmp_path / "out"
+    shutil.copytree(written, out)
+    labelled = build_labels(bids, include_group=("MDD",)).target("ketamine", "improvement").index[0]
+    next(out.glob(f"{labelled}/ses-b0/func/*_posterior.npz")).unlink()
+    options = GroupOptions(include_group=("MDD",), placebo_session=None, feature_sets=("eb",), n_permutations=0,
+                           nested_repeats=0, report=False, progress=False)
+    with pytest.raises(InputError, match="--features eb: .*_posterior.npz"):
+        run_group(bids, out, options)
