@@ -9,8 +9,9 @@ Pearson r of predicted and observed target, with SPM's one-sided parametric p-va
 permutation p-value: the target is shuffled across participants and the whole
 leave-one-out redone, ``(1 + #{null >= observed}) / (1 + permutations)`` as the suite's.
 Leave-one-out is the protocol SPM defines for this model; the same predictor runs under the
-suite's protocols as the model ``peb`` (:mod:`bids_ketdcm.group.hierarchical`). The full-sample PEB and its model reduction give the posterior probability
-that each connection's effect on the target is present.
+suite's protocols as the model ``peb`` (:mod:`bids_ketdcm.group.hierarchical`). The
+full-sample PEB and its model reduction give the posterior probability that each
+connection's effect on the target is present.
 """
 
 from __future__ import annotations
