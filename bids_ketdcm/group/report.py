@@ -433,18 +433,19 @@ def _peb_suite_section(res: pd.DataFrame, protocol: str) -> list[str]:
 
         rows.append({"network": network, "target": target, "metric": grp.headline_metric.iloc[0],
                      "peb": pick("peb", protocol, "headline"), "peb_p": pick("peb", protocol, "p_value"),
-                     f"peb_{extra}": pick("peb", protocol, extra), "peb_nested": pick("peb", "nested", "headline"),
-                     head_model: pick(head_model, protocol, "headline"),
-                     f"{head_model}_p": pick(head_model, protocol, "p_value"),
-                     f"{head_model}_{extra}": pick(head_model, protocol, extra)})
+                     "peb_r_or_auc": pick("peb", protocol, extra), "peb_nested": pick("peb", "nested", "headline"),
+                     "headline_model": head_model, "headline_model_value": pick(head_model, protocol, "headline"),
+                     "headline_model_p": pick(head_model, protocol, "p_value"),
+                     "headline_model_r_or_auc": pick(head_model, protocol, extra)})
     return [
         "<h2>PEB predictor in the suite</h2>",
         ("<p class='note'>Ketamine, model peb (SPM's spm_dcm_loo with the suite's folds: a PEB of the training "
          "participants' DCM posteriors with the design [1, standardised target] in each fold, each held-out "
          "participant's target predicted from its own DCM; label schemes: the class index as the covariate and "
          "its predictive probabilities as class scores) under "
-         f"{html.escape(protocol)}, beside the headline model of the same target; p: the same permutation test "
-         "(the PEB refitted on the shuffled participants of every fold).</p>"),
+         f"{html.escape(protocol)}, beside the headline model of the same target; r or AUC: Pearson r (continuous "
+         "targets) or ROC AUC (label schemes); p: the same permutation test (the PEB refitted on the shuffled "
+         "participants of every fold).</p>"),
         _table(pd.DataFrame(rows)),
     ]
 
