@@ -42,6 +42,7 @@ from bids_ketdcm.dcm.loo import leave_one_out
 from bids_ketdcm.dcm.peb import (
     SubjectPosteriors,
     a_parameter_index,
+    coupling_hz,
     fit_peb,
     posteriors_from_fit,
     principal_basis,
@@ -69,12 +70,6 @@ def cohort(n: int, subjects: int, deviation: float, effect: float,
         else:
             raise RuntimeError("no stable subject matrix drawn")
     return out, x, target
-
-
-def _hz(flat_A: np.ndarray, n: int) -> np.ndarray:
-    """Column-major raw A parameters (B, n^2) to coupling in Hz (B, n, n), rows = targets."""
-    A = np.swapaxes(flat_A.reshape(-1, n, n), 1, 2)
-    return np.where(np.eye(n, dtype=bool), -np.exp(A) / 2, A)
 
 
 def _r(truth: np.ndarray, est: np.ndarray) -> dict:
@@ -162,10 +157,10 @@ def run(n: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
         "converged": int(np.sum(post.converged)),
         "likelihood_scale": round(scale, 1),
         "single_subject": _r(truth, np.asarray(post.A_hz)),
-        "eb_spm": _r(truth, _hz(peb.subject_Ep[:, index], n)),
-        "single_subject_tempered": _r(truth, _hz(hot.Ep[:, index], n)),
-        "eb_tempered": _r(truth, _hz(peb_hot.subject_Ep[:, index], n)),
-        "group_prediction": _r(truth, _hz(X @ peb.Ep.T, n)),
+        "eb_spm": _r(truth, coupling_hz(peb.subject_Ep[:, index], n)),
+        "single_subject_tempered": _r(truth, coupling_hz(hot.Ep[:, index], n)),
+        "eb_tempered": _r(truth, coupling_hz(peb_hot.subject_Ep[:, index], n)),
+        "group_prediction": _r(truth, coupling_hz(X @ peb.Ep.T, n)),
         "prior_support_fraction": round(support_fraction(truth, subjects, index), 3),
         "effect_estimate_hz": round(float(peb.Ep[col, 1]), 4),
         "effect_true_hz": args.effect,

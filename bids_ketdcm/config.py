@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: What a model can learn from: spectral DCM A matrices, gray-matter volumes, or both.
-FEATURE_SETS = ("dcm", "gmv", "dcm+gmv")
+#: What a model can learn from: spectral DCM A matrices, gray-matter volumes, both, or the A
+#: matrices' empirical-Bayes estimates (a PEB of the training participants' DCMs in each fold).
+FEATURE_SETS = ("dcm", "gmv", "dcm+gmv", "eb")
 
 
 def uses_dcm(feature_sets: str | tuple[str, ...] | list[str]) -> bool:
-    """Whether any of these feature sets (or this one) needs spectral DCM (``dcm``, ``dcm+gmv``)."""
-    return bool({"dcm", "dcm+gmv"} & ({feature_sets} if isinstance(feature_sets, str) else set(feature_sets)))
+    """Whether any of these feature sets (or this one) needs spectral DCM (``dcm``, ``dcm+gmv``, ``eb``)."""
+    return bool({"dcm", "dcm+gmv", "eb"} & ({feature_sets} if isinstance(feature_sets, str) else set(feature_sets)))
 
 
 def uses_gmv(feature_sets: str | tuple[str, ...] | list[str]) -> bool:
@@ -26,7 +27,7 @@ def feature_key(feature_set: str, network: str) -> str:
 
 def split_key(key: str) -> tuple[str, str]:
     """``(feature_set, network)`` of a key made by :func:`feature_key`."""
-    for fs in ("dcm+gmv", "gmv"):
+    for fs in ("dcm+gmv", "gmv", "eb"):
         if key.startswith(fs + "_"):
             return fs, key[len(fs) + 1:]
     return "dcm", key

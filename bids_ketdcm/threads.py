@@ -14,6 +14,8 @@ of one thread per task.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -92,3 +94,18 @@ def limit_threads(threads: int) -> None:
         except RuntimeError:  # inter-op pool already started: torch allows setting it once
             pass
     threadpool_limits(limits=threads)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``threads`` inside the block, restored after it.
+
+    For work that already runs one task per worker (the group suite's PEB fits), whatever
+    the process was given.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

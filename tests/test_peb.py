@@ -28,7 +28,7 @@ import torch
 
 from bids_ketdcm.dcm.bmr import compare_models, search_reduced
 from bids_ketdcm.dcm.loo import leave_one_out
-from bids_ketdcm.dcm.peb import SubjectPosteriors, a_parameter_index, fit_peb, reduce_evidence
+from bids_ketdcm.dcm.peb import SubjectPosteriors, a_parameter_index, empirical_bayes, fit_peb, reduce_evidence
 
 REF = Path(__file__).parent / "data" / "peb-reference"
 
@@ -406,3 +406,31 @@ def test_group_subspace_of_the_subjects_own_subspaces() -> None:
         L2, b2, _ = _objective(other, g)
         assert float(L) == pytest.approx(float(L2), abs=1e-8 * abs(float(L)))
         np.testing.assert_allclose(b.numpy(), b2.numpy(), atol=1e-10)
+
+
+def test_empirical_bayes_of_held_out_subjects_is_the_closed_form(cohort) -> None:
+    """A PEB of 12 of the 16 reference subjects: the 4 others' posteriors under its empirical prior
+    ``N(X Ep', Ce)`` (first-level priors elsewhere) equal the Gaussian closed form computed here in
+    numpy, and a fitted subject gets the same posterior as fit_peb's empirical-Bayes one."""
+    post, X = cohort
+    index = a_parameter_index(4)
+    train, test = np.arange(12), np.arange(12, 16)
+    peb = fit_peb(post.take(train), X[train], index)
+    Ep, Cp, _ = empirical_bayes(peb, post.take(train), X[train])
+    np.testing.assert_allclose(Ep, peb.subject_Ep, rtol=0, atol=1e-8 * np.abs(peb.subject_Ep).max())
+    np.testing.assert_allclose(Cp, peb.subject_Cp, rtol=0, atol=1e-8 * np.abs(peb.subject_Cp).max())
+    Ep, Cp, _ = empirical_bayes(peb, post.take(test), X[test])
+    for k, i in enumerate(test):
+        pC, pE = post.pC[i], post.pE[i]
+        rC, rE = pC.copy(), pE.copy()
+        rC[index, :], rC[:, index] = 0.0, 0.0
+        rC[np.ix_(index, index)] = peb.Ce
+        rE[index] = peb.Ep @ X[i]
+        s, vec = np.linalg.eigh(pC)
+        V = vec[:, s > 1e-9 * s.max()]  # the prior's support: elsewhere the prior mean stays
+        qP, pP, rP = (np.linalg.inv(V.T @ C @ V) for C in (post.Cp[i], pC, rC))
+        sC = np.linalg.inv(qP + rP - pP)
+        sE = sC @ (qP @ V.T @ post.Ep[i] + rP @ V.T @ rE - pP @ V.T @ pE)
+        np.testing.assert_allclose(Ep[k], V @ sE + rE - V @ (V.T @ rE), rtol=0, atol=1e-8)
+        np.testing.assert_allclose(Cp[k], V @ sC @ V.T, rtol=0, atol=1e-8 * np.abs(sC).max())
+    assert not np.allclose(Ep[:, index], post.Ep[test][:, index])  # the empirical prior moved them

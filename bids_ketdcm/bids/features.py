@@ -2,7 +2,7 @@
 
 The group level trains on them, the participant level (``--apply-model``) and external
 validation give a saved model the same features (:func:`model_features`). The feature sets
-(``dcm``, ``gmv``, ``dcm+gmv``) and their keys are :mod:`bids_ketdcm.config`'s vocabulary.
+(``dcm``, ``gmv``, ``dcm+gmv``, ``eb``) and their keys are :mod:`bids_ketdcm.config`'s vocabulary.
 
 Connectivity: one A matrix per participant and network.
 
@@ -419,7 +419,8 @@ def gather_features(deriv_dir: str | Path, participants: list[str], feature_sets
     participants
         Participant ids (with ``sub-``).
     feature_sets
-        Any of ``dcm``, ``gmv``, ``dcm+gmv``.
+        Any of ``dcm``, ``gmv``, ``dcm+gmv``, ``eb`` (the A matrices of ``dcm``, keyed
+        ``eb_NET``: the group level replaces them by empirical-Bayes estimates in each fold).
     **kw
         ``session``, ``networks``, ``run``, ``require_converged``, ``space``, ``task``,
         ``drop_diagonal``, ``allow_missing`` (as :func:`collect_features`; ``networks``
@@ -451,6 +452,8 @@ def gather_features(deriv_dir: str | Path, participants: list[str], feature_sets
         missing.append(miss)
     if "dcm" in feature_sets:
         out.update(dcm)
+    if "eb" in feature_sets:
+        out.update({feature_key("eb", n): fs for n, fs in dcm.items()})
     if "gmv" in feature_sets:
         out.update({feature_key("gmv", n): fs for n, fs in gmv.items()})
     if "dcm+gmv" in feature_sets:
@@ -468,11 +471,11 @@ def available_networks(deriv_dir: str | Path, feature_set: str, session: str | N
                        task: str = "rest") -> list[str]:
     """Networks (``seg``) for which ``deriv_dir`` holds features of ``feature_set``.
 
-    ``dcm``: connectivity files; ``gmv``: gray-matter volume tables; ``dcm+gmv``: both.
+    ``dcm`` and ``eb``: connectivity files; ``gmv``: gray-matter volume tables; ``dcm+gmv``: both.
     """
     dcm = set(find_connectivity(deriv_dir, session or "b0", task=task, space=space)["network"])
     gmv = set(find_gmv(deriv_dir, session, space)["network"])
-    return sorted({"dcm": dcm, "gmv": gmv, "dcm+gmv": dcm & gmv}[feature_set])
+    return sorted({"dcm": dcm, "gmv": gmv, "dcm+gmv": dcm & gmv, "eb": dcm}[feature_set])
 
 
 def model_features(deriv_dir: str | Path, participants: list[str], feature_set: str, network: str,

@@ -28,7 +28,7 @@ from bids_ketdcm.cli.options import (
     SectionedCommand,
     option,
 )
-from bids_ketdcm.config import ParticipantOptions, uses_dcm, uses_gmv
+from bids_ketdcm.config import FEATURE_SETS, ParticipantOptions, uses_dcm, uses_gmv
 from bids_ketdcm.errors import LOG_VERBOSE, Failures, InputError, ParticipantsFailed
 from bids_ketdcm.model_store import load_models
 from bids_ketdcm.participant.denoise import load_strategy, preset_names
@@ -259,10 +259,11 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
 @option("--dcm-csd-model", type=click.Choice(["spm12", "direct"]), default="spm12", show_default=True, section=DCM,
         help="Predicted CSD: SPM12's (with its AR(7) round trip), or direct (the transfer-function CSD "
         "without it: fits 1/f-like spectra better, not SPM12).")
-@option("--features", multiple=True, type=click.Choice(["dcm", "gmv", "dcm+gmv"]), default=("dcm",),
+@option("--features", multiple=True, type=click.Choice(FEATURE_SETS), default=("dcm",),
         show_default=True, section=FEATURES,
-        help="Participant: dcm (spectral DCM) and/or gmv (gray-matter volume). Group: the "
-        "feature sets compared by the suite (repeatable).")
+        help="Participant: dcm (spectral DCM) and/or gmv (gray-matter volume); eb needs dcm's outputs. Group: the "
+        "feature sets compared by the suite (repeatable); eb: the A matrices' empirical-Bayes estimates, a PEB "
+        "of the DCM posteriors refitted on each training fold.")
 @option("--gmv-atlas", "gmv_atlases", multiple=True, default=("power264",), show_default=True, section=FEATURES,
         help="Participant, gmv: whole-brain atlas besides the --network regions: power264, or a TSV of "
         "spheres / labelled NIfTI (repeatable).")

@@ -63,6 +63,10 @@ _OPTIONS = [
                  "spm_dcm_loo over the full DCM posteriors), one model per network."),
     _option("--peb-permutations", type=click.IntRange(min=0), default=99, show_default=True,
                  help="Group, --peb: permutations of the PEB leave-one-out (each redoes every fit)."),
+    _option("--peb-suite", is_flag=True,
+                 help="Group: add the PEB predictor (model 'peb': SPM's spm_dcm_loo with a PEB refitted on each "
+                 "training fold) to the suite's models on the dcm feature sets, under the same folds and "
+                 "permutation test (--n-permutations) as the classifiers."),
     _option("--allow-training-overlap", is_flag=True,
                  help="Group, --apply-model: validate even on participants the models were trained on "
                  "(flagged in the report; not an external validation)."),
@@ -108,4 +112,5 @@ def group_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
         "allow_training_overlap": kw["allow_training_overlap"],
         "peb_target": kw["peb_target"],
         "peb_permutations": kw["peb_permutations"],
+        "peb_suite": kw["peb_suite"],
     }

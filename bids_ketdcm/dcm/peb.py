@@ -110,6 +110,13 @@ class SubjectPosteriors:
                            for key, terms in self._cache.items()})
         return out
 
+    def prepare(self, index: np.ndarray) -> SubjectPosteriors:
+        """Compute each subject's terms over the parameters ``index`` now, once for every
+        subset :meth:`take` makes afterwards (cross-validation folds); returns ``self``."""
+        _subject_space(self, index)
+        _prior_basis(self)
+        return self
+
 
 @dataclass
 class PEBResult:
@@ -354,6 +361,15 @@ def _subject_space(posteriors: SubjectPosteriors, index: np.ndarray) -> dict[str
         posteriors._cache[key] = {"qE": qE, "qC": qC, "pE": pE, "pC": pC, "F": t(posteriors.F), "W": W,
                                   "v": v, "mask": mask, **_terms(qE, qC, pE, pC, t(posteriors.F), W, mask)}
     return posteriors._cache[key]
+
+
+def _prior_basis(posteriors: SubjectPosteriors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal subspace of each subject's whole prior covariance (:func:`principal_basis`); cached."""
+    if "prior basis" not in posteriors._cache:
+        basis, mask = principal_basis(torch.as_tensor(np.asarray(posteriors.pC, dtype=float)))
+        posteriors._cache["prior basis"] = {"basis": basis, "mask": mask}
+    terms = posteriors._cache["prior basis"]
+    return terms["basis"], terms["mask"]
 
 
 def _design_prior(X: torch.Tensor) -> torch.Tensor:
@@ -700,27 +716,75 @@ def _fixed_b_objective(prob: _Problem, g: torch.Tensor, b: torch.Tensor) -> torc
     return _per_subject(prob, rP, sC, b) - 0.5 * g @ prob.gP @ g
 
 
-def _empirical_bayes(result: PEBResult, posteriors: SubjectPosteriors, complexity: float,
-                     device: str | torch.device) -> None:
-    """Each subject's posterior under the group prior, over the whole parameter vector.
+def empirical_bayes(peb: PEBResult, posteriors: SubjectPosteriors, X: np.ndarray,
+                    device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Subjects' posteriors under a fitted PEB's empirical prior, over the whole parameter vector.
 
-    The prior of the modelled parameters becomes ``N(Ep x_i, Ce)``; every other parameter
-    keeps its first-level prior. The subject's free energy is its reduced evidence plus
-    its first-level free energy minus its share of the group complexity ``complexity``
-    (the Laplace complexity of (b, g)), as SPM's ``DCM.F = Fi + iF(i) - Fc/Ns``.
+    The prior of the modelled parameters ``peb.index`` becomes ``N(Ep x_i, Ce)`` (``x_i`` the
+    subject's row of ``X``); every other parameter keeps its first-level prior. Each
+    posterior follows from the subject's own first-level posterior and prior by Bayesian
+    model reduction (:func:`reduce_evidence`): nothing is refitted, so a subject the PEB was
+    not fitted on (held out) gets its posterior under the group prior of the others. For a
+    subject the PEB was fitted on it is the empirical-Bayes posterior of
+    :func:`fit_peb` (``PEBResult.subject_Ep``, ``subject_Cp``), as SPM's ``spm_dcm_peb``.
+
+    Parameters
+    ----------
+    peb
+        A fitted second-level model.
+    posteriors
+        First-level posteriors of the subjects (any subjects, with the parameter layout of
+        those the PEB was fitted on).
+    X
+        (N, Nx) their rows of the design (e.g. ones for an intercept-only PEB).
+    device
+        Torch device.
+
+    Returns
+    -------
+    Ep : numpy.ndarray
+        (N, P) posterior means.
+    Cp : numpy.ndarray
+        (N, P, P) posterior covariances.
+    dF : numpy.ndarray
+        (N,) log evidence of the empirical prior minus that of the first-level prior.
     """
+    X = np.asarray(X, dtype=float)
+    N = len(posteriors.names)
+    if X.shape != (N, peb.X.shape[1]):
+        raise ValueError(f"design has shape {X.shape}, expected ({N}, {peb.X.shape[1]})")
     t = lambda a: torch.as_tensor(np.asarray(a, dtype=float), device=device)  # noqa: E731
-    idx = result.index
+    idx = peb.index
     qE, qC, pE, pC = (t(a) for a in (posteriors.Ep, posteriors.Cp, posteriors.pE, posteriors.pC))
     rE = pE.clone()
-    rE[:, idx] = t(result.X @ result.Ep.T)
+    rE[:, idx] = t(X @ peb.Ep.T)
     rC = pC.clone()
     rC[:, idx, :] = 0.0
     rC[:, :, idx] = 0.0
-    rC[:, idx[:, None], idx[None, :]] = t(result.Ce)
-    basis, mask = principal_basis(pC)
+    rC[:, idx[:, None], idx[None, :]] = t(peb.Ce)
+    basis, mask = (a.to(device) for a in _prior_basis(posteriors))
     dF, sE, sC = reduce_evidence(qE, qC, pE, pC, rE, rC, basis, mask)
-    N = len(posteriors.names)
-    result.subject_Ep = sE.cpu().numpy()
-    result.subject_Cp = sC.cpu().numpy()
-    result.subject_F = (dF + t(posteriors.F)).cpu().numpy() - complexity / N
+    return sE.cpu().numpy(), sC.cpu().numpy(), dF.cpu().numpy()
+
+
+def _empirical_bayes(result: PEBResult, posteriors: SubjectPosteriors, complexity: float,
+                     device: str | torch.device) -> None:
+    """The fitted subjects' empirical-Bayes posteriors (:func:`empirical_bayes`) and free energies.
+
+    The subject's free energy is its reduced evidence plus its first-level free energy
+    minus its share of the group complexity ``complexity`` (the Laplace complexity of
+    (b, g)), as SPM's ``DCM.F = Fi + iF(i) - Fc/Ns``.
+    """
+    result.subject_Ep, result.subject_Cp, dF = empirical_bayes(result, posteriors, result.X, device)
+    result.subject_F = dF + np.asarray(posteriors.F, dtype=float) - complexity / len(posteriors.names)
+
+
+def coupling_hz(flat_A: np.ndarray, n: int) -> np.ndarray:
+    """Column-major A parameters (..., n^2) as coupling in Hz (..., n, n), rows = targets.
+
+    Between regions the parameter is the coupling; a self-connection ``a`` is SPM's log
+    scaling, ``-exp(a)/2`` Hz (as the participant level's connectivity tables).
+    """
+    flat_A = np.asarray(flat_A, dtype=float)
+    A = np.swapaxes(flat_A.reshape(flat_A.shape[:-1] + (n, n)), -1, -2)
+    return np.where(np.eye(n, dtype=bool), -np.exp(A) / 2, A)

@@ -15,6 +15,11 @@ which reproduces those pipelines to solver tolerance for thousands of small prob
 once (tests compare the two engines); the random forest and the majority / mean
 comparators always use scikit-learn.
 
+Every fold's features are :func:`~bids_ketdcm.group.models.fold_features`: for the ``eb``
+feature sets the empirical-Bayes estimates are refitted on the training rows of each outer
+and inner fold. The ``peb`` model (a PEB refitted per fold) has no hyper-parameters: its
+nested CV is repeated 5-fold CV.
+
 Headline metric: balanced accuracy of the pooled out-of-fold predictions for label
 schemes, out-of-fold R^2 (``1 - SS_res / SS_tot`` over all participants) for
 continuous targets. For nested CV, "pooled" is the mean over repeats of each repeat's
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
@@ -48,6 +54,8 @@ from bids_ketdcm.group.models import (
     batched_spec,
     default_params,
     fit_predict,
+    fold_features,
+    fold_matrices,
     make_estimator,
     param_grid,
 )
@@ -96,14 +104,13 @@ def _inner_splits(y: np.ndarray, kind: str, k: int, seed: int) -> list[tuple[np.
 
 def _tune_batched(task: Task, model: str, outer: list[tuple], config: SuiteConfig, seed: int) -> list[dict]:
     """Inner-CV choice of hyper-parameters for each outer split (batched fits)."""
-    _, X, _ = batched_spec(task, model)
-    return tune_many(task, model, outer, config, seed, [X])[0]
+    return tune_many(task, model, outer, config, seed, [None])[0]
 
 
 def tune_many(task: Task, model: str, outer: list[tuple], config: SuiteConfig, seed: int,
-              Xs: list[np.ndarray]) -> list[list[dict]]:
-    """Inner-CV choice of hyper-parameters for each outer split, for several feature matrices
-    at once (the real one, or row-permuted copies for a nested permutation test).
+              orders: Sequence[np.ndarray | None]) -> list[list[dict]]:
+    """Inner-CV choice of hyper-parameters for each outer split, for several row orders of the
+    features at once (the real one, or permutations for a nested permutation test).
 
     Parameters
     ----------
@@ -117,13 +124,15 @@ def tune_many(task: Task, model: str, outer: list[tuple], config: SuiteConfig, s
         The suite's grids and ``inner_k``.
     seed
         Seed of the inner splits (outer split ``o`` uses ``seed + o``).
-    Xs
-        Feature matrices, each with the rows of ``task.y``.
+    orders
+        Participant of each row of ``task.y`` (None: the task's order), see
+        :func:`~bids_ketdcm.group.models.fold_features`: the features of each inner fold
+        (the ``eb`` estimates refitted on its training rows).
 
     Returns
     -------
     list of list of dict
-        For each matrix of ``Xs``, the chosen hyper-parameters of each outer split (best
+        For each order of ``orders``, the chosen hyper-parameters of each outer split (best
         inner-CV balanced accuracy or mean squared error; ties: the first candidate of
         :func:`~bids_ketdcm.group.models.param_grid`).
     """
@@ -139,14 +148,14 @@ def tune_many(task: Task, model: str, outer: list[tuple], config: SuiteConfig, s
                 index.append((o, g))
     default = default_params(model, config, task.kind)  # outer sets too small for an inner CV
     if not problems:
-        return [[default] * len(outer) for _ in Xs]
-    preds = predict_chunked(name, [X for X in Xs for _ in problems], task.y, problems * len(Xs),
-                            params * len(Xs), task.n_classes)
+        return [[default] * len(outer) for _ in orders]
+    preds = predict_chunked(name, fold_matrices(task, model, problems, orders), task.y, problems * len(orders),
+                            params * len(orders), task.n_classes)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, key in enumerate(index):
         groups.setdefault(key, []).append(i)
     chosen = []
-    for x in range(len(Xs)):
+    for x in range(len(orders)):
         score = np.full((len(outer), len(grid)), -np.inf)
         for (o, g), sel in groups.items():
             rows = np.concatenate([problems[i][1] for i in sel])
@@ -227,15 +236,16 @@ def _tuned_forest(task: Task, train: np.ndarray, test: np.ndarray, config: Suite
     out-of-bag rows of its truncated trees, and the test rows are scored by the forest
     truncated at the best depth (ties: the shallower).
     """
+    X = fold_features(task, "random_forest", train, test)
     forest = make_estimator("random_forest", task.kind, {"max_depth": None}, task.n_classes, config, seed)
-    forest.fit(task.X[train], task.y[train])
+    forest.fit(X[train], task.y[train])
     depths = [c["max_depth"] for c in param_grid("random_forest", config)]
     inbag = np.zeros((len(forest.estimators_), len(train)), dtype=bool)
     for i, rows in enumerate(forest.estimators_samples_):
         inbag[i, rows] = True
     oob = ~inbag
     seen = oob.any(axis=0)
-    on_train, on_test = _tree_probas(forest, [task.X[train], task.X[test]], depths)
+    on_train, on_test = _tree_probas(forest, [X[train], X[test]], depths)
     best, best_score = depths[0], -np.inf
     for d in depths:
         votes = (on_train[d] * oob[..., None]).sum(axis=0)[seen]
@@ -258,10 +268,11 @@ def _outer_predictions(task: Task, model: str, splits: list[tuple], chosen: list
                        config: SuiteConfig, seed: int) -> tuple[list[np.ndarray], list[dict]]:
     """Test-row scores of every outer split, and the hyper-parameters used."""
     if config.engine == "batched" and model in BATCHED:
-        name, X, extra = batched_spec(task, model)
+        name, extra = batched_spec(task, model)
         params = [{**p, **extra} for p in chosen]
         problems = [(tr, te) for _, _, tr, te in splits]
-        return predict_chunked(name, [X] * len(problems), task.y, problems, params, task.n_classes), chosen
+        return predict_chunked(name, fold_matrices(task, model, problems, [None]), task.y, problems, params,
+                               task.n_classes), chosen
     outs, used = [], []
     for (rep, fold, train, test), given in zip(splits, chosen, strict=True):
         if model == "random_forest" and given.get("max_depth") == "oob" and len(np.unique(task.y[train])) > 1:

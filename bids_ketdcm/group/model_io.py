@@ -77,7 +77,8 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
                       n_bootstrap: int = DEFAULT_BOOTSTRAP) -> list[Path]:
     """``group --save-model``: save the final headline classifier of every ketamine label scheme.
 
-    For each ketamine classification task (feature set x network x scheme) the logistic
+    For each ketamine classification task (feature set x network x scheme; not ``eb``,
+    whose empirical-Bayes features need a PEB of the training cohort at prediction) the logistic
     pipeline of the suite is refitted on every participant, with the C chosen most often
     by the nested CV (the default C without nested CV), plus ``n_bootstrap`` stratified
     bootstrap refits; the manifest records the suite's cross-validated metrics.
@@ -106,9 +107,9 @@ def save_group_models(directory: str | os.PathLike, tasks: list, suite, labels, 
     res = suite.results
     written = []
     for task in tasks:
-        if task.treatment != "ketamine" or task.kind != "classification":
-            continue
         feature_set, network = split_key(task.network)
+        if task.treatment != "ketamine" or task.kind != "classification" or feature_set == "eb":
+            continue
         key = ResultKey.of(task, "logistic", "nested")
         chosen = [p for p in suite.params.get(key, []) if "C" in p]
         C = Counter(float(p["C"]) for p in chosen).most_common(1)[0][0] if chosen else config.C

@@ -7,14 +7,18 @@
 * :class:`Task`: one feature matrix and one target of one analysis, and :class:`ResultKey`,
   the identity of one of its results (treatment, network, target, model, protocol);
 * :func:`make_estimator`: every model is a scikit-learn estimator fitted on the training
-  rows only (``StandardScaler`` inside a ``Pipeline``); :func:`batched_spec` names the
-  :mod:`bids_ketdcm.group.batched` problem that reproduces a linear model to solver
-  tolerance; :func:`fit_full` fits a model on every participant for its weights.
+  rows only (``StandardScaler`` inside a ``Pipeline``), except ``peb``, the PEB predictor
+  refitted in each training fold (:mod:`bids_ketdcm.group.hierarchical`); :func:`batched_spec`
+  names the :mod:`bids_ketdcm.group.batched` problem that reproduces a linear model to solver
+  tolerance; :func:`fold_features` gives the features of one fold (the ``eb`` feature sets'
+  empirical-Bayes estimates are refitted on each training fold); :func:`fit_full` fits a
+  model on every participant for its weights.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,11 +33,15 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
+from bids_ketdcm.group.hierarchical import DcmPosteriors, eb_features, peb_effects, peb_scores
 from bids_ketdcm.seeds import derive_seed
 
-CLASSIFIERS = ("logistic", "multinomial", "random_forest", "svm", "majority", "baseline_score")
-REGRESSORS = ("elasticnet", "mean", "baseline_score")
-ALL_MODELS = ("logistic", "multinomial", "random_forest", "svm", "elasticnet", "majority", "mean", "baseline_score")
+CLASSIFIERS = ("logistic", "multinomial", "random_forest", "svm", "majority", "baseline_score", "peb")
+REGRESSORS = ("elasticnet", "mean", "baseline_score", "peb")
+ALL_MODELS = ("logistic", "multinomial", "random_forest", "svm", "elasticnet", "majority", "mean", "baseline_score",
+              "peb")
+#: Models run unless asked otherwise: ``peb`` needs the DCM posteriors (``--peb-suite``).
+DEFAULT_MODELS = tuple(m for m in ALL_MODELS if m != "peb")
 #: Comparators every imaging model must beat.
 COMPARATORS = ("majority", "mean", "baseline_score")
 HEADLINE_MODEL = {"classification": "logistic", "regression": "elasticnet"}
@@ -46,7 +54,8 @@ HEADLINE_DEFINITION = {
 }
 #: Models the batched engine fits (and so can permute).
 BATCHED = ("logistic", "multinomial", "svm", "elasticnet", "baseline_score")
-PERMUTABLE = BATCHED
+#: Models that can get a permutation p-value: the batched ones and the PEB predictor.
+PERMUTABLE = (*BATCHED, "peb")
 #: Models whose hyper-parameters the nested CV tunes by an inner CV.
 TUNED_BATCHED = ("logistic", "multinomial", "svm", "elasticnet")
 MODEL_DESCRIPTIONS = {
@@ -58,6 +67,9 @@ MODEL_DESCRIPTIONS = {
     "majority": "majority class of the training fold (comparator)",
     "mean": "mean of the training fold (comparator)",
     "baseline_score": "the baseline score alone (logistic / linear regression; comparator)",
+    "peb": "PEB of the training participants' DCM posteriors (A), design [1, standardised target], each "
+           "held-out participant's target predicted from its own DCM (SPM's spm_dcm_loo); label schemes: the "
+           "class index as the covariate, class scores its predictive probabilities",
 }
 
 
@@ -65,7 +77,7 @@ MODEL_DESCRIPTIONS = {
 class SuiteConfig:
     """Models, protocols, hyper-parameters and permutation settings of the suite."""
 
-    models: tuple[str, ...] = ALL_MODELS
+    models: tuple[str, ...] = DEFAULT_MODELS
     k_values: tuple[int, ...] = (3, 4, 5)
     nested_outer_k: int = 5
     nested_repeats: int = 10
@@ -103,16 +115,19 @@ class SuiteConfig:
         """The protocol of the permutation tests (the largest k)."""
         return f"kfold{max(self.k_values)}"
 
-    def models_for(self, kind: str, n_classes: int) -> list[str]:
-        """Models run on a task of this kind (multinomial only for >2 classes)."""
-        allowed = CLASSIFIERS if kind == "classification" else REGRESSORS
+    def models_for(self, task: Task) -> list[str]:
+        """Models run on a task (multinomial only for >2 classes; peb only where the task
+        carries its DCM posteriors and its features are not themselves from a PEB)."""
+        allowed = CLASSIFIERS if task.kind == "classification" else REGRESSORS
         out = [m for m in self.models if m in allowed]
-        return [m for m in out if not (m == "multinomial" and n_classes <= 2)]
+        out = [m for m in out if not (m == "multinomial" and task.n_classes <= 2)]
+        return [m for m in out if m != "peb" or (task.dcm is not None and not task.empirical_bayes)]
 
-    def permuted_models(self, kind: str, n_classes: int) -> list[str]:
-        """Models given a permutation p-value on a task of this kind."""
-        wanted = self.permutation_models or (HEADLINE_MODEL[kind],)
-        return [m for m in self.models_for(kind, n_classes) if m in wanted and m in PERMUTABLE]
+    def permuted_models(self, task: Task) -> list[str]:
+        """Models given a permutation p-value on a task: ``permutation_models``, by default the
+        headline model and the PEB predictor."""
+        wanted = self.permutation_models or (HEADLINE_MODEL[task.kind], "peb")
+        return [m for m in self.models_for(task) if m in wanted and m in PERMUTABLE]
 
     def stream_seed(self, *names: str) -> int:
         """A stable seed from the configured seed and names (same names -> same seed).
@@ -144,6 +159,11 @@ class Task:
     baseline: np.ndarray
     classes: tuple[str, ...] = ()
     feature_names: list[str] = field(default_factory=list)
+    #: The DCM posteriors behind ``X`` (the ``peb`` model and ``eb`` features need them).
+    dcm: DcmPosteriors | None = None
+    #: The A columns of ``X`` are replaced, in each fold, by empirical-Bayes estimates
+    #: refitted on its training rows (:func:`fold_features`); ``X`` holds the raw entries.
+    empirical_bayes: bool = False
 
     @property
     def n_classes(self) -> int:
@@ -288,19 +308,64 @@ def feature_matrix(task: Task, model: str) -> np.ndarray:
     return task.baseline[:, None] if model == "baseline_score" else task.X
 
 
-def fit_predict(task: Task, model: str, params: dict, train: np.ndarray, test: np.ndarray,
-                config: SuiteConfig, seed: int) -> np.ndarray:
-    """Fit the scikit-learn estimator of ``model`` on ``train`` rows, score ``test`` rows.
+def fold_features(task: Task, model: str, train: np.ndarray, test: np.ndarray,
+                  order: np.ndarray | None = None) -> np.ndarray:
+    """The features ``model`` is fitted on in one fold.
 
-    Returns (m, K) class scores, or (m,) predictions for regression. A training set
-    holding a single class predicts that class.
+    Parameters
+    ----------
+    task
+        The task.
+    model
+        Model name.
+    train, test
+        Row indices of the fold.
+    order
+        Participant of each row: a permutation of the rows (permutation tests shuffle the
+        participants' features against the labels); None: the task's order.
+
+    Returns
+    -------
+    numpy.ndarray
+        :func:`feature_matrix` with its rows in ``order``; for an ``eb`` task its A columns
+        hold the empirical-Bayes estimates of :func:`~bids_ketdcm.group.hierarchical.eb_features`
+        (PEB of the training rows' participants only).
     """
     X = feature_matrix(task, model)
+    if task.empirical_bayes and model != "baseline_score" and task.dcm is not None:
+        return eb_features(task.dcm, X, train, test, order)
+    return X if order is None else X[order]
+
+
+def fold_matrices(task: Task, model: str, problems: list[tuple[np.ndarray, np.ndarray]],
+                  orders: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    """:func:`fold_features` of every (order, problem) pair, ``orders`` outermost.
+
+    Without a per-fold transform each order's matrix is made once and shared by its problems.
+    """
+    if task.empirical_bayes:
+        return [fold_features(task, model, tr, te, order) for order in orders for tr, te in problems]
+    shared = [fold_features(task, model, problems[0][0], problems[0][1], order) for order in orders]
+    return [X for X in shared for _ in problems]
+
+
+def fit_predict(task: Task, model: str, params: dict, train: np.ndarray, test: np.ndarray,
+                config: SuiteConfig, seed: int, order: np.ndarray | None = None) -> np.ndarray:
+    """Fit ``model`` on ``train`` rows, score ``test`` rows.
+
+    Returns (m, K) class scores, or (m,) predictions for regression. A training set
+    holding a single class predicts that class. ``order``: as :func:`fold_features`.
+    """
     ytr = task.y[train]
     if task.kind == "classification" and len(np.unique(ytr)) == 1:
         scores = np.zeros((len(test), task.n_classes))
         scores[:, ytr[0]] = 1.0
         return scores
+    if model == "peb":
+        if task.dcm is None:
+            raise ValueError(f"the peb model needs the DCM posteriors of {task.network}")
+        return peb_scores(task.dcm, task.y, task.kind, task.n_classes, train, test, order)
+    X = fold_features(task, model, train, test, order)
     est = make_estimator(model, task.kind, params, task.n_classes, config, seed)
     est.fit(X[train], ytr)
     if task.kind == "regression":
@@ -308,8 +373,8 @@ def fit_predict(task: Task, model: str, params: dict, train: np.ndarray, test: n
     return _class_scores(est, X[test], task.n_classes)
 
 
-def batched_spec(task: Task, model: str) -> tuple[str, np.ndarray, dict]:
-    """The batched model, features and fixed parameters that reproduce ``model``.
+def batched_spec(task: Task, model: str) -> tuple[str, dict]:
+    """The batched model and fixed parameters that reproduce ``model`` on :func:`feature_matrix`.
 
     Parameters
     ----------
@@ -322,31 +387,37 @@ def batched_spec(task: Task, model: str) -> tuple[str, np.ndarray, dict]:
     -------
     name : str
         Model of :func:`bids_ketdcm.group.batched.predict_splits`.
-    X : numpy.ndarray
-        Its features.
     params : dict
         Parameters fixed for this model (to merge over the chosen ones).
     """
     if model == "baseline_score":
         if task.kind == "regression":  # least squares on one feature
-            return "elasticnet", task.baseline[:, None], {"alpha": 0.0, "l1_ratio": 0.0}
-        return "logistic", task.baseline[:, None], {}
-    return model, task.X, {}
+            return "elasticnet", {"alpha": 0.0, "l1_ratio": 0.0}
+        return "logistic", {}
+    return model, {}
 
 
 def fit_full(task: Task, model: str, params: dict, config: SuiteConfig) -> np.ndarray | None:
     """Weights of ``model`` fitted on every participant, one per feature.
 
     Linear models: coefficients on the standardised features (for several classes, those
-    of the last, best-outcome class); random forest: impurity importances. None for
-    comparators.
+    of the last, best-outcome class); random forest: impurity importances; ``peb``: the
+    group effect of the standardised target on each A entry
+    (:func:`~bids_ketdcm.group.hierarchical.peb_effects`). None for comparators. ``eb``
+    tasks: fitted on the empirical-Bayes estimates of the PEB of every participant.
     """
     if model in COMPARATORS:
         return None
+    if model == "peb":
+        if task.dcm is None:
+            raise ValueError(f"the peb model needs the DCM posteriors of {task.network}")
+        return peb_effects(task.dcm, task.y)
+    everyone = np.arange(len(task.y))
+    X = fold_features(task, model, everyone, everyone[:0])
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         est = make_estimator(model, task.kind, params, task.n_classes, config, config.stream_seed("full", model))
-        est.fit(task.X, task.y)
+        est.fit(X, task.y)
     if model == "random_forest":
         return est.feature_importances_
     inner = est.steps[-1][1]
@@ -356,4 +427,3 @@ def fit_full(task: Task, model: str, params: dict, config: SuiteConfig) -> np.nd
         return inner.estimators_[-1].coef_[0]
     coef = np.atleast_2d(inner.coef_)
     return coef[-1]
-

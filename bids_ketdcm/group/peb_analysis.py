@@ -8,9 +8,10 @@ participant's ``z`` is then predicted from its own DCM and the PEB of the others
 Pearson r of predicted and observed target, with SPM's one-sided parametric p-value and a
 permutation p-value: the target is shuffled across participants and the whole
 leave-one-out redone, ``(1 + #{null >= observed}) / (1 + permutations)`` as the suite's.
-Leave-one-out is the protocol SPM defines for this model; the suite's k-fold protocols do
-not apply to it. The full-sample PEB and its model reduction give the posterior probability
-that each connection's effect on the target is present.
+Leave-one-out is the protocol SPM defines for this model; the same predictor runs under the
+suite's protocols as the model ``peb`` (:mod:`bids_ketdcm.group.hierarchical`). The
+full-sample PEB and its model reduction give the posterior probability that each
+connection's effect on the target is present.
 """
 
 from __future__ import annotations
@@ -37,8 +38,15 @@ from bids_ketdcm.io import write_tsv
 log = logging.getLogger(__name__)
 
 
-def subject_posteriors(fs: FeatureSet) -> SubjectPosteriors:
+def subject_posteriors(fs: FeatureSet, option: str = "--peb") -> SubjectPosteriors:
     """The DCM posteriors behind a feature set's A matrices (same participants, same order).
+
+    Parameters
+    ----------
+    fs
+        A ``dcm`` feature set (its connectivity files locate the posteriors).
+    option
+        The option that needs them, named in error messages.
 
     Raises
     ------
@@ -53,9 +61,9 @@ def subject_posteriors(fs: FeatureSet) -> SubjectPosteriors:
         try:
             rec = read_posterior(Path(path))
         except ValueError as exc:
-            raise InputError(f"--peb: {exc}") from None
+            raise InputError(f"{option}: {exc}") from None
         if rec["names"] != list(fs.regions):
-            raise InputError(f"--peb: {path}: regions {rec['names']} differ from seg-{fs.network}'s {fs.regions}")
+            raise InputError(f"{option}: {path}: regions {rec['names']} differ from seg-{fs.network}'s {fs.regions}")
         Ep.append(layout.pack(rec["params"]))
         Cp.append(rec["cov"])
         pC.append(prior_covariance(n, scale_timeseries(validate_timeseries(rec["timeseries"]))[0]))
@@ -138,8 +146,10 @@ def run_peb(features: dict[str, FeatureSet], labels: LabelSet, group_dir: Path, 
     values = labels.target("ketamine", target)
     out: dict = {"target": target, "networks": {}}
     for key, fs in features.items():
-        if split_key(key)[0] != "dcm":
+        kind, network = split_key(key)
+        if kind not in ("dcm", "eb") or network in out["networks"]:  # eb: the same A matrices' DCMs
             continue
+        key = network
         keep = [p for p in fs.participants if p in values.index]
         if len(keep) < 4:
             out["networks"][key] = {"skipped": f"{len(keep)} participants with a {target} value (4 needed)"}

@@ -95,7 +95,7 @@ def write_group_tables(group_dir: Path, features: dict[str, FeatureSet]) -> dict
         ``OUTPUT_DIR/group``.
     features
         Feature sets by key (:func:`~bids_ketdcm.group.config.feature_key`); only the
-        ``dcm`` ones hold A matrices and connectivity files.
+        ``dcm`` and ``eb`` ones hold A matrices and connectivity files (one table per network).
 
     Returns
     -------
@@ -104,7 +104,7 @@ def write_group_tables(group_dir: Path, features: dict[str, FeatureSet]) -> dict
     """
     tables = {}
     for key, fs in features.items():
-        if split_key(key)[0] != "dcm":
+        if split_key(key)[0] not in ("dcm", "eb") or fs.network in tables:  # eb: the same inversions
             continue
         network = fs.network
         tables[network] = qc_table(fs)

@@ -143,7 +143,8 @@ def _table(frame: pd.DataFrame) -> str:
 
 #: Words a header shows in capitals.
 _ACRONYMS = {"dcm": "DCM", "gmv": "GMV", "auc": "AUC", "roc": "ROC", "madrs": "MADRS", "bh": "BH", "fd": "FD",
-             "ci95": "95 % CI", "rpl": "RPL", "mrr": "MRR", "r2": "R²"}
+             "ci95": "95 % CI", "rpl": "RPL", "mrr": "MRR", "r2": "R²",
+             "eb": "EB", "peb": "PEB"}
 
 
 def _header(column: object) -> str:
@@ -232,6 +233,7 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
         "using the baseline score alone; 'placebo' is the same model on placebo response labels.</p>",
         _table(summary) if len(summary) else "<p>No analysis ran.</p>",
         *_feature_set_section(res, protocol),
+        *_peb_suite_section(res, protocol),
         "<h2>Participants and labels</h2>",
         _table(pd.DataFrame([{"analysis": a, "participants": n} for a, n in info["participants"].items()])),
         _table(pd.DataFrame([{"analysis": a, "scheme": s, **{k: v for k, v in c.items()}}
@@ -250,8 +252,11 @@ def write_report(path: str | Path, info: dict, suite: SuiteResult, tasks: list[T
             f"max-statistic p {best['p_maxstat']:.3g} over the {best['grid_size']} models it was chosen from), "
             "refitted on all "
             f"participants with {best['params']}. "
-            + ("Coefficients on standardised A entries" + (f" for class {best['class']}" if best["class"] else "")
-               if best["kind"] == "coefficient" else "Impurity importances")
+            + {"coefficient": "Coefficients on standardised A entries"
+               + (f" for class {best['class']}" if best["class"] else ""),
+               "importance": "Impurity importances",
+               "PEB effect": "PEB effects of the standardised target (class index for label schemes) on each "
+               "connection (Hz per SD; self-connections: log scaling per SD)"}[best["kind"]]
             + f"; rows = targets, columns = sources. Other features: {best['extra_weights'] or 'none'}.</p>",
             f"<img src='data:image/png;base64,{_weights_figure(best)}'>",
         ]
@@ -402,10 +407,46 @@ def _feature_set_section(res: pd.DataFrame, protocol: str) -> list[str]:
         "<h2>Feature sets compared</h2>",
         ("<p class='note'>Ketamine, headline model and metric per target under "
          f"{html.escape(protocol)} (p: permutation p-value; _nested: nested-CV mean) for each feature set: "
-         "dcm (effective connectivity A), gmv (regional gray-matter volume / TIV), dcm+gmv (both); "
+         "dcm (effective connectivity A), gmv (regional gray-matter volume / TIV), dcm+gmv (both), eb (the A "
+         "matrices' empirical-Bayes estimates: an intercept-only PEB of each training fold's DCMs, the held-out "
+         "participants reduced to its empirical prior); "
          "'baseline_score_only' uses the baseline MADRS alone, 'chance_model' is the majority / mean model. "
          "An imaging feature set is worth having only where it beats baseline_score_only.</p>"),
         _table(table),
+    ]
+
+
+def _peb_suite_section(res: pd.DataFrame, protocol: str) -> list[str]:
+    """The PEB predictor's rows (model ``peb``) beside the headline model of the same task."""
+    if res.empty or not (res.model == "peb").any():
+        return []
+    rows = []
+    ket = res[res.treatment == "ketamine"]
+    for (network, target), grp in ket[ket.model == "peb"].groupby(["network", "target"], sort=False):
+        task = ket[(ket.network == network) & (ket.target == target)]
+        head_model = HEADLINE_MODEL[grp.task.iloc[0]]
+        extra = "pearson_r" if grp.task.iloc[0] == "regression" else "roc_auc"
+
+        def pick(model: str, proto: str, column: str, frame: pd.DataFrame = task) -> float:
+            sel = frame[(frame.model == model) & (frame.protocol == proto)]
+            return float(sel[column].iloc[0]) if len(sel) else float("nan")
+
+        rows.append({"network": network, "target": target, "metric": grp.headline_metric.iloc[0],
+                     "peb": pick("peb", protocol, "headline"), "peb_p": pick("peb", protocol, "p_value"),
+                     "peb_r_or_auc": pick("peb", protocol, extra), "peb_nested": pick("peb", "nested", "headline"),
+                     "headline_model": head_model, "headline_model_value": pick(head_model, protocol, "headline"),
+                     "headline_model_p": pick(head_model, protocol, "p_value"),
+                     "headline_model_r_or_auc": pick(head_model, protocol, extra)})
+    return [
+        "<h2>PEB predictor in the suite</h2>",
+        ("<p class='note'>Ketamine, model peb (SPM's spm_dcm_loo with the suite's folds: a PEB of the training "
+         "participants' DCM posteriors with the design [1, standardised target] in each fold, each held-out "
+         "participant's target predicted from its own DCM; label schemes: the class index as the covariate and "
+         "its predictive probabilities as class scores) under "
+         f"{html.escape(protocol)}, beside the headline model of the same target; r or AUC: Pearson r (continuous "
+         "targets) or ROC AUC (label schemes); p: the same permutation test (the PEB refitted on the shuffled "
+         "participants of every fold).</p>"),
+        _table(pd.DataFrame(rows)),
     ]
 
 

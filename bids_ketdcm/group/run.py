@@ -32,9 +32,11 @@ import pandas as pd
 from bids_ketdcm import __version__
 from bids_ketdcm.bids.features import FeatureSet, gather_features
 from bids_ketdcm.bids.naming import normalise_session
-from bids_ketdcm.config import FEATURE_SETS, NESTED_PERMUTABLE
+from bids_ketdcm.config import FEATURE_SETS, NESTED_PERMUTABLE, split_key
+from bids_ketdcm.dcm.peb import SubjectPosteriors, a_parameter_index
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.group.external import apply_models
+from bids_ketdcm.group.hierarchical import DcmPosteriors
 from bids_ketdcm.group.inference import adjust_grid, bootstrap_headline, bootstrap_indices
 from bids_ketdcm.group.labels import (
     SCHEME_NAMES,
@@ -48,6 +50,7 @@ from bids_ketdcm.group.labels import (
 from bids_ketdcm.group.model_io import save_group_models
 from bids_ketdcm.group.models import (
     ALL_MODELS,
+    DEFAULT_MODELS,
     HEADLINE_DEFINITION,
     HEADLINE_METRIC,
     HEADLINE_MODEL,
@@ -58,7 +61,7 @@ from bids_ketdcm.group.models import (
     Task,
     fit_full,
 )
-from bids_ketdcm.group.peb_analysis import run_peb
+from bids_ketdcm.group.peb_analysis import run_peb, subject_posteriors
 from bids_ketdcm.group.primary import PrimaryInputs, load_plan, run_primary
 from bids_ketdcm.group.qc import write_group_tables
 from bids_ketdcm.group.report import write_report
@@ -99,7 +102,9 @@ class GroupOptions:
     allow_missing: bool = False
     schemes: tuple[str, ...] = SCHEME_NAMES
     targets: tuple[str, ...] = TARGETS
-    models: tuple[str, ...] = ALL_MODELS
+    models: tuple[str, ...] = DEFAULT_MODELS
+    #: Add the PEB predictor ``peb`` to ``models`` (``--peb-suite``; needs the DCM posteriors).
+    peb_suite: bool = False
     k_values: tuple[int, ...] = (3, 4, 5)
     nested_repeats: int = 10
     nested_outer_k: int = 5
@@ -114,7 +119,8 @@ class GroupOptions:
     report: bool = True
     #: Progress bar on stderr; None: only when stderr is a terminal.
     progress: bool | None = None
-    #: Feature sets run through the suite: dcm (A matrices), gmv (gray-matter volume), dcm+gmv.
+    #: Feature sets run through the suite: dcm (A matrices), gmv (gray-matter volume), dcm+gmv, eb
+    #: (empirical-Bayes A matrices, refitted in each training fold).
     feature_sets: tuple[str, ...] = ("dcm",)
     #: Save the final model of every ketamine label scheme here (bids_ketdcm.group.model_io).
     save_model: Path | None = None
@@ -218,8 +224,11 @@ class GroupOptions:
 
     def suite_config(self) -> SuiteConfig:
         """The prediction-suite settings of these options."""
+        models = tuple(self.models)
+        if self.peb_suite and "peb" not in models:
+            models += ("peb",)
         return SuiteConfig(
-            models=tuple(self.models),
+            models=models,
             k_values=tuple(sorted(set(self.k_values))),
             nested_outer_k=self.nested_outer_k,
             nested_repeats=self.nested_repeats,
@@ -236,10 +245,15 @@ class GroupOptions:
 
 def _tasks(labels: LabelSet, features: dict[str, FeatureSet], options: GroupOptions,
            analyses: list[str]) -> tuple[list[Task], list[dict]]:
-    """One task per analysis x network x target; skipped ones with their reason."""
+    """One task per analysis x network x target; skipped ones with their reason.
+
+    The tasks of the ``eb`` feature sets, and with the ``peb`` model those of ``dcm``, carry
+    their participants' DCM posteriors (read once per network).
+    """
     tasks, skipped = [], []
     baseline = labels.table["baseline"]
     score = labels.score_column
+    posteriors = _posteriors(features, "peb" in options.suite_config().models)
     for treatment in analyses:
         for network, fs in features.items():
             for target in [*options.schemes, *options.targets]:
@@ -272,12 +286,34 @@ def _tasks(labels: LabelSet, features: dict[str, FeatureSet], options: GroupOpti
                     kind = "classification"
                 else:
                     classes, y, kind = (), values[keep].to_numpy(float), "regression"
+                dcm = None
+                if network in posteriors:
+                    rows = np.array([fs.participants.index(p) for p in keep])
+                    dcm = DcmPosteriors(posteriors[network].take(rows), len(fs.regions), sub.pairs)
                 tasks.append(Task(
                     treatment=treatment, network=network, target=target, kind=kind,
                     participants=keep, X=sub.X, y=y, baseline=baseline[keep].to_numpy(float),
-                    classes=classes, feature_names=sub.feature_names,
+                    classes=classes, feature_names=sub.feature_names, dcm=dcm,
+                    empirical_bayes=split_key(network)[0] == "eb",
                 ))
     return tasks, skipped
+
+
+def _posteriors(features: dict[str, FeatureSet], peb: bool) -> dict:
+    """The DCM posteriors of the feature sets that need them, by key: ``eb``, and ``dcm`` with
+    the ``peb`` model (one read per network)."""
+    wanted = [key for key in features if split_key(key)[0] == "eb" or (peb and split_key(key)[0] == "dcm")]
+    if peb and not any(split_key(key)[0] == "dcm" for key in features):
+        log.warning("--peb-suite: the peb model runs on the dcm feature sets; none was asked for (--features dcm)")
+    read: dict[str, SubjectPosteriors] = {}
+    out = {}
+    for key in wanted:
+        fs = features[key]
+        if fs.network not in read:
+            option = "--features eb" if split_key(key)[0] == "eb" else "--peb-suite"
+            read[fs.network] = subject_posteriors(fs, option).prepare(a_parameter_index(len(fs.regions)))
+        out[key] = read[fs.network]
+    return out
 
 
 def _chance(results: pd.DataFrame) -> np.ndarray:
@@ -396,7 +432,7 @@ def _best_weights(tasks: list[Task], suite: SuiteResult, features: dict[str, Fea
                       f"permuted ketamine models ({protocol}); max-statistic p over that grid"),
         "p_value": float(best.p_value), "p_maxstat": float(best.p_maxstat), "grid_size": int(len(rows)),
         "regions": fs.regions, "weights": matrix, "extra_weights": extra,
-        "kind": "importance" if best.model == "random_forest" else "coefficient",
+        "kind": {"random_forest": "importance", "peb": "PEB effect"}.get(best.model, "coefficient"),
         "class": task.classes[-1] if task.classes else None,
     }
 
@@ -665,7 +701,7 @@ def participant_flow(labels: LabelSet, participants: pd.DataFrame | None, featur
 
 def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, FeatureSet],
                          options: GroupOptions) -> dict:
-    """Ketamine-vs-placebo treatment selection on the first feature set.
+    """Ketamine-vs-placebo treatment selection on the first feature set that is not ``eb``.
 
     Parameters
     ----------
@@ -675,7 +711,8 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
         Derivatives root (results go to ``output_dir/group/``).
     features
         The group level's feature sets; the first one (the first network of the first
-        ``--features`` set) is used.
+        ``--features`` set) that is not ``eb`` is used; with ``eb`` only, the raw A matrices
+        behind it (its empirical-Bayes estimates exist only inside the suite's folds).
     options
         Group options: score column, sessions, groups and seed are shared with the suite.
 
@@ -686,7 +723,9 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
         ``feature_set`` (its key); ``skipped`` holds the reason when the data cannot support
         the analysis (logged as a warning; nothing is written then).
     """
-    key = next(iter(features))
+    key = next((k for k in features if split_key(k)[0] != "eb"), next(iter(features)))
+    fs = features[key]
+    key = split_key(key)[1] if split_key(key)[0] == "eb" else key
     participants = read_participants(bids_dir)
     placebo_session = options.placebo_session
     if placebo_session is None or participants is None:
@@ -697,7 +736,6 @@ def _treatment_selection(bids_dir: Path, output_dir: Path, features: dict[str, F
         return {"skipped": reason, "feature_set": key}
     scores, _, _ = read_scores(bids_dir, options.score_column)
     phenotype = scores.rename(columns={"session": "session_id", "score": options.score_column})
-    fs = features[key]
     table = pd.DataFrame(fs.X, index=pd.Index(fs.participants, name="participant_id"), columns=fs.feature_names)
     treatment_options = TreatmentOptions(
         seed=options.seed, score_column=options.score_column, baseline_session=options.baseline_session,

@@ -5,8 +5,10 @@ target (a label scheme or a continuous target) of one analysis (ketamine or plac
 :func:`run_task` evaluates every model of :mod:`bids_ketdcm.group.models` under every
 protocol of :mod:`bids_ketdcm.group.cv` and adds the permutation tests of
 :mod:`bids_ketdcm.group.permutation`: the headline model is permuted under the headline
-protocol (``kfold{max k}``); the nested CV of the models in ``nested_permuted`` on the
-ketamine binary and continuous targets gets its own permutation p-value (``nested_permutations``).
+protocol (``kfold{max k}``), and so is the PEB predictor ``peb`` where it runs; the nested CV of
+the models in ``nested_permuted`` on the ketamine binary and continuous targets gets its own
+permutation p-value (``nested_permutations``), except on the ``eb`` feature sets (each
+permutation would refit a PEB for each of the 200 inner and outer folds).
 :func:`run_suite` runs every task in parallel and gathers the tables.
 """
 
@@ -26,7 +28,7 @@ from threadpoolctl import threadpool_limits
 from bids_ketdcm.group.cv import evaluate
 from bids_ketdcm.group.models import HEADLINE_METRIC, ResultKey, SuiteConfig, Task, feature_matrix
 from bids_ketdcm.group.permutation import nested_permutation_null, permutation_null
-from bids_ketdcm.threads import ThreadPolicy
+from bids_ketdcm.threads import ThreadPolicy, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +48,15 @@ def run_task(task: Task, config: SuiteConfig) -> TaskResult:
     """Every model x protocol of one task, and its permutation tests."""
     results, folds, predictions, nulls, params = [], [], [], {}, {}
     headline = HEADLINE_METRIC[task.kind]
-    with threadpool_limits(1), warnings.catch_warnings(), sklearn.config_context(
+    with threadpool_limits(1), torch_threads(1), warnings.catch_warnings(), sklearn.config_context(
         assume_finite=True, skip_parameter_validation=True
     ):
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", UserWarning)
-        permuted = config.permuted_models(task.kind, task.n_classes)
+        permuted = config.permuted_models(task)
         log.debug("task %s/%s/%s: %d rows x %d features", task.treatment, task.network, task.target,
                   *task.X.shape)
-        for model in config.models_for(task.kind, task.n_classes):
+        for model in config.models_for(task):
             for protocol in config.protocols:
                 row, fold_rows, pred_rows, chosen = evaluate(task, model, protocol, config)
                 key = ResultKey.of(task, model, protocol)
@@ -70,7 +72,7 @@ def run_task(task: Task, config: SuiteConfig) -> TaskResult:
                 null, started = None, time.perf_counter()
                 if model in permuted and protocol == config.permutation_protocol and config.n_permutations > 0:
                     null = permutation_null(task, model, config)
-                elif (protocol == "nested" and config.nested_permutations > 0
+                elif (protocol == "nested" and config.nested_permutations > 0 and not task.empirical_bayes
                       and model in config.nested_permuted and task.treatment == "ketamine"
                       and (task.kind == "regression" or task.n_classes == 2)):
                     null = nested_permutation_null(task, model, config)

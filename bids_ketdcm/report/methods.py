@@ -324,6 +324,17 @@ def group_methods_paragraph(info: Mapping[str, Any], qc: Mapping[str, Any] | Non
         f"({suite['nested_repeats']} repeats of {suite['nested_outer_k']} outer folds, {suite['inner_k']} inner "
         "folds tuning the hyper-parameters), with scaling and tuning inside the training folds only."
     )
+    if "peb" in suite["models"]:
+        sentences.append(
+            "The PEB predictor (peb) was SPM12's spm_dcm_loo with the same folds: in each training fold a parametric "
+            "empirical Bayes model of the participants' DCM posteriors (A parameters; design: intercept and the "
+            "standardised target, for label schemes the class index) predicted each held-out participant's target "
+            "from its own DCM.")
+    if "eb" in (options.get("feature_sets") or ()):
+        sentences.append(
+            "The eb feature sets were the empirical-Bayes estimates of A: in each training fold an intercept-only "
+            "PEB of the training participants' DCM posteriors, their empirical-Bayes posterior means, and each "
+            "held-out participant's posterior reduced to that empirical prior (Bayesian model reduction).")
     headline = info["headline"]
     sentences.append(
         f"The headline metrics were {headline['definition']['classification']} (label schemes) and "

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bids_ketdcm.bids.naming import RunEntities, connectivity_paths, normalise_participant, normalise_session
+from bids_ketdcm.bids.naming import (
+    RunEntities,
+    connectivity_paths,
+    normalise_participant,
+    normalise_session,
+    timeseries_paths,
+)
+from bids_ketdcm.dcm.peb import coupling_hz
+from bids_ketdcm.dcm.priors import ParamLayout
 from bids_ketdcm.io import write_json, write_tsv
 
 
@@ -42,3 +50,54 @@ def write_a_matrix(
     write_tsv(paths["tsv"], table)
     write_json(paths["json"], {"Converged": bool(converged), "Network": network, "SPMRelease": "SPM12"})
     return paths["tsv"]
+
+
+def write_dcm_posterior(
+    deriv_dir: str | Path,
+    participant: str,
+    session: str | None,
+    network: str,
+    Ep: np.ndarray,
+    Cp: np.ndarray,
+    F: float,
+    timeseries: np.ndarray,
+    regions: list[str],
+    space: str = "MNI152NLin2009cAsym",
+) -> Path:
+    """Write one run's full DCM posterior as the participant level would (A table, sidecar, NPZ, series).
+
+    What the group level's PEB models read back (:func:`bids_ketdcm.bids.derivatives.read_posterior`):
+    the A matrix in Hz (TSV), the posterior means by name and covariance (NPZ), the regions and
+    free energy (JSON sidecar) and the time series the prior is built from.
+
+    Parameters
+    ----------
+    deriv_dir, participant, session, network, regions, space
+        As :func:`write_a_matrix`.
+    Ep, Cp
+        (P,) posterior mean and (P, P) covariance in SPM's flat order.
+    F
+        Free energy.
+    timeseries
+        (T, n) the series inverted.
+
+    Returns
+    -------
+    Path
+        The connectivity TSV written.
+    """
+    n = len(regions)
+    layout = ParamLayout(n)
+    tsv = write_a_matrix(deriv_dir, participant, session, network,
+                         coupling_hz(np.asarray(Ep)[layout.slices()["A"]], n), regions, space=space)
+    sub = normalise_participant(participant)
+    ses = None if session is None else normalise_session(session)
+    entities = RunEntities.from_mapping({"sub": sub[4:], "ses": ses, "task": "rest", "space": space})
+    paths = connectivity_paths(deriv_dir, entities, network)
+    params = {f"param_{k}": np.asarray(v, dtype=float) for k, v in layout.unpack(np.asarray(Ep)).items()}
+    # numpy's stubs read a **dict of arrays as its allow_pickle keyword
+    np.savez_compressed(paths["npz"], cov=np.asarray(Cp, dtype=float), **params)  # type: ignore[arg-type]
+    write_json(paths["json"], {"Converged": True, "Network": network, "SPMRelease": "SPM12", "ROIs": list(regions),
+                               "FreeEnergy": float(F)})
+    write_tsv(timeseries_paths(deriv_dir, entities, network)["tsv"], pd.DataFrame(timeseries, columns=regions))
+    return tsv

@@ -27,6 +27,7 @@ def synthetic_posteriors(
     information: float = 30.0,
     deviation: float = 0.05,
     effect: float = 0.1,
+    covariate: np.ndarray | None = None,
 ) -> tuple[SubjectPosteriors, np.ndarray, np.ndarray]:
     """A cohort of first-level posteriors with a covariate effect on one connection.
 
@@ -46,7 +47,10 @@ def synthetic_posteriors(
     deviation
         Between-subject SD of the A parameters.
     effect
-        Effect of the standardised covariate on the first off-diagonal connection.
+        Effect of the standardised covariate on the first off-diagonal connection
+        (``A[1, 0]``: region 1 -> region 2).
+    covariate
+        (subjects,) the covariate (standardised here); None: drawn from a standard normal.
 
     Returns
     -------
@@ -59,7 +63,7 @@ def synthetic_posteriors(
     rng = np.random.default_rng(seed)
     index = a_parameter_index(n)
     pE = prior_mean(n)
-    x = rng.standard_normal(subjects)
+    x = rng.standard_normal(subjects) if covariate is None else np.asarray(covariate, dtype=float)
     x = (x - x.mean()) / x.std()
     group = pE[index] + rng.normal(0.0, 0.1, index.size) * (rng.random(index.size) < 0.3)
     Ep, Cp, pC, theta = [], [], [], []
