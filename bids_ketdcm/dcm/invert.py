@@ -427,7 +427,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
             # elements i <= j are formed, and sums over elements weigh the others twice
             err = (y[idx] - pred).reshape(-1, nf, K)[..., upper]  # (b, F, Ku)
             # real representation per CSD element k: rows = real and imaginary parts of the frequencies
-            jr = torch.view_as_real(jac.reshape(-1, nf, R, K)[..., upper]).permute(0, 3, 1, 4, 2)
+            jr = torch.view_as_real(jac[..., upper // n, upper % n]).permute(0, 3, 1, 4, 2)
             jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(-1, upper.numel(), 2 * nf, R)
             er = torch.view_as_real(err).permute(0, 2, 1, 3).reshape(-1, upper.numel(), 2 * nf)
             finite = torch.isfinite(er.sum(dim=(1, 2))) & torch.isfinite(jr.sum(dim=(1, 2, 3)))
@@ -517,37 +517,45 @@ def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, jte: t
     Returns the quantities of the start of each subject's last inner step (used for the
     free energy and the E-step) and the updated hyperparameters ``h_new``.
     """
-    b, R = ipc.shape
     rows, cols = pairs
     twice = torch.where(rows == cols, 1.0, 2.0).to(gram.dtype)  # tr(C G) = sum over i <= j, twice off the diagonal
-    active = torch.ones(b, dtype=torch.bool, device=h.device)
-    saved: dict[str, torch.Tensor] = {}
+    prior = torch.diag_embed(ipc)
+    active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    start = h
     for _ in range(_HYPER_STEPS):
-        eh = torch.exp(h)
-        prec = _HYPER_FLOOR + eh
-        upper = torch.einsum("bk,bkt->bt", weight * prec, gram)
-        Pp = gram.new_empty(b, R, R)
-        Pp[:, rows, cols] = upper
-        Pp[:, cols, rows] = upper
-        cp = torch.linalg.inv(Pp + torch.diag_embed(ipc))
-        cp = (cp + cp.transpose(-1, -2)) / 2
+        eh, prec, Pp, cp = _precisions(h, gram, pairs, prior, weight)
         ratio = eh / prec
-        trace = torch.einsum("bt,bkt->bk", cp[:, rows, cols] * twice, gram)
+        trace = (gram @ (cp[:, rows, cols] * twice)[..., None])[..., 0]
         dFdh = nf * ratio / 2 - eh * err2 / 2 - trace * eh / 2 - HYPER_PRECISION * (h - HYPER_MEAN)
         curv = -nf * ratio * ratio / 2 - HYPER_PRECISION
         step = torch.expm1(math.exp(4.0) * curv) / curv * dFdh
         step = torch.clamp(step, -1.0, 1.0)
-        current = {"prec": prec, "Cp": cp, "Pp": Pp, "h": h, "curv": curv}
-        for key, value in current.items():
-            saved[key] = torch.where(_expand(active, value), value, saved[key]) if key in saved else value.clone()
-        h_new = torch.where(active[:, None], h + step, h)
+        stepping = active
+        start = torch.where(stepping[:, None], h, start)
+        h = torch.where(stepping[:, None], h + step, h)
         gain = (weight * dFdh * step).sum(-1)
-        h = h_new
-        active = active & (gain >= 1e-2)
+        active = stepping & (gain >= 1e-2)
         if not bool(active.any()):
             break
-    saved["h_new"] = h
-    return saved
+    if not bool(stepping.all()):  # some subjects took their last step earlier: their quantities again
+        eh, prec, Pp, cp = _precisions(start, gram, pairs, prior, weight)
+        ratio = eh / prec
+        curv = -nf * ratio * ratio / 2 - HYPER_PRECISION
+    return {"prec": prec, "Cp": cp, "Pp": Pp, "h": start, "curv": curv, "h_new": h}
+
+
+def _precisions(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, prior: torch.Tensor,
+                weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``exp(h)``, the CSD error precisions, the data's precision of the parameters ``Pp`` and
+    the posterior covariance ``Cp = (Pp + prior)^-1`` (symmetrised) for log-precisions ``h``."""
+    eh = torch.exp(h)
+    prec = _HYPER_FLOOR + eh
+    upper = ((weight * prec)[:, None] @ gram)[:, 0]
+    Pp = gram.new_empty(prior.shape)
+    Pp[:, pairs[0], pairs[1]] = upper
+    Pp[:, pairs[1], pairs[0]] = upper
+    cp = torch.linalg.inv(Pp + prior)
+    return eh, prec, Pp, (cp + cp.transpose(-1, -2)) / 2
 
 
 def hermitian_components(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
