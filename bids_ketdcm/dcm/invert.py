@@ -223,7 +223,7 @@ class _Problem:
         transfer = transfer_function(computed, self.freqs, clamped_subjects(computed))
         pred = spectral_density(transfer, unpack(models, self.n), self.freqs, self.grid, self.csd_model, source)
         pred = pred.reshape((b, R + 1) + pred.shape[1:])
-        jac = (pred[:, 1:] - pred[:, :1]) / step
+        jac = (pred[:, 1:] - pred[:, :1]).div_(step)
         return pred[:, 0], jac.transpose(1, 2)
 
 

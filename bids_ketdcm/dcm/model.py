@@ -244,7 +244,8 @@ def csd_to_autocovariance(csd: torch.Tensor, grid: CcfGrid, max_lag: int) -> tor
         region j at lag m (``c_ji(m) = c_ij(-m)``).
     """
     kernel = autocovariance_kernel(csd.shape[1], grid, max_lag, csd.dtype, csd.device)
-    return torch.einsum("mf,bfij->bmij", kernel, csd).real
+    B, F, n, _ = csd.shape
+    return (kernel @ csd.reshape(B, F, n * n)).reshape(B, max_lag + 1, n, n).real
 
 
 def autocovariance_kernel(n_freqs: int, grid: CcfGrid, max_lag: int, ctype: torch.dtype,
@@ -348,9 +349,10 @@ def mar_to_csd(lags: torch.Tensor, noise_cov: torch.Tensor, freqs: torch.Tensor,
     w = 2.0 * math.pi * freqs.to(lags.dtype) / ns
     k = torch.arange(1, p + 1, dtype=lags.dtype, device=lags.device)
     phase = torch.exp(-1j * (w[:, None] * k[None, :]).to(ctype))  # (F, p)
-    eye = torch.eye(n, dtype=ctype, device=lags.device)
-    transfer = torch.linalg.inv(eye + torch.einsum("fk,bkij->bfij", phase, lags.to(ctype)))
-    F = transfer.shape[1]
+    F = phase.shape[0]
+    polynomial = (phase @ lags.to(ctype).reshape(B, p, n * n)).reshape(B, F, n, n)
+    torch.diagonal(polynomial, dim1=-2, dim2=-1).add_(1.0)  # I + sum_k lags_k exp(-i w k)
+    transfer = torch.linalg.inv(polynomial)
     # H (2/ns C): one product per subject with its frequencies stacked as rows
     left = (transfer.reshape(B, F * n, n) @ ((2.0 / ns) * noise_cov).to(ctype)).reshape(B, F, n, n)
     return left @ transfer.mH
@@ -393,7 +395,7 @@ def spectral_density(
     if source is not None:
         gain = gain[source]
     gu, global_noise, region_noise = fluctuation_spectra(params, freqs)
-    csd = gu[:, :, None, None] * gain + global_noise[:, :, None, None]
+    csd = torch.addcmul(global_noise[:, :, None, None], gu[:, :, None, None], gain)
     # the diagonal carries the regional noise as well: gu S S^H + (global + regional)
     diagonal = gu[:, :, None] * torch.diagonal(gain, dim1=-2, dim2=-1) + (global_noise[:, :, None] + region_noise)
     torch.diagonal(csd, dim1=-2, dim2=-1).copy_(diagonal)
