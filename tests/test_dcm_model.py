@@ -118,6 +118,41 @@ def test_default_jacobian_matches_central_differences():
         assert (jac[:, :, r] - central).abs().max() / scale < 1e-6
 
 
+def test_finite_difference_jacobian_is_spm_forward_differences():
+    """SPM's path (jacobian="finite-difference") shares the transfer function of the expansion
+    point along directions that move only spectral parameters, and evaluates all models in one
+    batch: each column still equals (f(p + step e_r) - f(p)) / step from separate predictions,
+    for two subjects (one needing SPM's eigenvalue clamp) whose bases differ (the second mixes
+    an A direction with a regional-noise direction, so that direction moves the transfer function)."""
+    n = 4
+    rng = np.random.default_rng(5)
+    stable = rng.normal(0, 0.05, (n, n))
+    unstable = stable + np.diag(np.full(n - 1, 0.45), 1) + np.diag(np.full(n - 1, 0.45), -1)
+    theta = torch.stack([_theta(stable, seed=1), _theta(unstable, seed=2)])
+    assert clamped_subjects(unpack(theta, n)).tolist() == [1]
+    basis, var = principal_subspace(np.diag(prior_variance(n)))
+    mixed = basis.copy()
+    slices = ParamLayout(n).slices()
+    a_col, c_col = (int(np.argmax(np.abs(basis[row]))) for row in (1, slices["c"].stop - 1))  # A_21, c_4
+    mixed[:, [a_col, c_col]] = basis[:, [a_col, c_col]] @ np.array([[0.6, -0.8], [0.8, 0.6]])
+    problem = _Problem(torch.zeros(2, 32, n, n, dtype=torch.complex128), FREQS, theta,
+                       torch.tensor(np.stack([basis, mixed])), torch.tensor(var)[None].repeat(2, 1),
+                       "finite-difference")
+    assert not bool(problem.moves_transfer[0, c_col]) and bool(problem.moves_transfer[1, c_col])
+    p = torch.tensor(rng.normal(0, 0.05, (2, basis.shape[1])))
+    idx = torch.arange(2)
+    pred, jac = problem.predict_and_jacobian(p, idx)
+    base = problem.predict(p, idx)
+    assert (pred - base).abs().max() <= 1e-12 * base.abs().max()
+    step = math.exp(-8.0)
+    for r in range(basis.shape[1]):
+        e = torch.zeros_like(p)
+        e[:, r] = step
+        forward = (problem.predict(p + e, idx) - base) / step
+        for b in range(2):
+            assert (jac[b, :, r] - forward[b]).abs().max() <= 1e-8 * forward[b].abs().max()
+
+
 @pytest.mark.parametrize("n,csd_model", [(4, "spm12"), (11, "spm12"), (4, "direct")])
 def test_structured_jacobian_equals_torch_func(n, csd_model, monkeypatch):
     """The default structured forward-mode Jacobian (double-precision tangents) equals

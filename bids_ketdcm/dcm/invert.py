@@ -23,7 +23,16 @@ import torch
 from torch.func import jvp, vmap
 
 from .jacobian import predict_csd_and_jacobian
-from .model import CSD_MODELS, CcfGrid, clamped_subjects, effective_connectivity, predict_csd_tensor, unpack
+from .model import (
+    CSD_MODELS,
+    CcfGrid,
+    clamped_subjects,
+    effective_connectivity,
+    predict_csd_tensor,
+    spectral_density,
+    transfer_function,
+    unpack,
+)
 from .priors import (
     HYPER_MEAN,
     HYPER_PRECISION,
@@ -138,7 +147,7 @@ def _local_step(hessian: torch.Tensor, grad: torch.Tensor, log_time: torch.Tenso
     t H]])``); above ``t = exp(16)`` SPM takes the plain Newton step ``-pinv(H) g``.
     """
     eigval, eigvec = torch.linalg.eigh(hessian)
-    logdet = torch.log(torch.linalg.svdvals(hessian)).sum(-1)
+    logdet = torch.log(eigval.abs()).sum(-1)  # log |det H|: H is symmetric
     t = torch.exp(log_time - logdet / hessian.shape[-1])
     proj = (eigvec.transpose(-1, -2) @ grad[..., None])[..., 0]
     scaled = torch.expm1(t[:, None] * eigval) / eigval * proj
@@ -162,6 +171,10 @@ class _Problem:
         self.grid = CcfGrid.from_freqs(freqs)
         self.jacobian = jacobian
         self.csd_model = csd_model
+        # directions that move A or the hemodynamics (the first parameters of SPM's order)
+        # change the transfer function; the others (spectral parameters) leave it as it is
+        transfer_rows = ParamLayout(self.n).slices()["epsilon"].stop
+        self.moves_transfer = basis[:, :transfer_rows].ne(0).any(dim=1)  # (B, R)
 
     def theta(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self.mean[idx] + (self.basis[idx] @ p[..., None])[..., 0]
@@ -181,31 +194,37 @@ class _Problem:
         all R perturbed models evaluated as one batch; reproduces SPM12's path exactly.
         """
         mean, basis = self.mean[idx], self.basis[idx]
-        clamp = clamped_subjects(unpack(mean + (basis @ p[..., None])[..., 0], self.n))
+        theta = mean + (basis @ p[..., None])[..., 0]
         b, R = p.shape
-
-        def forward(q: torch.Tensor, clamp: torch.Tensor = clamp) -> torch.Tensor:
-            return predict_csd_tensor(mean + (basis @ q[..., None])[..., 0], self.freqs, self.n, clamp, self.grid,
-                                      self.csd_model)
-
         if self.jacobian == "analytic":
-            theta = mean + (basis @ p[..., None])[..., 0]
             single = torch.complex64 if self.n > SINGLE_PRECISION_TANGENTS_ABOVE else None
-            return predict_csd_and_jacobian(theta, basis, self.freqs, self.n, self.grid, clamp, single,
-                                            self.csd_model)
+            return predict_csd_and_jacobian(theta, basis, self.freqs, self.n, self.grid,
+                                            clamped_subjects(unpack(theta, self.n)), single, self.csd_model)
         if self.jacobian == "autograd":
+            clamp = clamped_subjects(unpack(theta, self.n))
+
+            def forward(q: torch.Tensor) -> torch.Tensor:
+                return predict_csd_tensor(mean + (basis @ q[..., None])[..., 0], self.freqs, self.n, clamp,
+                                          self.grid, self.csd_model)
+
             tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
             pred, jac = vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)  # type: ignore[arg-type,misc]
             return pred, jac
+        # the model at p and, as SPM's spm_diff, at p + step along each basis direction, in one
+        # batch; directions along spectral parameters share the transfer function of p
         step = math.exp(-8.0)
-        shifted = (p[:, None, :] + step * torch.eye(R, dtype=p.dtype, device=p.device)).reshape(b * R, R)
-        mean, basis = mean.repeat_interleave(R, 0), basis.repeat_interleave(R, 0)
-        theta = mean + (basis @ shifted[..., None])[..., 0]
-        clamp_shifted = clamped_subjects(unpack(theta, self.n))
-        shifted_pred = predict_csd_tensor(theta, self.freqs, self.n, clamp_shifted, self.grid, self.csd_model)
-        pred = self.predict(p, idx)
-        jac = (shifted_pred.reshape((b, R) + pred.shape[1:]) - pred[:, None]) / step
-        return pred, jac.transpose(1, 2)
+        models = torch.cat([theta[:, None], theta[:, None] + step * basis.transpose(-1, -2)], dim=1)
+        models = models.reshape(b * (R + 1), -1)
+        own = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=p.device), self.moves_transfer[idx]], dim=1)
+        own = own.flatten()
+        rank = torch.cumsum(own, 0) - 1  # position of each model's transfer function among those computed
+        source = torch.where(own, rank, rank[torch.arange(b, device=p.device).repeat_interleave(R + 1) * (R + 1)])
+        computed = unpack(models[own], self.n)
+        transfer = transfer_function(computed, self.freqs, clamped_subjects(computed))
+        pred = spectral_density(transfer, unpack(models, self.n), self.freqs, self.grid, self.csd_model, source)
+        pred = pred.reshape((b, R + 1) + pred.shape[1:])
+        jac = (pred[:, 1:] - pred[:, :1]).div_(step)
+        return pred[:, 0], jac.transpose(1, 2)
 
 
 def invert(
@@ -377,6 +396,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
     R = problem.ipc.shape[-1]
     ipc = problem.ipc
     upper, _, weight = hermitian_components(n, dev)
+    pairs = torch.triu_indices(R, R, device=dev)
     p = torch.zeros(B, R, dtype=torch.float64, device=dev)
     h = torch.full((B, upper.numel()), HYPER_MEAN, dtype=torch.float64, device=dev)
     v = torch.full((B,), _LOG_STEP_START, dtype=torch.float64, device=dev)
@@ -407,18 +427,19 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
             # elements i <= j are formed, and sums over elements weigh the others twice
             err = (y[idx] - pred).reshape(-1, nf, K)[..., upper]  # (b, F, Ku)
             # real representation per CSD element k: rows = real and imaginary parts of the frequencies
-            jr = torch.view_as_real(jac.reshape(-1, nf, R, K)[..., upper]).permute(0, 3, 1, 4, 2)
+            jr = torch.view_as_real(jac[..., upper // n, upper % n]).permute(0, 3, 1, 4, 2)
             jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(-1, upper.numel(), 2 * nf, R)
             er = torch.view_as_real(err).permute(0, 2, 1, 3).reshape(-1, upper.numel(), 2 * nf)
             finite = torch.isfinite(er.sum(dim=(1, 2))) & torch.isfinite(jr.sum(dim=(1, 2, 3)))
             if not bool(finite.all()):
                 er = torch.where(finite[:, None, None], er, torch.zeros_like(er))
                 jr = torch.where(finite[:, None, None, None], jr, torch.zeros_like(jr))
-            gram = jr.transpose(-1, -2) @ jr  # (b, Ku, R, R)
+            # Gram matrices of the CSD elements, symmetric: only their upper triangles are kept
+            gram = (jr.transpose(-1, -2) @ jr)[..., pairs[0], pairs[1]]  # (b, Ku, R (R + 1) / 2)
             jte = (jr.transpose(-1, -2) @ er[..., None])[..., 0]  # (b, Ku, R)
             err2 = (er * er).sum(-1)  # (b, Ku)
             pk, hk, ipck = p[idx], h[idx].clone(), ipc[idx]
-            saved = _hyper_loop(hk, gram, jte, err2, ipck, nf, weight)
+            saved = _hyper_loop(hk, gram, pairs, jte, err2, ipck, nf, weight)
             hk = saved["h_new"]
             # free energy with the quantities of the start of the last inner step
             prec, cp, h_used, curv = saved["prec"], saved["Cp"], saved["h"], saved["curv"]
@@ -485,41 +506,56 @@ def _chunk_size(problem: _Problem, chunk_bytes: int = CPU_CHUNK_BYTES) -> int:
     return max(1, min(B, chunk_bytes // (n * n * R * R * 8)))
 
 
-def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, jte: torch.Tensor, err2: torch.Tensor,
+def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, jte: torch.Tensor, err2: torch.Tensor,
                 ipc: torch.Tensor, nf: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Up to 8 Newton-like updates of the CSD error log-precisions (SPM's M-step).
 
     ``h``, ``gram``, ``jte`` and ``err2`` hold the CSD elements i <= j; ``weight`` (1 on
     the diagonal, 2 above) counts each with its conjugate twin in sums over elements.
+    ``gram`` holds the upper triangles (entries ``pairs``, from ``torch.triu_indices``)
+    of the symmetric Gram matrices: half the memory read at each step.
     Returns the quantities of the start of each subject's last inner step (used for the
     free energy and the E-step) and the updated hyperparameters ``h_new``.
     """
-    b = h.shape[0]
-    active = torch.ones(b, dtype=torch.bool, device=h.device)
-    saved: dict[str, torch.Tensor] = {}
+    rows, cols = pairs
+    twice = torch.where(rows == cols, 1.0, 2.0).to(gram.dtype)  # tr(C G) = sum over i <= j, twice off the diagonal
+    prior = torch.diag_embed(ipc)
+    active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    start = h
     for _ in range(_HYPER_STEPS):
-        eh = torch.exp(h)
-        prec = _HYPER_FLOOR + eh
-        Pp = torch.einsum("bk,bkrs->brs", weight * prec, gram)
-        cp = torch.linalg.inv(Pp + torch.diag_embed(ipc))
-        cp = (cp + cp.transpose(-1, -2)) / 2
+        eh, prec, Pp, cp = _precisions(h, gram, pairs, prior, weight)
         ratio = eh / prec
-        trace = torch.einsum("brs,bkrs->bk", cp, gram)
+        trace = (gram @ (cp[:, rows, cols] * twice)[..., None])[..., 0]
         dFdh = nf * ratio / 2 - eh * err2 / 2 - trace * eh / 2 - HYPER_PRECISION * (h - HYPER_MEAN)
         curv = -nf * ratio * ratio / 2 - HYPER_PRECISION
         step = torch.expm1(math.exp(4.0) * curv) / curv * dFdh
         step = torch.clamp(step, -1.0, 1.0)
-        current = {"prec": prec, "Cp": cp, "Pp": Pp, "h": h, "curv": curv}
-        for key, value in current.items():
-            saved[key] = torch.where(_expand(active, value), value, saved[key]) if key in saved else value.clone()
-        h_new = torch.where(active[:, None], h + step, h)
+        stepping = active
+        start = torch.where(stepping[:, None], h, start)
+        h = torch.where(stepping[:, None], h + step, h)
         gain = (weight * dFdh * step).sum(-1)
-        h = h_new
-        active = active & (gain >= 1e-2)
+        active = stepping & (gain >= 1e-2)
         if not bool(active.any()):
             break
-    saved["h_new"] = h
-    return saved
+    if not bool(stepping.all()):  # some subjects took their last step earlier: their quantities again
+        eh, prec, Pp, cp = _precisions(start, gram, pairs, prior, weight)
+        ratio = eh / prec
+        curv = -nf * ratio * ratio / 2 - HYPER_PRECISION
+    return {"prec": prec, "Cp": cp, "Pp": Pp, "h": start, "curv": curv, "h_new": h}
+
+
+def _precisions(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, prior: torch.Tensor,
+                weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``exp(h)``, the CSD error precisions, the data's precision of the parameters ``Pp`` and
+    the posterior covariance ``Cp = (Pp + prior)^-1`` (symmetrised) for log-precisions ``h``."""
+    eh = torch.exp(h)
+    prec = _HYPER_FLOOR + eh
+    upper = ((weight * prec)[:, None] @ gram)[:, 0]
+    Pp = gram.new_empty(prior.shape)
+    Pp[:, pairs[0], pairs[1]] = upper
+    Pp[:, pairs[1], pairs[0]] = upper
+    cp = torch.linalg.inv(Pp + prior)
+    return eh, prec, Pp, (cp + cp.transpose(-1, -2)) / 2
 
 
 def hermitian_components(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

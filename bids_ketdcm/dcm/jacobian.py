@@ -41,25 +41,26 @@ from .model import (
 )
 
 
-def _fold(x: torch.Tensor) -> torch.Tensor:
-    """(b, F, R, n, n) -> (b * F, R * n, n): tangents stacked as rows."""
-    b, F, R, n, m = x.shape
-    return x.reshape(b * F, R * n, m)
+def _right_multiply(wide: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``wide[:, f, :, r] @ right[:, f]`` for every r: (b, F, n, R, m) x (b, F, m, k) -> (b, F, n, R, k).
+
+    In the wide layout the rows of all R tangents of a frequency are stacked, so this is one
+    matrix product per frequency, without copies.
+    """
+    b, F, n, R, m = wide.shape
+    out = torch.bmm(wide.reshape(b * F, n * R, m), right.reshape(b * F, m, right.shape[-1]))
+    return out.reshape(b, F, n, R, right.shape[-1])
 
 
-def _left_multiply(left: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-    """``left[f] @ tangents[f, r]`` for every r: (b, F, n, n) x (b, F, R, n, m) -> same shape."""
-    b, F, R, n, m = tangents.shape
-    wide = tangents.permute(0, 1, 3, 2, 4).reshape(b * F, n, R * m)
-    out = torch.bmm(left.reshape(b * F, n, n), wide)
-    return out.reshape(b, F, n, R, m).permute(0, 1, 3, 2, 4)
+def _left_multiply(left: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    """``left[:, f] @ wide[:, f, :, r]`` for every r: (b, F, k, n) x (b, F, n, R, m) -> (b, F, k, R, m).
 
-
-def _right_multiply(tangents: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``tangents[f, r] @ right[f]`` for every r: (b, F, R, n, m) x (b, F, m, k)."""
-    b, F, R, n, m = tangents.shape
-    out = torch.bmm(_fold(tangents.contiguous()), right.reshape(b * F, m, right.shape[-1]))
-    return out.reshape(b, F, R, n, right.shape[-1])
+    In the wide layout the columns of all R tangents of a frequency sit side by side: one
+    matrix product per frequency, without copies.
+    """
+    b, F, n, R, m = wide.shape
+    out = torch.bmm(left.reshape(b * F, left.shape[-2], n), wide.reshape(b * F, n, R * m))
+    return out.reshape(b, F, left.shape[-2], R, m)
 
 
 def _hermitian(x: torch.Tensor) -> torch.Tensor:
@@ -144,13 +145,16 @@ def predict_csd_and_jacobian(
         S = S.index_add(0, clamp, correction)
     S_H = _hermitian(S)
     NS = neuronal @ S_H  # (b, F, n, n)
-    # dS S^H = dh * (N S^H) + h * (M^-1 (dA (N S^H))) [+ dCorrection S^H when clamped]
+    # dS S^H = dh * (N S^H) + h * (M^-1 dA (N S^H)) [+ dCorrection S^H when clamped], in the wide
+    # layout (b, F, n, R, n); M^-1 [dA_1 ... dA_R] is one product per subject (frequencies as rows)
     NS_t = NS.to(tt)
-    wide = NS_t.permute(0, 2, 1, 3).reshape(b, n, F * n)
-    dA_NS = torch.bmm(dA.to(tt).reshape(b, R * n, n), wide).reshape(b, R, n, F, n).permute(0, 3, 1, 2, 4)
-    cross = h.to(tt)[:, :, None, :, None] * _left_multiply(inverse.to(tt), dA_NS) + dh[..., None] * NS_t[:, :, None]
+    dA_wide = dA.to(tt).permute(0, 2, 1, 3).reshape(b, n, R * n)
+    inverse_dA = torch.bmm(inverse.to(tt).reshape(b, F * n, n), dA_wide).reshape(b, F, n, R, n)
+    cross = _right_multiply(inverse_dA, NS_t)
+    cross.mul_(h.to(tt)[:, :, :, None, None]).addcmul_(dh.transpose(-1, -2)[..., None], NS_t[:, :, :, None, :])
     if d_correction is not None:
-        cross = cross.index_add(0, clamp, _right_multiply(d_correction, S_H[clamp]).to(tt))
+        d_correction_wide = d_correction.permute(0, 1, 3, 2, 4).contiguous()
+        cross = cross.index_add(0, clamp, _right_multiply(d_correction_wide, S_H[clamp]).to(tt))
 
     # spectra of endogenous fluctuations (a) and observation noise (b, c)
     ga, la = _power_law(freqs, p["a"][:, 1], half=False)
@@ -169,8 +173,9 @@ def predict_csd_and_jacobian(
     csd = gu[..., None, None] * SSH + noise
     if csd_model == "direct":
         d_noise = d_global[..., None, None] * ones + torch.diag_embed(d_region)  # (b, F, R, n, n)
+        twin = (cross + cross.transpose(2, 4).conj()).transpose(2, 3)  # d(S S^H) per tangent
         d_csd = (d_gu.to(rt)[..., None, None] * SSH.to(tt)[:, :, None]
-                 + gu.to(rt)[:, :, None, None, None] * (cross + _hermitian(cross)) + d_noise.to(rt))
+                 + gu.to(rt)[:, :, None, None, None] * twin + d_noise.to(rt))
         return csd, d_csd
 
     # SPM's round trip: cross-covariance (linear), Yule-Walker AR(p), AR -> CSD
@@ -180,9 +185,14 @@ def predict_csd_and_jacobian(
     # the tangents of the cross-covariance, Re(kernel @ d_csd), term by term so that the
     # (F, R, n, n) tangent of the CSD is never formed: with X = Gu dS S^H,
     # Re(k X^H)_ij = Re(conj(k) X)_ji; the spectra's terms are small contractions
+    # Re(k X) = Re k Re X - Im k Im X and Re(conj(k) X) = Re k Re X + Im k Im X: one real
+    # product of the stacked kernel parts with the real view of the wide tangents
     weighted = kernel[None] * gu[:, None, :]  # (b, L, F)
-    d_cov = (torch.einsum("bmf,bfrij->brmij", weighted.to(tt), cross).real
-             + torch.einsum("bmf,bfrij->brmji", weighted.conj().to(tt), cross).real).to(rt)
+    L = weighted.shape[1]
+    parts = torch.cat([weighted.real, weighted.imag], dim=1).to(rt)  # (b, 2L, F)
+    products = torch.bmm(parts, torch.view_as_real(cross).reshape(b, F, -1)).reshape(b, 2, L, n, R, n, 2)
+    real_real, imag_imag = products[:, 0, ..., 0], products[:, 1, ..., 1]  # (b, L, n, R, n)
+    d_cov = ((real_real - imag_imag).permute(0, 3, 1, 2, 4) + (real_real + imag_imag).permute(0, 3, 1, 4, 2))
     d_cov = d_cov + torch.einsum("mf,bfr,bfij->brmij", kernel, d_gu.to(ctype), SSH).real.to(rt)
     d_cov = d_cov + torch.einsum("mf,bfr->brm", kernel, d_global.to(ctype)).real.to(rt)[..., None, None]
     d_cov = d_cov + torch.diag_embed(torch.einsum("mf,bfri->brmi", kernel, d_region.to(ctype)).real.to(rt))
@@ -205,17 +215,18 @@ def predict_csd_and_jacobian(
     k = torch.arange(1, order + 1, dtype=theta.dtype, device=theta.device)
     phase = torch.exp(-1j * (w[:, None] * k[None, :]).to(ctype))  # (F, p)
     H = torch.linalg.inv(eye + torch.einsum("fk,bkij->bfij", phase, lags.to(ctype)))  # (b, F, n, n)
-    d_M = torch.einsum("fk,brkij->bfrij", phase.to(tt), d_lags.to(tt))  # (b, F, R, n, n)
+    d_lags_wide = d_lags.to(tt).permute(0, 2, 3, 1, 4).reshape(b, order, n * R * n)
+    d_M = (phase.to(tt) @ d_lags_wide).reshape(b, F, n, R, n)
     # d(H C H^H) = H Z H^H with Z = -dM H C - (dM H C)^H + dC, since dH = -H dM H
     C = noise_cov.to(ctype)
     HC = H @ C[:, None]  # (b, F, n, n)
-    Z = -_right_multiply(d_M, HC.to(tt))
-    Z = Z + _hermitian(Z) + d_noise_cov.to(tt)[:, None]
+    Z = _right_multiply(d_M, (-HC).to(tt))
+    Z = Z + Z.transpose(2, 4).conj()
+    Z.add_(d_noise_cov.to(tt).transpose(1, 2)[:, None])
     scale = 2.0 / grid.ns
     out = scale * (HC @ _hermitian(H))
-    H_t = H.to(tt)
-    d_out = scale * _right_multiply(_left_multiply(H_t, Z), _hermitian(H_t))
-    return out, d_out
+    d_out = _left_multiply(H.to(tt), _right_multiply(Z, (scale * _hermitian(H)).to(tt)))
+    return out, d_out.transpose(2, 3)
 
 
 def _clamp_correction_and_tangents(

@@ -8,6 +8,7 @@ The equations are those of SPM12's ``spm_fx_fmri``/``spm_gx_fmri``/``spm_csd_fmr
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -140,10 +141,9 @@ def transfer_function(
     sigma = (2j * math.pi) * freqs.to(A.dtype)
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     system = sigma[None, :, None, None] * eye - A[:, None, :, :].to(sigma.dtype)
-    neuronal = torch.linalg.inv(system) * INPUT_GAIN
     hemo = hemodynamic_transfer(sigma, params["transit"], params["decay"], params["epsilon"])
     assert isinstance(hemo, torch.Tensor)  # without partials: one tensor
-    S = hemo[..., :, None] * neuronal
+    S = (hemo * INPUT_GAIN)[..., :, None] * torch.linalg.inv(system)  # the gain 1/16 scales exactly
     if clamp_subjects is not None and clamp_subjects.numel() > 0:
         S = S.index_add(0, clamp_subjects, _clamp_correction(params, clamp_subjects, sigma))
     return S
@@ -176,23 +176,19 @@ def clamped_subjects(params: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def fluctuation_spectra(
     params: dict[str, torch.Tensor], freqs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spectra of neuronal fluctuations (B, F) and observation noise (B, F, n, n).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spectra of neuronal fluctuations (B, F), global noise (B, F) and regional noise (B, F, n).
 
     Neuronal: ``exp(a1) f^-exp(a2)``, normalised to unit sum over frequencies, identical
-    and independent in every region. Noise: ``exp(c_i) G_b`` on the diagonal plus the
-    global ``exp(b1) G_b`` in every element, ``G_b = f^(-exp(b2)/2)`` normalised.
+    and independent in every region. Noise: the global ``exp(b1) G_b`` in every element of
+    the CSD plus ``exp(c_i) G_b`` on the diagonal, ``G_b = f^(-exp(b2)/2)`` normalised.
     """
     f = freqs.to(params["a"].dtype)[None, :]
     ga = f ** (-torch.exp(params["a"][:, 1:2]))
     gu = torch.exp(params["a"][:, 0:1]) * ga / ga.sum(dim=1, keepdim=True)
     gb = f ** (-torch.exp(params["b"][:, 1:2]) / 2.0)
     gb = gb / gb.sum(dim=1, keepdim=True)
-    n = params["c"].shape[-1]
-    ones = torch.ones(n, n, dtype=gb.dtype, device=gb.device)
-    noise = (torch.exp(params["b"][:, 0:1]) * gb)[:, :, None, None] * ones
-    noise = noise + torch.diag_embed(torch.exp(params["c"])[:, None, :] * gb[:, :, None])
-    return gu, noise
+    return gu, torch.exp(params["b"][:, 0:1]) * gb, torch.exp(params["c"])[:, None, :] * gb[:, :, None]
 
 
 @dataclass(frozen=True)
@@ -248,7 +244,8 @@ def csd_to_autocovariance(csd: torch.Tensor, grid: CcfGrid, max_lag: int) -> tor
         region j at lag m (``c_ji(m) = c_ij(-m)``).
     """
     kernel = autocovariance_kernel(csd.shape[1], grid, max_lag, csd.dtype, csd.device)
-    return torch.einsum("mf,bfij->bmij", kernel, csd).real
+    B, F, n, _ = csd.shape
+    return (kernel @ csd.reshape(B, F, n * n)).reshape(B, max_lag + 1, n, n).real
 
 
 def autocovariance_kernel(n_freqs: int, grid: CcfGrid, max_lag: int, ctype: torch.dtype,
@@ -308,14 +305,22 @@ def yule_walker_system(cov: torch.Tensor, order: int) -> tuple[torch.Tensor, tor
     """
     B, _, n, _ = cov.shape
     p = order
-    r = torch.arange(p, device=cov.device)
-    diff = r[:, None] - r[None, :]
-    lag = diff.abs()
-    # block (i, j) of the system: Toeplitz, first column c_ij(0..p-1), first row c_ji(0..p-1)
-    blocks = torch.where((diff >= 0)[None, :, :, None, None], cov[:, lag], cov[:, lag].transpose(-1, -2))
-    system = blocks.permute(0, 3, 1, 4, 2).reshape(B, n * p, n * p)
+    system = cov.reshape(B, -1).index_select(1, _yule_walker_index(n, p, cov.device)).reshape(B, n * p, n * p)
     rhs = cov[:, 1 : p + 1].permute(0, 2, 1, 3).reshape(B, n * p, n)  # [(i, k), j] = c_ij(k)
     return system, rhs
+
+
+@functools.cache
+def _yule_walker_index(n: int, order: int, device: torch.device) -> torch.Tensor:
+    """Where each entry of the Yule-Walker system sits in the flattened (L, n, n) covariances.
+
+    Block (i, j) of the system is Toeplitz: entry (k, m) is ``c_ij(k - m)`` for k >= m and
+    ``c_ji(m - k)`` above the diagonal; rows ``(i, k)`` and columns ``(j, m)`` flattened.
+    """
+    i, k, j, m = torch.meshgrid(*(torch.arange(size) for size in (n, order, n, order)), indexing="ij")
+    lower = k >= m
+    row, col = torch.where(lower, i, j), torch.where(lower, j, i)
+    return ((k - m).abs() * n * n + row * n + col).reshape(-1).to(device)
 
 
 def mar_to_csd(lags: torch.Tensor, noise_cov: torch.Tensor, freqs: torch.Tensor, ns: float) -> torch.Tensor:
@@ -344,9 +349,13 @@ def mar_to_csd(lags: torch.Tensor, noise_cov: torch.Tensor, freqs: torch.Tensor,
     w = 2.0 * math.pi * freqs.to(lags.dtype) / ns
     k = torch.arange(1, p + 1, dtype=lags.dtype, device=lags.device)
     phase = torch.exp(-1j * (w[:, None] * k[None, :]).to(ctype))  # (F, p)
-    eye = torch.eye(n, dtype=ctype, device=lags.device)
-    transfer = torch.linalg.inv(eye + torch.einsum("fk,bkij->bfij", phase, lags.to(ctype)))
-    return (2.0 / ns) * transfer @ noise_cov.to(ctype)[:, None] @ transfer.conj().transpose(-1, -2)
+    F = phase.shape[0]
+    polynomial = (phase @ lags.to(ctype).reshape(B, p, n * n)).reshape(B, F, n, n)
+    torch.diagonal(polynomial, dim1=-2, dim2=-1).add_(1.0)  # I + sum_k lags_k exp(-i w k)
+    transfer = torch.linalg.inv(polynomial)
+    # H (2/ns C): one product per subject with its frequencies stacked as rows
+    left = (transfer.reshape(B, F * n, n) @ ((2.0 / ns) * noise_cov).to(ctype)).reshape(B, F, n, n)
+    return left @ transfer.mH
 
 
 def predict_csd_tensor(
@@ -365,9 +374,31 @@ def predict_csd_tensor(
     (needed inside ``torch.func`` transforms).
     """
     params = unpack(theta, n)
-    S = transfer_function(params, freqs, clamp_subjects)
-    gu, noise = fluctuation_spectra(params, freqs)
-    csd = gu[:, :, None, None] * (S @ S.conj().transpose(-1, -2)) + noise
+    return spectral_density(transfer_function(params, freqs, clamp_subjects), params, freqs, grid, csd_model)
+
+
+def spectral_density(
+    transfer: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    freqs: torch.Tensor,
+    grid: CcfGrid | None = None,
+    csd_model: str = "spm12",
+    source: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Predicted CSD (B, F, n, n) from transfer functions and the spectral parameters.
+
+    The second half of :func:`predict_csd_tensor`. ``source`` (B,) lets models share a
+    transfer function (SPM's finite differences along spectral parameters leave it
+    unchanged): model b uses ``transfer[source[b]]``; without it, model b uses its own.
+    """
+    gain = transfer @ transfer.mH
+    if source is not None:
+        gain = gain[source]
+    gu, global_noise, region_noise = fluctuation_spectra(params, freqs)
+    csd = torch.addcmul(global_noise[:, :, None, None], gu[:, :, None, None], gain)
+    # the diagonal carries the regional noise as well: gu S S^H + (global + regional)
+    diagonal = gu[:, :, None] * torch.diagonal(gain, dim1=-2, dim2=-1) + (global_noise[:, :, None] + region_noise)
+    torch.diagonal(csd, dim1=-2, dim2=-1).copy_(diagonal)
     if csd_model == "direct":
         return csd
     grid = grid if grid is not None else CcfGrid.from_freqs(freqs)
