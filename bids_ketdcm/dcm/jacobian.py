@@ -152,7 +152,7 @@ def predict_csd_and_jacobian(
     inverse_dA = torch.bmm(inverse.to(tt).reshape(b, F * n, n), dA_wide).reshape(b, F, n, R, n)
     cross = _right_multiply(inverse_dA, NS_t)
     cross.mul_(h.to(tt)[:, :, :, None, None]).addcmul_(dh.transpose(-1, -2)[..., None], NS_t[:, :, :, None, :])
-    if d_correction is not None:
+    if d_correction is not None and clamp is not None:
         d_correction_wide = d_correction.permute(0, 1, 3, 2, 4).contiguous()
         cross = cross.index_add(0, clamp, _right_multiply(d_correction_wide, S_H[clamp]).to(tt))
 
