@@ -5,7 +5,9 @@ directions of the prior subspace becomes a batch of small complex matrix product
 most of the time goes to dispatch and copies. This module propagates all R tangents
 together through the same equations as :func:`bids_ketdcm.dcm.model.predict_csd_tensor`,
 using the matrix differentials of each step so that the tangent dimension is folded into
-the rows of a few large matrix products:
+a few large matrix products. Tangents of n x n matrices are held in a "wide" layout (b, F,
+n, R, n): for each frequency the rows of all R tangents are stacked (right products) and
+their columns sit side by side (left products), so both kinds of product run without copies:
 
 * coupling: ``d(M^-1) = M^-1 dA M^-1`` for ``M = i w I - A``;
 * hemodynamics (elementwise in each region): closed-form partial derivatives;
@@ -152,7 +154,7 @@ def predict_csd_and_jacobian(
     inverse_dA = torch.bmm(inverse.to(tt).reshape(b, F * n, n), dA_wide).reshape(b, F, n, R, n)
     cross = _right_multiply(inverse_dA, NS_t)
     cross.mul_(h.to(tt)[:, :, :, None, None]).addcmul_(dh.transpose(-1, -2)[..., None], NS_t[:, :, :, None, :])
-    if d_correction is not None and clamp is not None:
+    if clamp is not None and d_correction is not None:
         d_correction_wide = d_correction.permute(0, 1, 3, 2, 4).contiguous()
         cross = cross.index_add(0, clamp, _right_multiply(d_correction_wide, S_H[clamp]).to(tt))
 
