@@ -67,10 +67,10 @@ def test_spm_path_reproduces_spm(name):
     assert post.extra["path"] == "spm" and "F_exact" not in post.extra
     assert int(post.iterations) == case.meta.get("iterations", SIMULATED_SPM_ITERATIONS.get(name))
     assert np.abs(post.A - case.array("spm_Ep_A.txt")).max() <= 1e-3
-    # n04_seed1: +0.036, the other 4-region cases < 0.003. Above 8 regions finite differences in
-    # the reduced space's 92 directions carry Octave's and torch's rounding apart (~1e-4 in A
-    # after 78 iterations) and SPM stops while each step still gains ~0.07 nats:
-    # hcp102816_n11 ends 0.092 nats apart (hcp102816_n15: 49 iterations as SPM, F 4e-5 nats, A 4e-9)
+    # n04_seed1: +0.036, the other 4-region cases < 0.003; hcp102816_n15: 4e-5 (A 4e-9). On
+    # hcp102816_n11 finite differences in the reduced space's 92 directions carry Octave's and
+    # torch's rounding apart (~1e-4 in A after 78 iterations) and SPM stops while each step
+    # still gains ~0.07 nats: it ends 0.092 nats apart
     assert post.F == pytest.approx(case.meta["F"], abs=0.05 if case.n <= MAX_NODES else 0.15)
     np.testing.assert_allclose(np.exp(-post.h.ravel()), case.meta["Eh"], rtol=1e-2)
 
