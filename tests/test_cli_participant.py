@@ -13,6 +13,7 @@ from bids_ketdcm.bids.derivatives import read_connectivity
 from bids_ketdcm.bids.layout import run_bids_validator
 from bids_ketdcm.cli.app import main
 from bids_ketdcm.testing.synth import make_synthetic_dataset
+from bids_ketdcm.threads import available_cpus
 
 SPACE = "MNI152NLin2009cAsym"
 
@@ -52,6 +53,8 @@ def test_participant_level_writes_bids_derivatives(participant_run, dataset):
         assert sidecar["FreeEnergy"] == max(sidecar["FreeEnergyPaths"].values())
         assert sidecar["PathKept"] in ("exact Jacobian", "SPM12 path (finite differences)")
         assert sidecar["Threads"]["TorchThreads"] == 1
+        # the 3 runs in one batch: min(3, nprocs) groups x 2 paths on nprocs threads (omp-nthreads 1)
+        assert sidecar["Threads"]["DCMWorkers"] == min(available_cpus(), 2 * min(3, available_cpus()))
         assert f.with_name(f.name.replace("relmat.tsv", "posterior.npz")).exists()
         ts = f.with_name(f.name.replace("_meas-dcm_relmat", "_desc-denoised_timeseries"))
         assert ts.exists() and ts.with_suffix(".json").exists()

@@ -413,7 +413,7 @@ def write_connectivity(output_dir: Path, run: RunEntities, network_label: str, s
         "Seconds": float(post.seconds),
         "Device": post.device,
         "PathKept": {"exact": "exact Jacobian", "spm": "SPM12 path (finite differences)"}[str(post.extra["path"])],
-        "Threads": threads_in_force(),
+        "Threads": {**threads_in_force(), "DCMWorkers": int(post.extra.get("workers", 1))},
         "FreeEnergyPaths": {name: float(post.extra[key]) for name, key in
                             (("exact Jacobian", "F_exact"), ("SPM12 path", "F_spm")) if key in post.extra},
         "SoftwareVersions": {"bids-ketdcm": __version__, "torch": torch.__version__,

@@ -25,6 +25,7 @@ def fit(
     progress: bool = False,
     on_subject_done: Callable[[int, int, bool], None] | None = None,
     chunk_bytes: int | None = None,
+    workers: int = 1,
 ) -> Posterior:
     """Invert spectral DCM on raw ROI time series: scaling, CSD, priors, inversion.
 
@@ -50,8 +51,9 @@ def fit(
         SPM12); see :func:`bids_ketdcm.dcm.invert`.
     progress
         Log one line per iteration.
-    on_subject_done, chunk_bytes
-        Per-subject completion callback and CPU chunk budget; see :func:`bids_ketdcm.dcm.invert`.
+    on_subject_done, chunk_bytes, workers
+        Per-subject completion callback, CPU chunk budget and threads running the
+        inversion's paths and groups of subjects at once; see :func:`bids_ketdcm.dcm.invert`.
 
     Returns
     -------
@@ -77,7 +79,7 @@ def fit(
     prior_cov_A = np.stack([projected_A_covariance(s) for s in scaled]) if n > MAX_NODES else None
     post = invert(csd, freqs, prior_cov_A=prior_cov_A, max_iterations=max_iterations,
                   device=device, jacobian=jacobian, spm_path_check=spm_path_check, csd_model=csd_model,
-                  progress=progress, on_subject_done=on_subject_done, chunk_bytes=chunk_bytes)
+                  progress=progress, on_subject_done=on_subject_done, chunk_bytes=chunk_bytes, workers=workers)
     post.scale = np.asarray(scales)
     return post if batched else post.subject(0)
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -241,6 +243,7 @@ def invert(
     progress: bool = False,
     on_subject_done: Callable[[int, int, bool], None] | None = None,
     chunk_bytes: int | None = None,
+    workers: int = 1,
 ) -> Posterior:
     """Invert spectral DCM on given cross-spectral features (SPM12's ``spm_nlsi_GN``).
 
@@ -284,7 +287,14 @@ def invert(
         progress bar can advance per subject inside a batch).
     chunk_bytes
         Memory budget of one chunk of subjects on the CPU (default
-        :data:`CPU_CHUNK_BYTES`); the numbers do not depend on it.
+        :data:`CPU_CHUNK_BYTES`); the numbers depend on it only through rounding.
+    workers
+        Threads that run the inversion's independent units at once on the CPU: each path
+        (exact, SPM's) of each of ``min(B, workers)`` groups of subjects is one unit. Each
+        thread runs torch with the process's intra-op threads (the app sets one per task),
+        so the CPUs used are ``workers`` times that; ``extra["workers"]`` records the
+        threads used. One subject's numbers do not depend on it; a batch's are the same to
+        rounding (its groups are batched differently). On a GPU: one unit at a time.
 
     Returns
     -------
@@ -322,35 +332,37 @@ def invert(
         variances.append(var)
     if len({v.size for v in variances}) > 1:
         raise ValueError("subjects of one batch have prior subspaces of different sizes; invert them separately")
-    problem = _Problem(
-        y, f,
-        torch.as_tensor(prior_mean(n), device=dev)[None].expand(B, layout.size),
-        torch.as_tensor(np.stack(bases), device=dev),
-        torch.as_tensor(np.stack(variances), device=dev),
-        jacobian,
-        csd_model,
-    )
-    chunk = chunk_bytes or CPU_CHUNK_BYTES
+    mean = torch.as_tensor(prior_mean(n), device=dev)[None].expand(B, layout.size)
+    basis_t = torch.as_tensor(np.stack(bases), device=dev)
+    variances_t = torch.as_tensor(np.stack(variances), device=dev)
+    problem = _Problem(y, f, mean, basis_t, variances_t, jacobian, csd_model)
     check = spm_path_check and jacobian != "finite-difference"
-    report = None if on_subject_done is None else lambda b, k, converged, F: on_subject_done(b, k, converged)
-    state = _gauss_newton(problem, max_iterations, progress,
-                          _CONVERGENCE_GAIN if jacobian == "finite-difference" else POLISH_GAIN,
-                          None if check else report, chunk)
-    path = np.full(B, "spm" if jacobian == "finite-difference" else "exact")
+    paths = ("exact", "spm") if check else ("spm" if jacobian == "finite-difference" else "exact",)
+    lanes = max(1, workers) if dev.type == "cpu" else 1
+    groups = [g for g in torch.arange(B, device=dev).tensor_split(min(B, lanes)) if g.numel()]
+
+    def unit(path: str, rows: torch.Tensor) -> dict:
+        sub = _Problem(y[rows], f, mean[rows], basis_t[rows], variances_t[rows],
+                       "finite-difference" if path == "spm" else jacobian, csd_model)
+        report = None if on_subject_done is None else tracker.reporter(path, rows.tolist())
+        return _gauss_newton(sub, max_iterations, progress, _CONVERGENCE_GAIN if path == "spm" else POLISH_GAIN,
+                             report, chunk_bytes or CPU_CHUNK_BYTES, path)
+
+    tracker = _DoneTracker(paths, on_subject_done)
+    jobs = [(path, rows) for rows in groups for path in paths]
+    if lanes > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=min(lanes, len(jobs)), thread_name_prefix="dcm") as pool:
+            results = list(pool.map(lambda job: unit(*job), jobs))
+    else:
+        results = [unit(*job) for job in jobs]
+    states = {path: _merge_states([(rows, state) for (p, rows), state in zip(jobs, results, strict=True)
+                                   if p == path], B) for path in paths}
+    state = states[paths[0]]
+    path = np.full(B, paths[0])
     F_exact = F_spm = None
     if check:
-        problem.jacobian = "finite-difference"
-        exact = state
-
-        def kept(b: int, k: int, converged: bool, F: float) -> None:  # each subject once, with the path kept
-            if on_subject_done is not None:
-                spm_wins = F > float(exact["best"]["F"][b])
-                on_subject_done(b, k if spm_wins else int(exact["iterations"][b]),
-                                converged if spm_wins else bool(exact["converged"][b]))
-
-        spm_state = _gauss_newton(problem, max_iterations, progress, _CONVERGENCE_GAIN, kept, chunk)
-        F_exact, F_spm = state["best"]["F"].cpu().numpy(), spm_state["best"]["F"].cpu().numpy()
-        state = _keep_higher_evidence(state, spm_state)
+        F_exact, F_spm = states["exact"]["best"]["F"].cpu().numpy(), states["spm"]["best"]["F"].cpu().numpy()
+        state = _keep_higher_evidence(states["exact"], states["spm"])
         path = np.where(F_spm > F_exact, "spm", "exact")
     post = _posterior(problem, state, nf)
     post.seconds = time.perf_counter() - start
@@ -359,10 +371,57 @@ def invert(
     if F_exact is not None:
         post.extra["F_exact"], post.extra["F_spm"] = F_exact, F_spm
     post.extra["jacobian"] = jacobian
+    post.extra["workers"] = min(lanes, len(jobs))
     post.extra["csd_model"] = csd_model
     if not batched:
         post = post.subject(0)
     return post
+
+
+class _DoneTracker:
+    """Reports each subject once, when every path has stopped for it, with the path kept.
+
+    The units of :func:`invert` call :meth:`reporter`'s callbacks from their threads; the
+    kept path is the one with the higher free energy (the first path on ties), as in
+    :func:`_keep_higher_evidence`.
+    """
+
+    def __init__(self, paths: tuple[str, ...], on_subject_done: Callable[[int, int, bool], None] | None):
+        self.paths = paths
+        self.on_subject_done = on_subject_done
+        self.lock = threading.Lock()
+        self.stopped: dict[int, dict[str, tuple[int, bool, float]]] = {}
+
+    def reporter(self, path: str, rows: list[int]) -> Callable[[int, int, bool, float], None]:
+        """The callback of one unit: ``(local index, iterations, converged, F)``."""
+        def report(b: int, k: int, converged: bool, F: float) -> None:
+            subject = rows[b]
+            with self.lock:
+                ends = self.stopped.setdefault(subject, {})
+                ends[path] = (k, converged, F)
+                if len(ends) == len(self.paths) and self.on_subject_done is not None:
+                    kept = max(self.paths, key=lambda name: ends[name][2])
+                    self.on_subject_done(subject, ends[kept][0], ends[kept][1])
+        return report
+
+
+def _merge_states(parts: list[tuple[torch.Tensor, dict]], B: int) -> dict:
+    """One state of :func:`_gauss_newton` for all B subjects from those of groups of them."""
+    first = parts[0][1]
+    merged: dict = {
+        "best": {key: value.new_empty((B,) + value.shape[1:]) for key, value in first["best"].items()},
+        "iterations": first["iterations"].new_empty(B),
+        "converged": first["converged"].new_empty(B),
+        "history": [[] for _ in range(B)],
+    }
+    for rows, state in parts:
+        for key, value in state["best"].items():
+            merged["best"][key][rows] = value
+        merged["iterations"][rows] = state["iterations"]
+        merged["converged"][rows] = state["converged"]
+        for b, trace in zip(rows.tolist(), state["history"], strict=True):
+            merged["history"][b] = trace
+    return merged
 
 
 def _keep_higher_evidence(exact: dict, spm: dict) -> dict:
@@ -380,7 +439,7 @@ def _keep_higher_evidence(exact: dict, spm: dict) -> dict:
 
 def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_gain: float,
                   on_subject_done: Callable[[int, int, bool, float], None] | None = None,
-                  chunk_bytes: int | None = None) -> dict:
+                  chunk_bytes: int | None = None, name: str = "") -> dict:
     """Run SPM's variational Laplace loop for every subject until each has converged.
 
     ``converged`` is SPM's criterion (4 successive predicted gains below 0.1); a subject
@@ -388,7 +447,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
     ``POLISH_ITERATIONS`` after SPM's criterion was met, or at the cap.
 
     Each iteration updates the active subjects in chunks (:func:`_chunk_size`); subjects
-    are independent, so chunking changes no number, only the size of the temporaries.
+    are independent, so chunking changes numbers only through rounding (batched products).
     """
     y, dev = problem.y, problem.y.device
     B, nf, n, _ = y.shape
@@ -481,7 +540,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
                 for b in idx[stopped[idx]].tolist():
                     on_subject_done(b, k, bool(converged[b]), float(best["F"][b]))
             if progress:
-                log.info("iteration %d: %d active, F = %s", k, idx.numel(),
+                log.info("%siteration %d: %d active, F = %s", f"{name} path, " if name else "", k, idx.numel(),
                          np.array2string(best["F"][idx].cpu().numpy(), precision=2))
     if on_subject_done is not None:  # stopped by the iteration cap
         for b in torch.nonzero(~stopped).flatten().tolist():

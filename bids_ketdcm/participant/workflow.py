@@ -432,7 +432,8 @@ def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: 
         try:
             post = fit(np.stack([w.series.data for w in chunk if w.series is not None]), tr, device=device,
                        jacobian=opts.jacobian, csd_model=opts.csd_model, max_iterations=opts.max_iterations,
-                       progress=log.isEnabledFor(LOG_VERBOSE), on_subject_done=done, chunk_bytes=chunk_bytes)
+                       progress=log.isEnabledFor(LOG_VERBOSE), on_subject_done=done, chunk_bytes=chunk_bytes,
+                       workers=opts.dcm_workers)
         except Exception as err:
             if len(chunk) == 1:
                 _fail(failures, chunk[0], label, opts.output_dir, err)
@@ -478,15 +479,17 @@ def dcm_batching(opts: ParticipantOptions, n_regions: int) -> tuple[int, int | N
         ``opts.batch_size``, or fewer so that :data:`SUBJECT_MATRICES` R x R matrices per
         subject fit half of :data:`DCM_MEMORY_SHARE` of the budget.
     chunk_bytes : int or None
-        None without a budget (the engine's default), else the other half, at most
-        :data:`bids_ketdcm.dcm.invert.CPU_CHUNK_BYTES`.
+        None without a budget (the engine's default), else the other half shared by the
+        ``opts.dcm_workers`` units that run at once, at most
+        :data:`bids_ketdcm.dcm.invert.CPU_CHUNK_BYTES` each.
     """
     if opts.mem_mb is None:
         return opts.batch_size, None
     half = opts.mem_mb * 2**20 * DCM_MEMORY_SHARE / 2
     size = ParamLayout(n_regions).size
     per_subject = SUBJECT_MATRICES * size * size * 8
-    return max(1, min(opts.batch_size, int(half // per_subject))), int(min(CPU_CHUNK_BYTES, half))
+    return (max(1, min(opts.batch_size, int(half // per_subject))),
+            int(min(CPU_CHUNK_BYTES, half / opts.dcm_workers)))
 
 
 def _skipped_report(w: _RunWork, label: str, network: pd.DataFrame) -> RunResult:
