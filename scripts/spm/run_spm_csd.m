@@ -9,6 +9,7 @@ function run_spm_csd(ts_file, TR, out_dir)
 %     spm_Vp_A.txt    posterior variances of A (n x n)
 %     Ep_vec.txt      every posterior mean in spm_vec order
 %     spm_basis.txt   V = spm_svd(pC, 0), the reduced parameter space spm_nlsi_GN works in
+%     csd_data.txt, Hz.txt  SPM's data features at full precision (write_spm_csd.m)
 %     spm_log.txt     SPM's iteration log
 %
 %   Needs SPM12 on the path (scripts/spm/run_all.sh adds it). Two Octave 7 quirks are worked
@@ -82,4 +83,5 @@ dlmwrite(fullfile(out_dir, 'spm_Ep_A.txt'), full(DCM.Ep.A), 'delimiter', ' ', 'p
 dlmwrite(fullfile(out_dir, 'spm_Vp_A.txt'), reshape(vp(1:n * n), n, n), 'delimiter', ' ', 'precision', '%.17g');
 dlmwrite(fullfile(out_dir, 'Ep_vec.txt'), full(spm_vec(DCM.Ep)), 'precision', '%.17g');
 dlmwrite(fullfile(out_dir, 'spm_basis.txt'), basis, 'delimiter', ' ', 'precision', '%.17g');
+write_spm_csd(DCM.Y.csd, DCM.Y.Hz, out_dir);
 end
