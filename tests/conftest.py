@@ -16,7 +16,9 @@ SPM_REFERENCE = Path(__file__).resolve().parent / "data" / "spm-reference"
 #: The real ds005917 metadata and MADRS phenotype, as bundled with the package (CC0).
 DS005917 = Path(__file__).resolve().parents[1] / "bids_ketdcm" / "data" / "ds005917"
 
-torch.set_num_threads(2)
+#: One torch thread per test process, the app's own policy (bids_ketdcm.threads): pytest -n 2
+#: runs two processes on 2 cores, and two threads each made DCM fits up to 60x slower.
+torch.set_num_threads(1)
 
 
 def load_spm_csd(path: Path, n: int) -> np.ndarray:

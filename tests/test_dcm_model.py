@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -151,6 +152,27 @@ def test_finite_difference_jacobian_is_spm_forward_differences():
         forward = (problem.predict(p + e, idx) - base) / step
         for b in range(2):
             assert (jac[b, :, r] - forward[b]).abs().max() <= 1e-8 * forward[b].abs().max()
+
+
+def test_finite_difference_models_in_pieces_on_threads_are_the_same_models():
+    """Above 8 regions SPM's path evaluates its models in pieces on helper threads: the
+    prediction and Jacobian are bit-identical to one batch (two subjects, one clamped)."""
+    n = 9
+    rng = np.random.default_rng(9)
+    stable = rng.normal(0, 0.05, (n, n))
+    unstable = stable + np.diag(np.full(n - 1, 0.45), 1) + np.diag(np.full(n - 1, 0.45), -1)
+    theta = torch.stack([_theta(stable, seed=1), _theta(unstable, seed=2)])
+    assert clamped_subjects(unpack(theta, n)).tolist() == [1]
+    basis, var = principal_subspace(np.diag(prior_variance(n)))
+    problem = _Problem(torch.zeros(2, 32, n, n, dtype=torch.complex128), FREQS, theta,
+                       torch.tensor(basis)[None].repeat(2, 1, 1), torch.tensor(var)[None].repeat(2, 1),
+                       "finite-difference")
+    p = torch.tensor(rng.normal(0, 0.05, (2, basis.shape[1])))
+    whole = problem.predict_and_jacobian(p, torch.arange(2))
+    with ThreadPoolExecutor(2) as helpers:
+        problem.helpers, problem.pieces = helpers, 3
+        pieces = problem.predict_and_jacobian(p, torch.arange(2))
+    assert torch.equal(whole[0], pieces[0]) and torch.equal(whole[1], pieces[1])
 
 
 @pytest.mark.parametrize("n,csd_model", [(4, "spm12"), (11, "spm12"), (4, "direct")])

@@ -57,6 +57,9 @@ _HYPER_FLOOR = math.exp(-32.0)
 _LOG_STEP_START = -4.0
 _CONVERGENCE_GAIN = 1e-1
 _CONVERGENCE_RUN = 4
+#: Above this many regions SPM's path (finite differences) evaluates its models in pieces
+#: on the inversion's worker threads (:func:`invert`'s ``workers``).
+SPLIT_MODELS_ABOVE = 8
 #: The exact-Jacobian paths go on past SPM's stop until 4 successive predicted gains are
 #: below this: on n11_seed1 this lifts the exact path's free energy by 0.22 nats.
 POLISH_GAIN = 1e-3
@@ -177,6 +180,22 @@ class _Problem:
         # change the transfer function; the others (spectral parameters) leave it as it is
         transfer_rows = ParamLayout(self.n).slices()["epsilon"].stop
         self.moves_transfer = basis[:, :transfer_rows].ne(0).any(dim=1)  # (B, R)
+        #: threads that evaluate pieces of the finite-difference models with the calling one
+        self.helpers: ThreadPoolExecutor | None = None
+        self.pieces = 1
+
+    def _in_pieces(self, compute: Callable[[slice], torch.Tensor], rows: int) -> torch.Tensor:
+        """``compute(slice(0, rows))``, split into pieces of rows run at once on ``self.helpers``.
+
+        Rows are independent models, so each piece is the same computation on fewer of them;
+        the calling thread computes the first piece while the helpers compute the others.
+        """
+        if self.helpers is None:
+            return compute(slice(0, rows))
+        bounds = np.linspace(0, rows, self.pieces + 1).round().astype(int)
+        pieces = [slice(int(a), int(z)) for a, z in zip(bounds[:-1], bounds[1:], strict=True) if z > a]
+        others = [self.helpers.submit(compute, piece) for piece in pieces[1:]]
+        return torch.cat([compute(pieces[0])] + [future.result() for future in others])
 
     def theta(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self.mean[idx] + (self.basis[idx] @ p[..., None])[..., 0]
@@ -221,9 +240,15 @@ class _Problem:
         own = own.flatten()
         rank = torch.cumsum(own, 0) - 1  # position of each model's transfer function among those computed
         source = torch.where(own, rank, rank[torch.arange(b, device=p.device).repeat_interleave(R + 1) * (R + 1)])
-        computed = unpack(models[own], self.n)
-        transfer = transfer_function(computed, self.freqs, clamped_subjects(computed))
-        pred = spectral_density(transfer, unpack(models, self.n), self.freqs, self.grid, self.csd_model, source)
+        computed = models[own]
+
+        def transfers(rows: slice) -> torch.Tensor:
+            part = unpack(computed[rows], self.n)
+            return transfer_function(part, self.freqs, clamped_subjects(part))
+
+        transfer = self._in_pieces(transfers, computed.shape[0])
+        pred = self._in_pieces(lambda rows: spectral_density(transfer, unpack(models[rows], self.n), self.freqs,
+                                                             self.grid, self.csd_model, source[rows]), models.shape[0])
         pred = pred.reshape((b, R + 1) + pred.shape[1:])
         jac = (pred[:, 1:] - pred[:, :1]).div_(step)
         return pred[:, 0], jac.transpose(1, 2)
@@ -341,20 +366,30 @@ def invert(
     lanes = max(1, workers) if dev.type == "cpu" else 1
     groups = [g for g in torch.arange(B, device=dev).tensor_split(min(B, lanes)) if g.numel()]
 
+    # above SPLIT_MODELS_ABOVE regions SPM's path evaluates its R + 1 models in pieces on
+    # `lanes` threads: the exact path, done first, leaves its thread idle otherwise
+    split = lanes > 1 and n > SPLIT_MODELS_ABOVE
+    helpers = ThreadPoolExecutor(lanes - 1, thread_name_prefix="dcm-fd") if split else None
+
     def unit(path: str, rows: torch.Tensor) -> dict:
         sub = _Problem(y[rows], f, mean[rows], basis_t[rows], variances_t[rows],
                        "finite-difference" if path == "spm" else jacobian, csd_model)
+        sub.helpers, sub.pieces = helpers, lanes
         report = None if on_subject_done is None else tracker.reporter(path, rows.tolist())
         return _gauss_newton(sub, max_iterations, progress, _CONVERGENCE_GAIN if path == "spm" else POLISH_GAIN,
                              report, chunk_bytes or CPU_CHUNK_BYTES, path)
 
     tracker = _DoneTracker(paths, on_subject_done)
     jobs = [(path, rows) for rows in groups for path in paths]
-    if lanes > 1 and len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers=min(lanes, len(jobs)), thread_name_prefix="dcm") as pool:
-            results = list(pool.map(lambda job: unit(*job), jobs))
-    else:
-        results = [unit(*job) for job in jobs]
+    try:
+        if lanes > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(max_workers=min(lanes, len(jobs)), thread_name_prefix="dcm") as pool:
+                results = list(pool.map(lambda job: unit(*job), jobs))
+        else:
+            results = [unit(*job) for job in jobs]
+    finally:
+        if helpers is not None:
+            helpers.shutdown()
     states = {path: _merge_states([(rows, state) for (p, rows), state in zip(jobs, results, strict=True)
                                    if p == path], B) for path in paths}
     state = states[paths[0]]

@@ -66,7 +66,9 @@ def _left_multiply(left: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
 
 
 def _hermitian(x: torch.Tensor) -> torch.Tensor:
-    return x.conj().transpose(-1, -2)
+    """Conjugate transpose, conjugated physically: matrix products with it take half the time
+    of those with the lazy ``x.mH`` (same numbers)."""
+    return x.conj_physical().transpose(-1, -2)
 
 
 def _power_law(freqs: torch.Tensor, log_exponent: torch.Tensor, half: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -355,7 +355,7 @@ def mar_to_csd(lags: torch.Tensor, noise_cov: torch.Tensor, freqs: torch.Tensor,
     transfer = torch.linalg.inv(polynomial)
     # H (2/ns C): one product per subject with its frequencies stacked as rows
     left = (transfer.reshape(B, F * n, n) @ ((2.0 / ns) * noise_cov).to(ctype)).reshape(B, F, n, n)
-    return left @ transfer.mH
+    return left @ transfer.conj_physical().mT  # a physical conjugate: half the time of .mH in matmul
 
 
 def predict_csd_tensor(
@@ -391,9 +391,9 @@ def spectral_density(
     transfer function (SPM's finite differences along spectral parameters leave it
     unchanged): model b uses ``transfer[source[b]]``; without it, model b uses its own.
     """
-    gain = transfer @ transfer.mH
     if source is not None:
-        gain = gain[source]
+        transfer = transfer[source]
+    gain = transfer @ transfer.conj_physical().mT
     gu, global_noise, region_noise = fluctuation_spectra(params, freqs)
     csd = torch.addcmul(global_noise[:, :, None, None], gu[:, :, None, None], gain)
     # the diagonal carries the regional noise as well: gu S S^H + (global + regional)
