@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -57,9 +58,11 @@ _HYPER_FLOOR = math.exp(-32.0)
 _LOG_STEP_START = -4.0
 _CONVERGENCE_GAIN = 1e-1
 _CONVERGENCE_RUN = 4
-#: Above this many regions SPM's path (finite differences) evaluates its models in pieces
-#: on the inversion's worker threads (:func:`invert`'s ``workers``).
+#: Above this many regions SPM's finite-difference models and every path's CSD-element
+#: terms are computed in PIECES pieces, on the inversion's worker threads when it has several
+#: (:func:`invert`'s ``workers``); the pieces are the same for any thread count.
 SPLIT_MODELS_ABOVE = 8
+PIECES = 4
 #: The exact-Jacobian paths go on past SPM's stop until 4 successive predicted gains are
 #: below this: on n11_seed1 this lifts the exact path's free energy by 0.22 nats.
 POLISH_GAIN = 1e-3
@@ -180,22 +183,30 @@ class _Problem:
         # change the transfer function; the others (spectral parameters) leave it as it is
         transfer_rows = ParamLayout(self.n).slices()["epsilon"].stop
         self.moves_transfer = basis[:, :transfer_rows].ne(0).any(dim=1)  # (B, R)
-        #: threads that evaluate pieces of the finite-difference models with the calling one
+        #: pieces of the finite-difference models and of the CSD elements (:meth:`in_pieces`)
+        #: and the threads that compute them with the calling one
+        self.pieces = PIECES if self.n > SPLIT_MODELS_ABOVE else 1
         self.helpers: ThreadPoolExecutor | None = None
-        self.pieces = 1
 
-    def _in_pieces(self, compute: Callable[[slice], torch.Tensor], rows: int) -> torch.Tensor:
-        """``compute(slice(0, rows))``, split into pieces of rows run at once on ``self.helpers``.
+    def in_pieces(self, compute: Callable[[slice], tuple[torch.Tensor, ...]], rows: int,
+                  dim: int = 0) -> tuple[torch.Tensor, ...]:
+        """``compute(slice(0, rows))`` as ``self.pieces`` pieces of rows, concatenated along ``dim``.
 
-        Rows are independent models, so each piece is the same computation on fewer of them;
-        the calling thread computes the first piece while the helpers compute the others.
+        Rows are independent models or CSD elements. The pieces do not depend on the threads,
+        so neither do the numbers (batched products round by batch shape): the calling thread
+        computes the first piece, the helper threads (``self.helpers``, if any) the others,
+        and the calling thread takes back any piece no helper has started.
         """
-        if self.helpers is None:
-            return compute(slice(0, rows))
         bounds = np.linspace(0, rows, self.pieces + 1).round().astype(int)
         pieces = [slice(int(a), int(z)) for a, z in zip(bounds[:-1], bounds[1:], strict=True) if z > a]
-        others = [self.helpers.submit(compute, piece) for piece in pieces[1:]]
-        return torch.cat([compute(pieces[0])] + [future.result() for future in others])
+        if self.helpers is None:
+            results = [compute(piece) for piece in pieces]
+        else:
+            futures = [self.helpers.submit(compute, piece) for piece in pieces[1:]]
+            first = compute(pieces[0])
+            rest = {i: compute(pieces[i + 1]) for i in reversed(range(len(futures))) if futures[i].cancel()}
+            results = [first] + [rest[i] if i in rest else futures[i].result() for i in range(len(futures))]
+        return tuple(torch.cat(parts, dim) for parts in zip(*results, strict=True))
 
     def theta(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self.mean[idx] + (self.basis[idx] @ p[..., None])[..., 0]
@@ -246,9 +257,10 @@ class _Problem:
             part = unpack(computed[rows], self.n)
             return transfer_function(part, self.freqs, clamped_subjects(part))
 
-        transfer = self._in_pieces(transfers, computed.shape[0])
-        pred = self._in_pieces(lambda rows: spectral_density(transfer, unpack(models[rows], self.n), self.freqs,
-                                                             self.grid, self.csd_model, source[rows]), models.shape[0])
+        (transfer,) = self.in_pieces(lambda rows: (transfers(rows),), computed.shape[0])
+        (pred,) = self.in_pieces(lambda rows: (spectral_density(transfer, unpack(models[rows], self.n), self.freqs,
+                                                                self.grid, self.csd_model, source[rows]),),
+                                 models.shape[0])
         pred = pred.reshape((b, R + 1) + pred.shape[1:])
         jac = (pred[:, 1:] - pred[:, :1]).div_(step)
         return pred[:, 0], jac.transpose(1, 2)
@@ -366,15 +378,15 @@ def invert(
     lanes = max(1, workers) if dev.type == "cpu" else 1
     groups = [g for g in torch.arange(B, device=dev).tensor_split(min(B, lanes)) if g.numel()]
 
-    # above SPLIT_MODELS_ABOVE regions SPM's path evaluates its R + 1 models in pieces on
-    # `lanes` threads: the exact path, done first, leaves its thread idle otherwise
+    # above SPLIT_MODELS_ABOVE regions the pieces of SPM's R + 1 models and of the CSD elements
+    # run on `lanes` threads: a path that ends first leaves its thread to the other
     split = lanes > 1 and n > SPLIT_MODELS_ABOVE
     helpers = ThreadPoolExecutor(lanes - 1, thread_name_prefix="dcm-fd") if split else None
 
     def unit(path: str, rows: torch.Tensor) -> dict:
         sub = _Problem(y[rows], f, mean[rows], basis_t[rows], variances_t[rows],
                        "finite-difference" if path == "spm" else jacobian, csd_model)
-        sub.helpers, sub.pieces = helpers, lanes
+        sub.helpers = helpers
         report = None if on_subject_done is None else tracker.reporter(path, rows.tolist())
         return _gauss_newton(sub, max_iterations, progress, _CONVERGENCE_GAIN if path == "spm" else POLISH_GAIN,
                              report, chunk_bytes or CPU_CHUNK_BYTES, path)
@@ -520,17 +532,14 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
             # (i, j), with the same Gram matrix, residual norm and hyperparameter; only the
             # elements i <= j are formed, and sums over elements weigh the others twice
             err = (y[idx] - pred).reshape(-1, nf, K)[..., upper]  # (b, F, Ku)
-            # real representation per CSD element k: rows = real and imaginary parts of the frequencies
-            jr = torch.view_as_real(jac[..., upper // n, upper % n]).permute(0, 3, 1, 4, 2)
-            jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(-1, upper.numel(), 2 * nf, R)
             er = torch.view_as_real(err).permute(0, 2, 1, 3).reshape(-1, upper.numel(), 2 * nf)
-            finite = torch.isfinite(er.sum(dim=(1, 2))) & torch.isfinite(jr.sum(dim=(1, 2, 3)))
-            if not bool(finite.all()):
+            # (b, Ku, R (R + 1) / 2), (b, Ku, R), (b, Ku): on the helper threads above 8 regions
+            gram, jte, j_sum = problem.in_pieces(partial(_element_terms, jac, er, upper, pairs), upper.numel(), dim=1)
+            finite = torch.isfinite(er.sum(dim=(1, 2))) & torch.isfinite(j_sum.sum(dim=1))
+            if not bool(finite.all()):  # a non-finite prediction or Jacobian: no data terms, rejected below
                 er = torch.where(finite[:, None, None], er, torch.zeros_like(er))
-                jr = torch.where(finite[:, None, None, None], jr, torch.zeros_like(jr))
-            # Gram matrices of the CSD elements, symmetric: only their upper triangles are kept
-            gram = (jr.transpose(-1, -2) @ jr)[..., pairs[0], pairs[1]]  # (b, Ku, R (R + 1) / 2)
-            jte = (jr.transpose(-1, -2) @ er[..., None])[..., 0]  # (b, Ku, R)
+                gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
+                jte = torch.where(finite[:, None, None], jte, torch.zeros_like(jte))
             err2 = (er * er).sum(-1)  # (b, Ku)
             pk, hk, ipck = p[idx], h[idx].clone(), ipc[idx]
             saved = _hyper_loop(hk, gram, pairs, jte, err2, ipck, nf, weight)
@@ -598,6 +607,23 @@ def _chunk_size(problem: _Problem, chunk_bytes: int = CPU_CHUNK_BYTES) -> int:
         return B
     R = problem.ipc.shape[-1]
     return max(1, min(B, chunk_bytes // (n * n * R * R * 8)))
+
+
+def _element_terms(jac: torch.Tensor, er: torch.Tensor, upper: torch.Tensor, pairs: torch.Tensor,
+                   elements: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Data terms of the CSD elements ``upper[elements]`` (flat indices i <= j).
+
+    Each element's Jacobian in real form (rows: real and imaginary parts of the frequencies)
+    gives its Gram matrix (symmetric: the upper triangle, entries ``pairs``), ``J^T e`` with
+    its error ``er`` (b, Ku, 2F), and its sum (to find non-finite Jacobians). ``jac`` is
+    (b, F, R, n, n). Returns (b, k, R (R + 1) / 2), (b, k, R) and (b, k) for the k elements.
+    """
+    b, nf, R, n, _ = jac.shape
+    picked = upper[elements]
+    jr = torch.view_as_real(jac[..., picked // n, picked % n]).permute(0, 3, 1, 4, 2)
+    jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(b, picked.numel(), 2 * nf, R)
+    jt = jr.transpose(-1, -2)
+    return (jt @ jr)[..., pairs[0], pairs[1]], (jt @ er[:, elements, :, None])[..., 0], jr.sum(dim=(2, 3))
 
 
 def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, jte: torch.Tensor, err2: torch.Tensor,
