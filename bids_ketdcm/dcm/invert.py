@@ -381,7 +381,7 @@ def invert(
     # above SPLIT_MODELS_ABOVE regions the pieces of SPM's R + 1 models and of the CSD elements
     # run on `lanes` threads: a path that ends first leaves its thread to the other
     split = lanes > 1 and n > SPLIT_MODELS_ABOVE
-    helpers = ThreadPoolExecutor(lanes - 1, thread_name_prefix="dcm-fd") if split else None
+    helpers = ThreadPoolExecutor(lanes - 1, thread_name_prefix="dcm-pieces") if split else None
 
     def unit(path: str, rows: torch.Tensor) -> dict:
         sub = _Problem(y[rows], f, mean[rows], basis_t[rows], variances_t[rows],
@@ -495,6 +495,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
 
     Each iteration updates the active subjects in chunks (:func:`_chunk_size`); subjects
     are independent, so chunking changes numbers only through rounding (batched products).
+    ``name`` (the path) labels the progress lines.
     """
     y, dev = problem.y, problem.y.device
     B, nf, n, _ = y.shape
