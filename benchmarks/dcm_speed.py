@@ -57,7 +57,7 @@ def _time_fits(data: dict[int, np.ndarray], tr: float, config: str) -> dict[str,
     counts = CONFIGS[config]
     policy = resolve() if counts is None else resolve(*counts)
     limit_threads(policy.omp_nthreads)
-    workers = max(1, policy.nprocs // policy.omp_nthreads)
+    workers = policy.lanes
     out = {}
     for n, y in data.items():
         start, cpu = time.perf_counter(), time.process_time()

@@ -68,13 +68,9 @@ class ParticipantOptions:
     mem_mb: int | None = None
     #: CPUs the app may keep busy (``--nprocs``): participant reports are written by this many processes.
     nprocs: int = 1
-    #: Threads of one task (``--omp-nthreads``), as set by :func:`bids_ketdcm.threads.limit_threads`.
-    omp_nthreads: int = 1
-
-    @property
-    def dcm_workers(self) -> int:
-        """Units of a DCM inversion run at once (its paths, groups of runs): ``nprocs // omp_nthreads``."""
-        return max(1, self.nprocs // self.omp_nthreads)
+    #: Units of a DCM inversion run at once (its paths, groups of runs): the thread policy's
+    #: :attr:`~bids_ketdcm.threads.ThreadPolicy.lanes`, ``--nprocs // --omp-nthreads``.
+    dcm_workers: int = 1
 
     @property
     def one_session(self) -> str | None:

@@ -51,6 +51,12 @@ class ThreadPolicy:
         workers = max(1, min(self.nprocs, tasks))
         return workers, max(1, min(self.omp_nthreads, self.nprocs // workers))
 
+    @property
+    def lanes(self) -> int:
+        """Threads that run one task's independent units at once, each with ``omp_nthreads``
+        torch threads (a DCM inversion's paths and groups of runs): ``nprocs // omp_nthreads``."""
+        return max(1, self.nprocs // self.omp_nthreads)
+
 
 def resolve(nprocs: int | None = None, omp_nthreads: int | None = None) -> ThreadPolicy:
     """The policy from the command line: defaults are every available CPU and one thread per task.

@@ -97,6 +97,14 @@ def test_hemodynamic_transfer_matches_linearised_balloon_model():
             assert abs(ours[f, i] - ref) < 1e-12 * max(1.0, abs(ref))
 
 
+def _stable_and_clamped(n: int, rng: np.random.Generator) -> torch.Tensor:
+    """(2, P) parameters of two subjects: weak random coupling, and the same with strong
+    chains that give it a mode SPM's eigenvalue clamp moves."""
+    stable = rng.normal(0, 0.05, (n, n))
+    unstable = stable + np.diag(np.full(n - 1, 0.45), 1) + np.diag(np.full(n - 1, 0.45), -1)
+    return torch.stack([_theta(stable, seed=1), _theta(unstable, seed=2)])
+
+
 def test_default_jacobian_matches_central_differences():
     n = 4
     theta0 = _theta(np.array([[0, .1, .05, 0], [.2, 0, .1, .1], [0, .15, 0, -.1], [.05, 0, .2, 0]]), seed=7)
@@ -127,9 +135,7 @@ def test_finite_difference_jacobian_is_spm_forward_differences():
     an A direction with a regional-noise direction, so that direction moves the transfer function)."""
     n = 4
     rng = np.random.default_rng(5)
-    stable = rng.normal(0, 0.05, (n, n))
-    unstable = stable + np.diag(np.full(n - 1, 0.45), 1) + np.diag(np.full(n - 1, 0.45), -1)
-    theta = torch.stack([_theta(stable, seed=1), _theta(unstable, seed=2)])
+    theta = _stable_and_clamped(n, rng)
     assert clamped_subjects(unpack(theta, n)).tolist() == [1]
     basis, var = principal_subspace(np.diag(prior_variance(n)))
     mixed = basis.copy()
@@ -159,9 +165,7 @@ def test_finite_difference_models_in_pieces_on_threads_are_the_same_models():
     prediction and Jacobian are bit-identical to one batch (two subjects, one clamped)."""
     n = 9
     rng = np.random.default_rng(9)
-    stable = rng.normal(0, 0.05, (n, n))
-    unstable = stable + np.diag(np.full(n - 1, 0.45), 1) + np.diag(np.full(n - 1, 0.45), -1)
-    theta = torch.stack([_theta(stable, seed=1), _theta(unstable, seed=2)])
+    theta = _stable_and_clamped(n, rng)
     assert clamped_subjects(unpack(theta, n)).tolist() == [1]
     basis, var = principal_subspace(np.diag(prior_variance(n)))
     problem = _Problem(torch.zeros(2, 32, n, n, dtype=torch.complex128), FREQS, theta,
@@ -184,9 +188,7 @@ def test_structured_jacobian_equals_torch_func(n, csd_model, monkeypatch):
     SPM's eigenvalue clamp (batched), with and without SPM's AR round trip."""
     monkeypatch.setattr(invert_module, "SINGLE_PRECISION_TANGENTS_ABOVE", 100)
     rng = np.random.default_rng(n)
-    stable = rng.normal(0, 0.05, (n, n))
-    unstable = stable + np.diag(np.full(n - 1, 0.45), 1) + np.diag(np.full(n - 1, 0.45), -1)
-    theta = torch.stack([_theta(stable, seed=1), _theta(unstable, seed=2)])
+    theta = _stable_and_clamped(n, rng)
     cov = np.diag(prior_variance(n))
     if n > 8:
         cov[: n * n, : n * n] = projected_A_covariance(rng.normal(size=(120, n)))

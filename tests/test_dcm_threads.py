@@ -17,10 +17,12 @@ from bids_ketdcm.threads import ThreadPolicy, available_cpus, resolve, threads_i
 @pytest.mark.parametrize("omp", [1, 2, 4])
 @pytest.mark.parametrize("tasks", [1, 2, 5, 100])
 def test_pool_never_multiplies_threads(nprocs, omp, tasks):
-    workers, threads = ThreadPolicy(nprocs, min(omp, nprocs)).pool(tasks)
+    policy = ThreadPolicy(nprocs, min(omp, nprocs))
+    workers, threads = policy.pool(tasks)
     assert 1 <= workers <= min(nprocs, tasks)
     assert 1 <= threads <= min(omp, nprocs)
     assert workers * threads <= nprocs
+    assert 1 <= policy.lanes and policy.lanes * policy.omp_nthreads <= nprocs  # a DCM's units at once
 
 
 def test_defaults_and_bad_counts():

@@ -373,7 +373,7 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
         bids_filter=bids_filter, device=kw["device"], seed=kw["seed"], overwrite=kw["overwrite"],
         jacobian=kw["dcm_jacobian"], csd_model=kw["dcm_csd_model"], features=list(kw["features"]),
         gmv_atlases=list(kw["gmv_atlases"]), apply_model=kw["apply_model"], mem_mb=kw["mem_mb"],
-        nprocs=kw["nprocs"], omp_nthreads=kw["omp_nthreads"],
+        nprocs=kw["nprocs"], dcm_workers=resolve(kw["nprocs"], kw["omp_nthreads"]).lanes,
     )
     if kw["reports_only"]:
         written = rewrite_reports(opts, runs)
