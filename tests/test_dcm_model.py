@@ -293,18 +293,20 @@ def test_batched_inversion_equals_single_inversions(chunk_bytes, monkeypatch):
 
 
 def test_worker_threads_change_no_result():
-    """Paths and groups of subjects run on 2 threads. One subject (its two paths at once):
-    bit-identical to one thread. Three subjects (split into groups, as batches are): the
-    same to rounding, each subject reported once, with the iterations of the path it kept."""
+    """Groups of subjects run on 2 threads; up to 8 regions both paths of a group are rows of
+    one batch. One subject (one unit): bit-identical to one thread. Three subjects (two groups,
+    one per thread): the same to rounding, each subject reported once, with the iterations of
+    the path it kept."""
     A = np.array([[-0.5, 0.2, 0.0], [0.1, -0.5, 0.15], [0.0, 0.2, -0.5]])
     ys = simulate(np.stack([A, A * 1.2, A * 0.8]), 2.5, 192, seed=4)
     one, one_threaded = fit(ys[0], 2.5), fit(ys[0], 2.5, workers=2)
     for name in ("A", "cov", "F", "h", "predicted_csd"):
         np.testing.assert_array_equal(getattr(one_threaded, name), getattr(one, name))
-    assert (one.extra["workers"], one_threaded.extra["workers"]) == (1, 2)
+    assert (one.extra["workers"], one_threaded.extra["workers"]) == (1, 1)
     reports: dict[int, list] = {}
     serial = fit(ys, 2.5)
     threaded = fit(ys, 2.5, workers=2, on_subject_done=lambda b, k, c: reports.setdefault(b, []).append((k, c)))
+    assert (serial.extra["workers"], threaded.extra["workers"]) == (1, 2)
     for name in ("A", "cov", "F", "h"):
         np.testing.assert_allclose(getattr(threaded, name), getattr(serial, name), rtol=1e-7, atol=1e-9)
     np.testing.assert_array_equal(threaded.iterations, serial.iterations)

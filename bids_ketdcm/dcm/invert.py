@@ -169,7 +169,7 @@ class _Problem:
 
     def __init__(self, csd: torch.Tensor, freqs: torch.Tensor, mean: torch.Tensor,
                  basis: torch.Tensor, variances: torch.Tensor, jacobian: str = "analytic",
-                 csd_model: str = "spm12"):
+                 csd_model: str = "spm12", spm_rows: torch.Tensor | None = None):
         self.y = csd
         self.freqs = freqs
         self.mean = mean  # (B, P)
@@ -178,6 +178,9 @@ class _Problem:
         self.n = csd.shape[-1]
         self.grid = CcfGrid.from_freqs(freqs)
         self.jacobian = jacobian
+        #: (B,) rows that follow SPM's path (finite differences); the others use ``jacobian``
+        self.spm_rows = (torch.full((csd.shape[0],), jacobian == "finite-difference", device=csd.device)
+                         if spm_rows is None else spm_rows)
         self.csd_model = csd_model
         # directions that move A or the hemodynamics (the first parameters of SPM's order)
         # change the transfer function; the others (spectral parameters) leave it as it is
@@ -219,29 +222,47 @@ class _Problem:
     def predict_and_jacobian(self, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prediction (b, F, n, n) and Jacobian (b, F, R, n, n) w.r.t. reduced parameters.
 
+        Rows of ``spm_rows`` take SPM's finite differences, the others ``jacobian``:
+
         ``analytic``: structured forward mode (:mod:`bids_ketdcm.dcm.jacobian`); exact,
         with single-precision tangents above ``SINGLE_PRECISION_TANGENTS_ABOVE`` regions.
         ``autograd``: exact, forward-mode ``jvp`` vectorised over the R basis directions.
         ``finite-difference``: SPM's ``spm_diff`` (forward differences, step exp(-8)),
         all R perturbed models evaluated as one batch; reproduces SPM12's path exactly.
         """
+        spm = self.spm_rows[idx]
+        if bool(spm.all()):
+            return self._finite_differences(p, idx)
+        if not bool(spm.any()):
+            return self._exact(p, idx)
+        parts = self._exact(p[~spm], idx[~spm]), self._finite_differences(p[spm], idx[spm])
+        pred, jac = (parts[1][k].new_empty((idx.numel(),) + parts[1][k].shape[1:]) for k in range(2))
+        for rows, (pred_rows, jac_rows) in zip((~spm, spm), parts, strict=True):
+            pred[rows], jac[rows] = pred_rows, jac_rows
+        return pred, jac
+
+    def _exact(self, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, basis = self.mean[idx], self.basis[idx]
         theta = mean + (basis @ p[..., None])[..., 0]
         b, R = p.shape
-        if self.jacobian == "analytic":
+        clamp = clamped_subjects(unpack(theta, self.n))
+        if self.jacobian != "autograd":
             single = torch.complex64 if self.n > SINGLE_PRECISION_TANGENTS_ABOVE else None
-            return predict_csd_and_jacobian(theta, basis, self.freqs, self.n, self.grid,
-                                            clamped_subjects(unpack(theta, self.n)), single, self.csd_model)
-        if self.jacobian == "autograd":
-            clamp = clamped_subjects(unpack(theta, self.n))
+            return predict_csd_and_jacobian(theta, basis, self.freqs, self.n, self.grid, clamp, single,
+                                            self.csd_model)
 
-            def forward(q: torch.Tensor) -> torch.Tensor:
-                return predict_csd_tensor(mean + (basis @ q[..., None])[..., 0], self.freqs, self.n, clamp,
-                                          self.grid, self.csd_model)
+        def forward(q: torch.Tensor) -> torch.Tensor:
+            return predict_csd_tensor(mean + (basis @ q[..., None])[..., 0], self.freqs, self.n, clamp,
+                                      self.grid, self.csd_model)
 
-            tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
-            pred, jac = vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)  # type: ignore[arg-type,misc]
-            return pred, jac
+        tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
+        pred, jac = vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)  # type: ignore[arg-type,misc]
+        return pred, jac
+
+    def _finite_differences(self, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, basis = self.mean[idx], self.basis[idx]
+        theta = mean + (basis @ p[..., None])[..., 0]
+        b, R = p.shape
         # the model at p and, as SPM's spm_diff, at p + step along each basis direction, in one
         # batch; directions along spectral parameters share the transfer function of p
         step = math.exp(-8.0)
@@ -379,20 +400,28 @@ def invert(
     groups = [g for g in torch.arange(B, device=dev).tensor_split(min(B, lanes)) if g.numel()]
 
     # above SPLIT_MODELS_ABOVE regions the pieces of SPM's R + 1 models and of the CSD elements
-    # run on `lanes` threads: a path that ends first leaves its thread to the other
+    # run on `lanes` threads: a path that ends first leaves its thread to the other. Up to there
+    # the fit is bound by per-operation overhead: both paths go as rows of one batch instead
     split = lanes > 1 and n > SPLIT_MODELS_ABOVE
     helpers = ThreadPoolExecutor(lanes - 1, thread_name_prefix="dcm-pieces") if split else None
+    together = n <= SPLIT_MODELS_ABOVE
 
-    def unit(path: str, rows: torch.Tensor) -> dict:
-        sub = _Problem(y[rows], f, mean[rows], basis_t[rows], variances_t[rows],
-                       "finite-difference" if path == "spm" else jacobian, csd_model)
+    def unit(unit_paths: tuple[str, ...], rows: torch.Tensor) -> dict[str, dict]:
+        picked = rows.repeat(len(unit_paths))
+        spm_rows = torch.tensor([path == "spm" for path in unit_paths], device=dev).repeat_interleave(rows.numel())
+        sub = _Problem(y[picked], f, mean[picked], basis_t[picked], variances_t[picked], jacobian, csd_model,
+                       spm_rows)
         sub.helpers = helpers
-        report = None if on_subject_done is None else tracker.reporter(path, rows.tolist())
-        return _gauss_newton(sub, max_iterations, progress, _CONVERGENCE_GAIN if path == "spm" else POLISH_GAIN,
-                             report, chunk_bytes or CPU_CHUNK_BYTES, path)
+        labels = [(path, subject) for path in unit_paths for subject in rows.tolist()]
+        report = None if on_subject_done is None else tracker.reporter(labels)
+        stop_gain = torch.where(spm_rows, _CONVERGENCE_GAIN, POLISH_GAIN).to(torch.float64)
+        state = _gauss_newton(sub, max_iterations, progress, stop_gain, report, chunk_bytes or CPU_CHUNK_BYTES,
+                              "+".join(unit_paths))
+        return {path: _select_rows(state, slice(i * rows.numel(), (i + 1) * rows.numel()))
+                for i, path in enumerate(unit_paths)}
 
     tracker = _DoneTracker(paths, on_subject_done)
-    jobs = [(path, rows) for rows in groups for path in paths]
+    jobs = [(paths, rows) for rows in groups] if together else [((path,), rows) for rows in groups for path in paths]
     try:
         if lanes > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(max_workers=min(lanes, len(jobs)), thread_name_prefix="dcm") as pool:
@@ -402,8 +431,8 @@ def invert(
     finally:
         if helpers is not None:
             helpers.shutdown()
-    states = {path: _merge_states([(rows, state) for (p, rows), state in zip(jobs, results, strict=True)
-                                   if p == path], B) for path in paths}
+    states = {path: _merge_states([(rows, result[path]) for (_, rows), result in zip(jobs, results, strict=True)
+                                   if path in result], B) for path in paths}
     state = states[paths[0]]
     path = np.full(B, paths[0])
     F_exact = F_spm = None
@@ -439,10 +468,11 @@ class _DoneTracker:
         self.lock = threading.Lock()
         self.stopped: dict[int, dict[str, tuple[int, bool, float]]] = {}
 
-    def reporter(self, path: str, rows: list[int]) -> Callable[[int, int, bool, float], None]:
-        """The callback of one unit: ``(local index, iterations, converged, F)``."""
+    def reporter(self, labels: list[tuple[str, int]]) -> Callable[[int, int, bool, float], None]:
+        """The callback of one unit whose row b is the path and subject ``labels[b]``:
+        ``(row, iterations, converged, F)``."""
         def report(b: int, k: int, converged: bool, F: float) -> None:
-            subject = rows[b]
+            path, subject = labels[b]
             with self.lock:
                 ends = self.stopped.setdefault(subject, {})
                 ends[path] = (k, converged, F)
@@ -450,6 +480,13 @@ class _DoneTracker:
                     kept = max(self.paths, key=lambda name: ends[name][2])
                     self.on_subject_done(subject, ends[kept][0], ends[kept][1])
         return report
+
+
+def _select_rows(state: dict, rows: slice) -> dict:
+    """The state (of :func:`_gauss_newton`) of some of its rows."""
+    return {"best": {key: value[rows] for key, value in state["best"].items()},
+            "iterations": state["iterations"][rows], "converged": state["converged"][rows],
+            "history": state["history"][rows]}
 
 
 def _merge_states(parts: list[tuple[torch.Tensor, dict]], B: int) -> dict:
@@ -484,13 +521,13 @@ def _keep_higher_evidence(exact: dict, spm: dict) -> dict:
     }
 
 
-def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_gain: float,
+def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_gain: torch.Tensor,
                   on_subject_done: Callable[[int, int, bool, float], None] | None = None,
                   chunk_bytes: int | None = None, name: str = "") -> dict:
-    """Run SPM's variational Laplace loop for every subject until each has converged.
+    """Run SPM's variational Laplace loop for every row (a subject on one path) until each has converged.
 
-    ``converged`` is SPM's criterion (4 successive predicted gains below 0.1); a subject
-    stops once 4 successive gains are below ``stop_gain`` (SPM: the same 0.1) or
+    ``converged`` is SPM's criterion (4 successive predicted gains below 0.1); row b stops
+    once 4 successive gains are below ``stop_gain[b]`` (SPM's path: the same 0.1) or
     ``POLISH_ITERATIONS`` after SPM's criterion was met, or at the cap.
 
     Each iteration updates the active subjects in chunks (:func:`_chunk_size`); subjects
@@ -579,7 +616,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
             run[idx] = torch.where(gain < _CONVERGENCE_GAIN, run[idx] + 1, torch.zeros_like(run[idx]))
             converged[idx] |= run[idx] >= _CONVERGENCE_RUN
             converged_at[idx] = torch.where(converged[idx], torch.clamp(converged_at[idx], max=k), converged_at[idx])
-            polish_run[idx] = torch.where(gain < stop_gain, polish_run[idx] + 1, torch.zeros_like(run[idx]))
+            polish_run[idx] = torch.where(gain < stop_gain[idx], polish_run[idx] + 1, torch.zeros_like(run[idx]))
             stopped[idx] = (polish_run[idx] >= _CONVERGENCE_RUN) | (k >= converged_at[idx] + POLISH_ITERATIONS)
             if on_subject_done is not None:  # the chunk's subjects were active: those stopped now are done
                 for b in idx[stopped[idx]].tolist():
