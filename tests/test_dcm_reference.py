@@ -9,6 +9,7 @@ from conftest import spm_cases
 from bids_ketdcm.dcm import estimate_csd, fit, frequency_grid, invert, predict_csd, scale_timeseries
 from bids_ketdcm.dcm.priors import (
     ParamLayout,
+    canonical_eigenvectors,
     principal_subspace,
     prior_covariance,
     prior_mean,
@@ -57,6 +58,32 @@ def test_priors_match_spm(spm_case_factory, name):
     basis, _ = principal_subspace(cov)
     # SPM keeps every parameter for n <= 8; 64 A modes + 2n + 6 others above
     assert basis.shape[1] == (n * n + 2 * n + 6 if n <= 8 else 64 + 2 * n + 6)
+
+
+def test_own_basis_is_fixed_by_the_prior_alone(spm_case_factory):
+    """Above 8 regions the projected prior's variance 1/64 is shared by 79 directions (64 A
+    modes and the spectral parameters), where LAPACK's eigenvectors depend on its threads:
+    the engine's own basis is the same (to 1e-10) whatever rotation the eigensolver returns
+    inside each eigenspace, and keeps the spectral parameters as unit vectors."""
+    case = spm_case_factory("n11_seed1")
+    n = case.n
+    cov = prior_covariance(n, case.ts)
+    values, vectors = np.linalg.eigh(cov)
+    rng = np.random.default_rng(1)
+    rotated = vectors.copy()
+    for value in np.unique(values.round(12)):
+        space = np.flatnonzero(np.isclose(values, value, rtol=1e-9, atol=0))
+        rotated[:, space] = vectors[:, space] @ np.linalg.qr(rng.normal(size=(space.size, space.size)))[0]
+    assert np.abs(rotated - vectors).max() > 0.1
+    (own_values, own), (_, from_rotated) = canonical_eigenvectors(values, vectors), canonical_eigenvectors(values, rotated)
+    np.testing.assert_allclose(from_rotated, own, atol=1e-10)
+    np.testing.assert_allclose(own.T @ cov @ own, np.diag(own_values), atol=1e-12)
+    basis, variances = principal_subspace(cov)
+    assert np.count_nonzero(variances == variances.max()) == 64 + 2 + 2 + n  # A modes, a, b, c
+    spectral = ParamLayout(n).slices()
+    for name in ("a", "b", "c"):
+        rows = np.arange(spectral[name].start, spectral[name].stop)
+        assert np.allclose(np.abs(basis[rows]).max(axis=1), 1.0)
 
 
 def _spm_posterior_check(case, post, max_diff):

@@ -162,8 +162,10 @@ def principal_subspace(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     projected A prior shares its variance 1/64 with 63 other A modes and the spectral
     parameters: inside such an eigenspace any rotation is a valid basis, and SPM's is
     whatever its LAPACK's ``dgesvd`` returns (under Octave 7.3 with OpenBLAS it changed with
-    the number of OpenBLAS threads on the same matrix). This function returns numpy's; pass
-    SPM's recorded basis to :func:`bids_ketdcm.dcm.invert` to follow one SPM run exactly.
+    the number of OpenBLAS threads on the same matrix). This function returns one fixed by
+    the matrix alone (:func:`canonical_eigenvectors`), so that SPM's path with it does not
+    depend on the BLAS; pass SPM's recorded basis to :func:`bids_ketdcm.dcm.invert` to
+    follow one SPM run exactly.
 
     Parameters
     ----------
@@ -181,10 +183,51 @@ def principal_subspace(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = np.diag(cov).copy()
         vec = np.eye(cov.shape[0])
     else:
-        s, vec = np.linalg.eigh((cov + cov.T) / 2)
+        s, vec = canonical_eigenvectors(*np.linalg.eigh((cov + cov.T) / 2))
     keep = s**2 * s.size / np.sum(s**2) > 64 * np.finfo(float).eps
     order = np.argsort(-s[keep], kind="stable")
     return vec[:, keep][:, order], s[keep][order]
+
+
+#: Eigenvalues within this much of each other (relative to the largest) share an eigenspace.
+EIGENSPACE_TOLERANCE = 1e-9
+
+
+def canonical_eigenvectors(values: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same eigenvectors of a symmetric matrix whatever basis its eigensolver chose.
+
+    Inside the eigenspace of a repeated eigenvalue (equal to ``EIGENSPACE_TOLERANCE`` of
+    the largest) any orthonormal basis is valid, and LAPACK's depends on its threads. This
+    rotates it to the eigenvectors of ``W = diag(sqrt(1), ..., sqrt(P))`` compressed onto
+    the eigenspace, in increasing order: a function of the eigenspace's projector alone
+    (the square roots give parameter axes distinct weights; an axis inside the eigenspace
+    stays a unit vector). Each vector's first entry above 1e-6 of its largest is made
+    positive, and the eigenvalues of an eigenspace are set to their mean.
+
+    Parameters
+    ----------
+    values, vectors
+        ``numpy.linalg.eigh``'s output: (P,) ascending eigenvalues, (P, P) eigenvectors.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The eigenvalues and the canonical eigenvectors, in the same order.
+    """
+    values, vectors = values.copy(), vectors.copy()
+    weights = np.sqrt(np.arange(1.0, vectors.shape[0] + 1.0))
+    tolerance = EIGENSPACE_TOLERANCE * np.abs(values).max()
+    bounds = np.flatnonzero(np.diff(values) > tolerance) + 1
+    for space in np.split(np.arange(values.size), bounds):
+        if space.size > 1:
+            block = vectors[:, space]
+            _, rotation = np.linalg.eigh(block.T @ (weights[:, None] * block))
+            vectors[:, space] = block @ rotation
+            values[space] = values[space].mean()
+    magnitude = np.abs(vectors)
+    first = np.argmax(magnitude > 1e-6 * magnitude.max(axis=0), axis=0)
+    vectors *= np.where(vectors[first, np.arange(vectors.shape[1])] < 0, -1.0, 1.0)
+    return values, vectors
 
 
 def basis_variances(cov: np.ndarray, basis: np.ndarray) -> np.ndarray:
