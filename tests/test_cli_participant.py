@@ -53,8 +53,9 @@ def test_participant_level_writes_bids_derivatives(participant_run, dataset):
         assert sidecar["FreeEnergy"] == max(sidecar["FreeEnergyPaths"].values())
         assert sidecar["PathKept"] in ("exact Jacobian", "SPM12 path (finite differences)")
         assert sidecar["Threads"]["TorchThreads"] == 1
-        # the 3 runs in one batch: min(3, nprocs) groups x 2 paths on nprocs threads (omp-nthreads 1)
-        assert sidecar["Threads"]["DCMWorkers"] == min(available_cpus(), 2 * min(3, available_cpus()))
+        # the 3 runs in one batch: min(3, nprocs) groups on as many threads (omp-nthreads 1), each
+        # with both paths as rows of one batch (4 regions)
+        assert sidecar["Threads"]["DCMWorkers"] == min(available_cpus(), 3)
         assert f.with_name(f.name.replace("relmat.tsv", "posterior.npz")).exists()
         ts = f.with_name(f.name.replace("_meas-dcm_relmat", "_desc-denoised_timeseries"))
         assert ts.exists() and ts.with_suffix(".json").exists()
