@@ -75,7 +75,8 @@ def test_own_basis_is_fixed_by_the_prior_alone(spm_case_factory):
         space = np.flatnonzero(np.isclose(values, value, rtol=1e-9, atol=0))
         rotated[:, space] = vectors[:, space] @ np.linalg.qr(rng.normal(size=(space.size, space.size)))[0]
     assert np.abs(rotated - vectors).max() > 0.1
-    (own_values, own), (_, from_rotated) = canonical_eigenvectors(values, vectors), canonical_eigenvectors(values, rotated)
+    own_values, own = canonical_eigenvectors(values, vectors)
+    _, from_rotated = canonical_eigenvectors(values, rotated)
     np.testing.assert_allclose(from_rotated, own, atol=1e-10)
     np.testing.assert_allclose(own.T @ cov @ own, np.diag(own_values), atol=1e-12)
     basis, variances = principal_subspace(cov)

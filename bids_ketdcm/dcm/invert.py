@@ -205,7 +205,13 @@ class _Problem:
         if self.helpers is None:
             results = [compute(piece) for piece in pieces]
         else:
-            futures = [self.helpers.submit(compute, piece) for piece in pieces[1:]]
+            inference = torch.is_inference_mode_enabled()  # thread-local: carried to the helpers
+
+            def on_helper(piece: slice) -> tuple[torch.Tensor, ...]:
+                with torch.inference_mode(inference):
+                    return compute(piece)
+
+            futures = [self.helpers.submit(on_helper, piece) for piece in pieces[1:]]
             first = compute(pieces[0])
             rest = {i: compute(pieces[i + 1]) for i in reversed(range(len(futures))) if futures[i].cancel()}
             results = [first] + [rest[i] if i in rest else futures[i].result() for i in range(len(futures))]
@@ -415,8 +421,11 @@ def invert(
         labels = [(path, subject) for path in unit_paths for subject in rows.tolist()]
         report = None if on_subject_done is None else tracker.reporter(labels)
         stop_gain = torch.where(spm_rows, _CONVERGENCE_GAIN, POLISH_GAIN).to(torch.float64)
-        state = _gauss_newton(sub, max_iterations, progress, stop_gain, report, chunk_bytes or CPU_CHUNK_BYTES,
-                              "+".join(unit_paths))
+        # no autograd bookkeeping (10% of a 4-region fit's per-operation overhead), except for
+        # torch.func's forward-mode Jacobian
+        with torch.inference_mode(jacobian != "autograd"):
+            state = _gauss_newton(sub, max_iterations, progress, stop_gain, report,
+                                  chunk_bytes or CPU_CHUNK_BYTES, "+".join(unit_paths))
         return {path: _select_rows(state, slice(i * rows.numel(), (i + 1) * rows.numel()))
                 for i, path in enumerate(unit_paths)}
 
