@@ -200,6 +200,8 @@ class _Problem:
         computes the first piece, the helper threads (``self.helpers``, if any) the others,
         and the calling thread takes back any piece no helper has started.
         """
+        if self.pieces == 1:
+            return compute(slice(0, rows))
         bounds = np.linspace(0, rows, self.pieces + 1).round().astype(int)
         pieces = [slice(int(a), int(z)) for a, z in zip(bounds[:-1], bounds[1:], strict=True) if z > a]
         if self.helpers is None:
