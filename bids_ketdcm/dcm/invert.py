@@ -355,8 +355,10 @@ def invert(
         Memory budget of one chunk of subjects on the CPU (default
         :data:`CPU_CHUNK_BYTES`); the numbers depend on it only through rounding.
     workers
-        Threads that run the inversion's independent units at once on the CPU: each path
-        (exact, SPM's) of each of ``min(B, workers)`` groups of subjects is one unit. Each
+        Threads that run the inversion's independent units at once on the CPU: each of
+        ``min(B, workers)`` groups of subjects is one unit, and above ``SPLIT_MODELS_ABOVE``
+        regions each of its paths (exact, SPM's) is (up to there a group's two paths are rows
+        of one batch in one Gauss-Newton loop: such fits are bound by per-operation overhead). Each
         thread runs torch with the process's intra-op threads (the app sets one per task),
         so the CPUs used are ``workers`` times that; ``extra["workers"]`` records the
         threads used. One subject's numbers do not depend on it; a batch's are the same to
