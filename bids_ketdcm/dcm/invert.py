@@ -554,6 +554,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
     ipc = problem.ipc
     upper, _, weight = hermitian_components(n, dev)
     pairs = torch.triu_indices(R, R, device=dev)
+    mirror = hermitian_components(R, dev)[1]  # an R x R symmetric matrix from its entries `pairs`
     p = torch.zeros(B, R, dtype=torch.float64, device=dev)
     h = torch.full((B, upper.numel()), HYPER_MEAN, dtype=torch.float64, device=dev)
     v = torch.full((B,), _LOG_STEP_START, dtype=torch.float64, device=dev)
@@ -593,7 +594,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
                 jte = torch.where(finite[:, None, None], jte, torch.zeros_like(jte))
             err2 = (er * er).sum(-1)  # (b, Ku)
             pk, hk, ipck = p[idx], h[idx].clone(), ipc[idx]
-            saved = _hyper_loop(hk, gram, pairs, jte, err2, ipck, nf, weight)
+            saved = _hyper_loop(hk, gram, pairs, mirror, err2, ipck, nf, weight)
             hk = saved["h_new"]
             # free energy with the quantities of the start of the last inner step
             prec, cp, h_used, curv = saved["prec"], saved["Cp"], saved["h"], saved["curv"]
@@ -677,14 +678,15 @@ def _element_terms(jac: torch.Tensor, er: torch.Tensor, upper: torch.Tensor, pai
     return (jt @ jr)[..., pairs[0], pairs[1]], (jt @ er[:, elements, :, None])[..., 0], jr.sum(dim=(2, 3))
 
 
-def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, jte: torch.Tensor, err2: torch.Tensor,
+def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, mirror: torch.Tensor, err2: torch.Tensor,
                 ipc: torch.Tensor, nf: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Up to 8 Newton-like updates of the CSD error log-precisions (SPM's M-step).
 
-    ``h``, ``gram``, ``jte`` and ``err2`` hold the CSD elements i <= j; ``weight`` (1 on
-    the diagonal, 2 above) counts each with its conjugate twin in sums over elements.
+    ``h``, ``gram`` and ``err2`` hold the CSD elements i <= j; ``weight`` (1 on the
+    diagonal, 2 above) counts each with its conjugate twin in sums over elements.
     ``gram`` holds the upper triangles (entries ``pairs``, from ``torch.triu_indices``)
-    of the symmetric Gram matrices: half the memory read at each step.
+    of the symmetric Gram matrices: half the memory read at each step; ``mirror`` (R^2,)
+    gives the position in ``pairs`` of every entry of an R x R matrix or of its transpose.
     Returns the quantities of the start of each subject's last inner step (used for the
     free energy and the E-step) and the updated hyperparameters ``h_new``.
     """
@@ -694,7 +696,7 @@ def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, jte: t
     active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     start = h
     for _ in range(_HYPER_STEPS):
-        eh, prec, Pp, cp = _precisions(h, gram, pairs, prior, weight)
+        eh, prec, Pp, cp = _precisions(h, gram, mirror, prior, weight)
         ratio = eh / prec
         trace = (gram @ (cp[:, rows, cols] * twice)[..., None])[..., 0]
         dFdh = nf * ratio / 2 - eh * err2 / 2 - trace * eh / 2 - HYPER_PRECISION * (h - HYPER_MEAN)
@@ -709,22 +711,20 @@ def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, jte: t
         if not bool(active.any()):
             break
     if not bool(stepping.all()):  # some subjects took their last step earlier: their quantities again
-        eh, prec, Pp, cp = _precisions(start, gram, pairs, prior, weight)
+        eh, prec, Pp, cp = _precisions(start, gram, mirror, prior, weight)
         ratio = eh / prec
         curv = -nf * ratio * ratio / 2 - HYPER_PRECISION
     return {"prec": prec, "Cp": cp, "Pp": Pp, "h": start, "curv": curv, "h_new": h}
 
 
-def _precisions(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, prior: torch.Tensor,
+def _precisions(h: torch.Tensor, gram: torch.Tensor, mirror: torch.Tensor, prior: torch.Tensor,
                 weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``exp(h)``, the CSD error precisions, the data's precision of the parameters ``Pp`` and
     the posterior covariance ``Cp = (Pp + prior)^-1`` (symmetrised) for log-precisions ``h``."""
     eh = torch.exp(h)
     prec = _HYPER_FLOOR + eh
     upper = ((weight * prec)[:, None] @ gram)[:, 0]
-    Pp = gram.new_empty(prior.shape)
-    Pp[:, pairs[0], pairs[1]] = upper
-    Pp[:, pairs[1], pairs[0]] = upper
+    Pp = upper[:, mirror].view(prior.shape)
     cp = torch.linalg.inv(Pp + prior)
     return eh, prec, Pp, (cp + cp.transpose(-1, -2)) / 2
 
