@@ -1,9 +1,10 @@
-function run_spm_csd(ts_file, TR, out_dir)
+function run_spm_csd(ts_file, TR, out_dir, maxit)
 % RUN_SPM_CSD  SPM12's own spectral DCM inversion of one ROI time series, for the engine's tests.
 %
 %   run_spm_csd(ts_file, TR, out_dir) reads a T x n text time series (whitespace separated),
 %   inverts a fully connected n-region model with spm_dcm_fmri_csd (SPM12 defaults) and
-%   writes into out_dir:
+%   writes into out_dir (maxit, default SPM's 128, caps the iterations: a timing run of a
+%   large model can stop after a few):
 %     meta.json       F, iterations, accepted/rejected steps, scale, Eh, seconds, versions
 %     spm_Ep_A.txt    posterior means of A (n x n, rows = targets), %.17g
 %     spm_Vp_A.txt    posterior variances of A (n x n)
@@ -19,6 +20,7 @@ function run_spm_csd(ts_file, TR, out_dir)
 %   Octave's own binary format. Within the degenerate eigenspaces of pC, spm_svd's basis is whatever
 %   LAPACK returns: it changes with OpenBLAS's thread count, so run_all.sh fixes
 %   OPENBLAS_NUM_THREADS and this script records the basis it produces for the same matrix.
+if nargin < 4, maxit = 128; end
 y = load(ts_file);
 [T, n] = size(y);
 DCM = struct();
@@ -27,7 +29,7 @@ DCM.n = n; DCM.v = T;
 DCM.Y.y = y; DCM.Y.dt = TR;
 DCM.U.u = zeros(T, 1); DCM.U.dt = TR; DCM.U.name = {'null'};
 DCM.options = struct('nonlinear', 0, 'two_state', 0, 'stochastic', 0, 'centre', 0, ...
-    'induced', 1, 'nograph', 1, 'maxnodes', 8, 'order', 8, 'maxit', 128, 'analysis', 'CSD');
+    'induced', 1, 'nograph', 1, 'maxnodes', 8, 'order', 8, 'maxit', maxit, 'analysis', 'CSD');
 DCM.name = fullfile(out_dir, 'DCM_spm.mat');
 
 % the prior exactly as spm_dcm_fmri_csd builds it (detrend, scale, project above 8 regions)
