@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     policy = resolve(1, 1) if args.serial else resolve()
     limit_threads(policy.omp_nthreads)
-    workers = policy.lanes
+    workers = policy.nprocs
     load_start = os.getloadavg()[0]
     rng = np.random.default_rng(args.seed)
     rows = []

@@ -5,18 +5,21 @@ default inversion (exact path plus SPM's path, the higher evidence kept) under e
 configuration, first on an idle machine and then while a second process spins on one core
 ("busy"):
 
-* ``serial``: one thread (``--nprocs 1 --omp-nthreads 1``);
-* ``app``: the app's default policy on this machine's CPUs (``--omp-nthreads 1``,
-  ``--nprocs`` = every CPU): the inversion's two paths run at once, one thread each;
-* ``intraop``: one inversion on 2 torch intra-op threads (``--nprocs 2 --omp-nthreads 2``).
+* ``serial``: one thread (``--nprocs 1``);
+* ``app``: the app's default policy on this machine's CPUs (``--nprocs`` = every CPU): the
+  inversion's two paths run at once, one thread each.
+
+An inversion never uses torch's intra-op threads, whatever ``--omp-nthreads`` says
+(:func:`bids_ketdcm.threads.task_threads`): on this 2-core machine, busy, a 15-region fit on 2
+intra-op threads took 106-197 s against 9 s under the app policy.
 
 Prints one JSON line: the seconds, CPU seconds, iterations and convergence of every fit,
-and the ratios ``app / serial`` and ``intraop / serial`` (idle and busy) and ``busy / idle``
-of each configuration. Results are identical across configurations (the free energies are
-printed). The load average when the run started and ended is printed too (on a shared
-machine the wall clock also counts other jobs' time).
+and the ratios ``app / serial`` (idle and busy) and ``busy / idle`` of each configuration.
+Results are identical across configurations (the free energies are printed). The load
+average when the run started and ended is printed too (on a shared machine the wall clock
+also counts other jobs' time).
 
-Usage: python benchmarks/dcm_speed.py [--sizes 4 15 21] [--configs serial app intraop] [--scans 256] [--seed 0]
+Usage: python benchmarks/dcm_speed.py [--sizes 4 15 21] [--configs serial app] [--scans 256] [--seed 0]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from bids_ketdcm.dcm import fit, simulate
 from bids_ketdcm.threads import available_cpus, limit_threads, resolve
 
 #: Configuration -> (nprocs, omp_nthreads); None: the app's default (every CPU, one thread per task).
-CONFIGS: dict[str, tuple[int, int] | None] = {"serial": (1, 1), "app": None, "intraop": (2, 2)}
+CONFIGS: dict[str, tuple[int, int] | None] = {"serial": (1, 1), "app": None}
 
 
 def random_coupling(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,7 +60,7 @@ def _time_fits(data: dict[int, np.ndarray], tr: float, config: str) -> dict[str,
     counts = CONFIGS[config]
     policy = resolve() if counts is None else resolve(*counts)
     limit_threads(policy.omp_nthreads)
-    workers = policy.lanes
+    workers = policy.nprocs
     out = {}
     for n, y in data.items():
         start, cpu = time.perf_counter(), time.process_time()
@@ -67,7 +70,7 @@ def _time_fits(data: dict[int, np.ndarray], tr: float, config: str) -> dict[str,
         out[str(n)] = {"seconds": round(time.perf_counter() - start, 3),
                        "cpu_seconds": round(time.process_time() - cpu, 3), "iterations": int(post.iterations),
                        "converged": bool(post.converged), "F": round(float(post.F), 4),
-                       "path": str(post.extra["path"]), "torch_threads": policy.omp_nthreads,
+                       "path": str(post.extra["path"]), "torch_threads": post.extra["threads"]["TorchThreads"],
                        "workers": int(post.extra["workers"])}
     return out
 

@@ -66,11 +66,9 @@ class ParticipantOptions:
     apply_model: Path | None = None
     #: Memory the app may use in MB (``--mem-mb``): bounds the DCM's batch and chunk sizes; None: no bound.
     mem_mb: int | None = None
-    #: CPUs the app may keep busy (``--nprocs``): participant reports are written by this many processes.
+    #: CPUs the app may keep busy (``--nprocs``): participant reports are written by this many processes,
+    #: and a DCM inversion runs this many of its units (paths, groups of runs) at once, one thread each.
     nprocs: int = 1
-    #: Units of a DCM inversion run at once (its paths, groups of runs): the thread policy's
-    #: :attr:`~bids_ketdcm.threads.ThreadPolicy.lanes`, ``--nprocs // --omp-nthreads``.
-    dcm_workers: int = 1
 
     @property
     def one_session(self) -> str | None:

@@ -1,14 +1,18 @@
 """One thread policy for the whole app, in fMRIPrep's terms.
 
 ``--nprocs`` is the number of CPUs the app may keep busy at once; ``--omp-nthreads`` is the
-most threads one task (one DCM inversion, one model fit) may use. The policy sets torch's
+most threads one task (a model fit, a time-series extraction) may use. The policy sets torch's
 intra- and inter-op threads and the BLAS/OpenMP pools (through ``threadpoolctl`` and the
 environment, so that child processes inherit it), and a process pool of ``w`` workers gives
 each ``min(omp_nthreads, nprocs // w)`` threads: workers x threads never exceeds nprocs.
 
-On a busy 2-core machine a 4-region fit took 6-25 s with torch's default 2 threads and
-0.3-1.5 s with one (issue 17; ``benchmarks/dcm_speed.py`` measures it), hence the default
-of one thread per task.
+A DCM inversion is the exception: it runs its independent units (groups of runs, and above 8
+regions each group's two paths) on ``nprocs`` threads of one torch and BLAS thread each
+(:func:`task_threads`), whatever ``--omp-nthreads`` says, so that its numbers do not depend on
+the thread counts (torch's parallel reductions round differently on 2 threads, and at 11
+regions that moved the optimum by 1 nat) and its speed does not depend on the machine's load
+(15 regions on a busy 2-core machine: 9 s on two single-threaded units, 106-197 s on 2 intra-op
+threads; ``benchmarks/dcm_speed.py`` measures the policy).
 """
 
 from __future__ import annotations
@@ -50,12 +54,6 @@ class ThreadPolicy:
         """
         workers = max(1, min(self.nprocs, tasks))
         return workers, max(1, min(self.omp_nthreads, self.nprocs // workers))
-
-    @property
-    def lanes(self) -> int:
-        """Threads that run one task's independent units at once, each with ``omp_nthreads``
-        torch threads (a DCM inversion's paths and groups of runs): ``nprocs // omp_nthreads``."""
-        return max(1, self.nprocs // self.omp_nthreads)
 
 
 def resolve(nprocs: int | None = None, omp_nthreads: int | None = None) -> ThreadPolicy:
@@ -103,15 +101,17 @@ def limit_threads(threads: int) -> None:
 
 
 @contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Torch's intra-op threads set to ``threads`` inside the block, restored after it.
+def task_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op threads and the BLAS pools set to ``threads`` inside the block, restored after it.
 
-    For work that already runs one task per worker (the group suite's PEB fits), whatever
-    the process was given.
+    For work whose parallelism is its own workers (the group suite's tasks, a DCM inversion's
+    units), whatever the process was given: its numbers then do not depend on the process's
+    thread counts. Also a decorator.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        yield
+        with threadpool_limits(limits=threads):
+            yield
     finally:
         torch.set_num_threads(before)

@@ -53,7 +53,7 @@ def test_participant_level_writes_bids_derivatives(participant_run, dataset):
         assert sidecar["FreeEnergy"] == max(sidecar["FreeEnergyPaths"].values())
         assert sidecar["PathKept"] in ("exact Jacobian", "SPM12 path (finite differences)")
         assert sidecar["Threads"]["TorchThreads"] == 1
-        # the 3 runs in one batch: min(3, nprocs) groups on as many threads (omp-nthreads 1), each
+        # the 3 runs in one batch: min(3, nprocs) groups on as many threads of one torch thread, each
         # with both paths as rows of one batch (4 regions)
         assert sidecar["Threads"]["DCMWorkers"] == min(available_cpus(), 3)
         assert f.with_name(f.name.replace("relmat.tsv", "posterior.npz")).exists()

@@ -6,10 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
+from bids_ketdcm.dcm import fit, simulate
 from bids_ketdcm.threads import ThreadPolicy, available_cpus, resolve, threads_in_force
 
 
@@ -22,7 +26,6 @@ def test_pool_never_multiplies_threads(nprocs, omp, tasks):
     assert 1 <= workers <= min(nprocs, tasks)
     assert 1 <= threads <= min(omp, nprocs)
     assert workers * threads <= nprocs
-    assert 1 <= policy.lanes and policy.lanes * policy.omp_nthreads <= nprocs  # a DCM's units at once
 
 
 def test_defaults_and_bad_counts():
@@ -66,3 +69,34 @@ def test_cli_refuses_more_threads_per_task_than_cpus(tmp_path):
     assert "--omp-nthreads 2 exceeds --nprocs 1" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_inversion_ignores_the_process_thread_counts():
+    """A DCM inversion runs on one torch and BLAS thread per unit whatever the process was
+    given: an 11-region fit under 2 torch and 2 BLAS threads (one unit at a time) is
+    bit-identical to one under 1 thread with its two paths on 2 units (without that, torch's
+    2-thread reductions round differently and the fit ended 1 nat away), the sidecar's thread
+    record says what the inversion used, and the process's counts are restored after it."""
+    rng = np.random.default_rng(1)
+    A = rng.normal(0.0, 0.1, (11, 11)) * (rng.random((11, 11)) < 0.4)
+    np.fill_diagonal(A, -0.5)
+    y = simulate(A, 2.5, 192, seed=1)
+    previous = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.set_num_threads(2)
+            with threadpool_limits(limits=2):
+                crowded = fit(y, 2.5, max_iterations=24, workers=1)
+                assert torch.get_num_threads() == 2
+            torch.set_num_threads(1)
+            with threadpool_limits(limits=1):
+                lanes = fit(y, 2.5, max_iterations=24, workers=2)
+    finally:
+        torch.set_num_threads(previous)
+    for name in ("A", "cov", "F", "h", "predicted_csd"):
+        np.testing.assert_array_equal(getattr(crowded, name), getattr(lanes, name))
+    assert (crowded.extra["workers"], lanes.extra["workers"]) == (1, 2)
+    for post in (crowded, lanes):
+        assert post.extra["threads"]["TorchThreads"] == 1
+        assert post.extra["threads"]["BLASThreads"] in (0, 1)  # 0: no BLAS pool visible to threadpoolctl

@@ -39,7 +39,6 @@ from bids_ketdcm.dcm import SPM_RELEASE, Posterior
 from bids_ketdcm.errors import InputError
 from bids_ketdcm.io import atomic_path, write_json, write_text, write_tsv
 from bids_ketdcm.provenance import command_line, container, software_versions
-from bids_ketdcm.threads import threads_in_force
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +412,7 @@ def write_connectivity(output_dir: Path, run: RunEntities, network_label: str, s
         "Seconds": float(post.seconds),
         "Device": post.device,
         "PathKept": {"exact": "exact Jacobian", "spm": "SPM12 path (finite differences)"}[str(post.extra["path"])],
-        "Threads": {**threads_in_force(), "DCMWorkers": int(post.extra.get("workers", 1))},
+        "Threads": {**post.extra["threads"], "DCMWorkers": int(post.extra["workers"])},
         "FreeEnergyPaths": {name: float(post.extra[key]) for name, key in
                             (("exact Jacobian", "F_exact"), ("SPM12 path", "F_spm")) if key in post.extra},
         "SoftwareVersions": {"bids-ketdcm": __version__, "torch": torch.__version__,

@@ -280,11 +280,11 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
         help="Group: also recommend ketamine or placebo per participant (DPNN and baselines on the "
         "crossover; needs participants.tsv infusion_1 and both post-infusion sessions).")
 @option("--nprocs", type=click.IntRange(min=1), section=PERFORMANCE,
-        help="CPUs the app may keep busy (threads x processes): DCM runs nprocs / omp-nthreads inversion paths at "
-        "once. Default: every CPU of this process's affinity mask.")
+        help="CPUs the app may keep busy (threads x processes): a DCM inversion runs nprocs of its units (paths, "
+        "groups of runs) at once, one thread each. Default: every CPU of this process's affinity mask.")
 @option("--omp-nthreads", type=click.IntRange(min=1), section=PERFORMANCE,
-        help="Most threads one task (a DCM inversion, a model fit) uses: torch intra/inter-op and BLAS. Default: 1 "
-        "(fastest on busy machines; see README).")
+        help="Most threads one task (a model fit, a time-series extraction) uses: torch intra/inter-op and BLAS; "
+        "DCM units always use one. Default: 1 (fastest on busy machines; see README).")
 @option("--mem-mb", type=click.IntRange(min=MIN_MEM_MB), section=PERFORMANCE,
         help="Memory the app may use, in MB: bounds the DCM's CPU chunk of subjects and the number of "
         f"group-level processes (about {WORKER_MB} MB each). Default: no bound.")
@@ -373,7 +373,7 @@ def _participant(kw: dict, bids_dir: Path, output_dir: Path, work_dir: Path, bid
         bids_filter=bids_filter, device=kw["device"], seed=kw["seed"], overwrite=kw["overwrite"],
         jacobian=kw["dcm_jacobian"], csd_model=kw["dcm_csd_model"], features=list(kw["features"]),
         gmv_atlases=list(kw["gmv_atlases"]), apply_model=kw["apply_model"], mem_mb=kw["mem_mb"],
-        nprocs=kw["nprocs"], dcm_workers=resolve(kw["nprocs"], kw["omp_nthreads"]).lanes,
+        nprocs=kw["nprocs"],
     )
     if kw["reports_only"]:
         written = rewrite_reports(opts, runs)

@@ -7,12 +7,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from bids_ketdcm.threads import task_threads
+
 from .csd import estimate_csd, scale_timeseries, validate_timeseries
 from .invert import MAX_ITERATIONS, Posterior, invert
 from .model import clamped_subjects, predict_csd_tensor, unpack
 from .priors import MAX_NODES, ParamLayout, projected_A_covariance
 
 
+@task_threads(1)
 def fit(
     y: np.ndarray,
     tr: float,
@@ -54,6 +57,8 @@ def fit(
     on_subject_done, chunk_bytes, workers
         Per-subject completion callback, CPU chunk budget and threads running the
         inversion's paths and groups of subjects at once; see :func:`bids_ketdcm.dcm.invert`.
+        The data features too are computed on one torch and BLAS thread, whatever the
+        process's thread counts: the numbers do not depend on them.
 
     Returns
     -------

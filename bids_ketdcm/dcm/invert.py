@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.func import jvp, vmap
 
+from bids_ketdcm.threads import task_threads, threads_in_force
+
 from .jacobian import predict_csd_and_jacobian
 from .model import (
     CSD_MODELS,
@@ -295,6 +297,7 @@ class _Problem:
         return pred[:, 0], jac.transpose(1, 2)
 
 
+@task_threads(1)
 def invert(
     csd: torch.Tensor | np.ndarray,
     freqs: torch.Tensor | np.ndarray,
@@ -358,10 +361,11 @@ def invert(
         Threads that run the inversion's independent units at once on the CPU: each of
         ``min(B, workers)`` groups of subjects is one unit, and above ``SPLIT_MODELS_ABOVE``
         regions each of its paths (exact, SPM's) is (up to there a group's two paths are rows
-        of one batch in one Gauss-Newton loop: such fits are bound by per-operation overhead). Each
-        thread runs torch with the process's intra-op threads (the app sets one per task),
-        so the CPUs used are ``workers`` times that; ``extra["workers"]`` records the
-        threads used. One subject's numbers do not depend on it; a batch's are the same to
+        of one batch in one Gauss-Newton loop: such fits are bound by per-operation overhead). The
+        inversion runs on one torch and BLAS thread per unit whatever the process's thread
+        counts (:func:`bids_ketdcm.threads.task_threads`), so it uses ``workers`` CPUs and its
+        numbers do not depend on those counts; ``extra["workers"]`` records the threads used.
+        One subject's numbers do not depend on ``workers`` either; a batch's are the same to
         rounding (its groups are batched differently). On a GPU: one unit at a time.
 
     Returns
@@ -461,6 +465,7 @@ def invert(
         post.extra["F_exact"], post.extra["F_spm"] = F_exact, F_spm
     post.extra["jacobian"] = jacobian
     post.extra["workers"] = min(lanes, len(jobs))
+    post.extra["threads"] = threads_in_force()
     post.extra["csd_model"] = csd_model
     if not batched:
         post = post.subject(0)

@@ -23,12 +23,11 @@ import numpy as np
 import pandas as pd
 import sklearn
 from sklearn.exceptions import ConvergenceWarning
-from threadpoolctl import threadpool_limits
 
 from bids_ketdcm.group.cv import evaluate
 from bids_ketdcm.group.models import HEADLINE_METRIC, ResultKey, SuiteConfig, Task, feature_matrix
 from bids_ketdcm.group.permutation import nested_permutation_null, permutation_null
-from bids_ketdcm.threads import ThreadPolicy, torch_threads
+from bids_ketdcm.threads import ThreadPolicy, task_threads
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def run_task(task: Task, config: SuiteConfig) -> TaskResult:
     """Every model x protocol of one task, and its permutation tests."""
     results, folds, predictions, nulls, params = [], [], [], {}, {}
     headline = HEADLINE_METRIC[task.kind]
-    with threadpool_limits(1), torch_threads(1), warnings.catch_warnings(), sklearn.config_context(
+    with task_threads(1), warnings.catch_warnings(), sklearn.config_context(
         assume_finite=True, skip_parameter_validation=True
     ):
         warnings.simplefilter("ignore", ConvergenceWarning)

@@ -433,7 +433,7 @@ def _invert_all(ready: list[_RunWork], label: str, network: pd.DataFrame, opts: 
             post = fit(np.stack([w.series.data for w in chunk if w.series is not None]), tr, device=device,
                        jacobian=opts.jacobian, csd_model=opts.csd_model, max_iterations=opts.max_iterations,
                        progress=log.isEnabledFor(LOG_VERBOSE), on_subject_done=done, chunk_bytes=chunk_bytes,
-                       workers=opts.dcm_workers)
+                       workers=opts.nprocs)
         except Exception as err:
             if len(chunk) == 1:
                 _fail(failures, chunk[0], label, opts.output_dir, err)
@@ -480,7 +480,7 @@ def dcm_batching(opts: ParticipantOptions, n_regions: int) -> tuple[int, int | N
         subject fit half of :data:`DCM_MEMORY_SHARE` of the budget.
     chunk_bytes : int or None
         None without a budget (the engine's default), else the other half shared by the
-        ``opts.dcm_workers`` units that run at once, at most
+        ``opts.nprocs`` units that run at once, at most
         :data:`bids_ketdcm.dcm.invert.CPU_CHUNK_BYTES` each.
     """
     if opts.mem_mb is None:
@@ -489,7 +489,7 @@ def dcm_batching(opts: ParticipantOptions, n_regions: int) -> tuple[int, int | N
     size = ParamLayout(n_regions).size
     per_subject = SUBJECT_MATRICES * size * size * 8
     return (max(1, min(opts.batch_size, int(half // per_subject))),
-            int(min(CPU_CHUNK_BYTES, half / opts.dcm_workers)))
+            int(min(CPU_CHUNK_BYTES, half / opts.nprocs)))
 
 
 def _skipped_report(w: _RunWork, label: str, network: pd.DataFrame) -> RunResult:
