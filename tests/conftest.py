@@ -9,16 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+from bids_ketdcm.threads import limit_threads
 
 #: SPM12's own numbers (copied from the project's shared folder; README.md there says how they were made).
 SPM_REFERENCE = Path(__file__).resolve().parent / "data" / "spm-reference"
 #: The real ds005917 metadata and MADRS phenotype, as bundled with the package (CC0).
 DS005917 = Path(__file__).resolve().parents[1] / "bids_ketdcm" / "data" / "ds005917"
 
-#: One torch thread per test process, the app's own policy (bids_ketdcm.threads): pytest -n 2
-#: runs two processes on 2 cores, and two threads each made DCM fits up to 60x slower.
-torch.set_num_threads(1)
+#: One torch and one BLAS thread per test process, the app's own policy (bids_ketdcm.threads):
+#: pytest -n 2 runs two processes on 2 cores, and two threads each made DCM fits up to 60x
+#: slower; and the features computed outside ``fit`` are then the app's to the last bit
+#: (2 BLAS threads moved them by 3e-15, and an 11-region exact path's end by 0.08 nats).
+limit_threads(1)
 
 
 def load_spm_csd(path: Path, n: int) -> np.ndarray:
