@@ -360,13 +360,15 @@ def invert(
     workers
         Threads that run the inversion's independent units at once on the CPU: each of
         ``min(B, workers)`` groups of subjects is one unit, and above ``SPLIT_MODELS_ABOVE``
-        regions each of its paths (exact, SPM's) is (up to there a group's two paths are rows
-        of one batch in one Gauss-Newton loop: such fits are bound by per-operation overhead). The
+        regions each path (exact, SPM's) of each subject is (up to there a group's two paths are
+        rows of one batch in one Gauss-Newton loop: such fits are bound by per-operation overhead). The
         inversion runs on one torch and BLAS thread per unit whatever the process's thread
         counts (:func:`bids_ketdcm.threads.task_threads`), so it uses ``workers`` CPUs and its
         numbers do not depend on those counts; ``extra["workers"]`` records the threads used.
-        One subject's numbers do not depend on ``workers`` either; a batch's are the same to
-        rounding (its groups are batched differently). On a GPU: one unit at a time.
+        One subject's numbers do not depend on ``workers`` either, nor above
+        ``SPLIT_MODELS_ABOVE`` regions on the other subjects of the batch; up to there a batch's
+        are the same to rounding (its groups are batched differently). On a GPU: one unit at a
+        time, the whole batch.
 
     Returns
     -------
@@ -411,7 +413,11 @@ def invert(
     check = spm_path_check and jacobian != "finite-difference"
     paths = ("exact", "spm") if check else ("spm" if jacobian == "finite-difference" else "exact",)
     lanes = max(1, workers) if dev.type == "cpu" else 1
-    groups = [g for g in torch.arange(B, device=dev).tensor_split(min(B, lanes)) if g.numel()]
+    # above SPLIT_MODELS_ABOVE regions on the CPU every run is a group of its own: its numbers
+    # then depend neither on the threads nor on the other runs of the batch (the exact path
+    # carries a batch's rounding to 0.1 nat there), at no cost: such fits are not overhead-bound
+    alone = dev.type == "cpu" and n > SPLIT_MODELS_ABOVE
+    groups = [g for g in torch.arange(B, device=dev).tensor_split(B if alone else min(B, lanes)) if g.numel()]
 
     # above SPLIT_MODELS_ABOVE regions the pieces of SPM's R + 1 models and of the CSD elements
     # run on `lanes` threads: a path that ends first leaves its thread to the other. Up to there
