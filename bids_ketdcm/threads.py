@@ -7,7 +7,7 @@ environment, so that child processes inherit it), and a process pool of ``w`` wo
 each ``min(omp_nthreads, nprocs // w)`` threads: workers x threads never exceeds nprocs.
 
 A DCM inversion is the exception: it runs its independent units (groups of runs, and above 8
-regions each group's two paths) on ``nprocs`` threads of one torch and BLAS thread each
+regions each run's two paths) on ``nprocs`` threads of one torch and BLAS thread each
 (:func:`task_threads`), whatever ``--omp-nthreads`` says, so that its numbers do not depend on
 the thread counts (torch's parallel reductions round differently on 2 threads, and at 11
 regions that moved the optimum by 1 nat) and its speed does not depend on the machine's load
