@@ -36,6 +36,7 @@ from .model import (
     predict_csd_tensor,
     spectral_density,
     transfer_function,
+    transfer_gain,
     unpack,
 )
 from .priors import (
@@ -192,6 +193,8 @@ class _Problem:
         #: and the threads that compute them with the calling one
         self.pieces = PIECES if self.n > SPLIT_MODELS_ABOVE else 1
         self.helpers: ThreadPoolExecutor | None = None
+        #: flat indices of the CSD elements i <= j, the Jacobian's last axis
+        self.upper = hermitian_components(self.n, csd.device)[0]
 
     def in_pieces(self, compute: Callable[[slice], tuple[torch.Tensor, ...]], rows: int,
                   dim: int = 0) -> tuple[torch.Tensor, ...]:
@@ -230,9 +233,11 @@ class _Problem:
         return predict_csd_tensor(theta, self.freqs, self.n, clamp, self.grid, self.csd_model)
 
     def predict_and_jacobian(self, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prediction (b, F, n, n) and Jacobian (b, F, R, n, n) w.r.t. reduced parameters.
+        """Prediction (b, F, n, n) and Jacobian (b, F, R, Ku) w.r.t. reduced parameters.
 
-        Rows of ``spm_rows`` take SPM's finite differences, the others ``jacobian``:
+        The Jacobian holds the CSD elements i <= j (flat indices ``self.upper``; the others
+        are their conjugates). Rows of ``spm_rows`` take SPM's finite differences, the
+        others ``jacobian``:
 
         ``analytic``: structured forward mode (:mod:`bids_ketdcm.dcm.jacobian`); exact,
         with single-precision tangents above ``SINGLE_PRECISION_TANGENTS_ABOVE`` regions.
@@ -258,43 +263,44 @@ class _Problem:
         clamp = clamped_subjects(unpack(theta, self.n))
         if self.jacobian != "autograd":
             single = torch.complex64 if self.n > SINGLE_PRECISION_TANGENTS_ABOVE else None
-            return predict_csd_and_jacobian(theta, basis, self.freqs, self.n, self.grid, clamp, single,
-                                            self.csd_model)
+            pred, jac = predict_csd_and_jacobian(theta, basis, self.freqs, self.n, self.grid, clamp, single,
+                                                 self.csd_model)
+        else:
+            def forward(q: torch.Tensor) -> torch.Tensor:
+                return predict_csd_tensor(mean + (basis @ q[..., None])[..., 0], self.freqs, self.n, clamp,
+                                          self.grid, self.csd_model)
 
-        def forward(q: torch.Tensor) -> torch.Tensor:
-            return predict_csd_tensor(mean + (basis @ q[..., None])[..., 0], self.freqs, self.n, clamp,
-                                      self.grid, self.csd_model)
-
-        tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
-        pred, jac = vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)  # type: ignore[arg-type,misc]
-        return pred, jac
+            tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
+            pred, jac = vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)  # type: ignore[arg-type,misc]
+        return pred, jac[..., self.upper // self.n, self.upper % self.n]
 
     def _finite_differences(self, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, basis = self.mean[idx], self.basis[idx]
         theta = mean + (basis @ p[..., None])[..., 0]
         b, R = p.shape
-        # the model at p and, as SPM's spm_diff, at p + step along each basis direction, in one
-        # batch; directions along spectral parameters share the transfer function of p
+        n, nf = self.n, self.freqs.shape[0]
+        # as SPM's spm_diff: the model at p, and at p + step along each basis direction; the
+        # directions along spectral parameters share the transfer function (and its gain) of p
         step = math.exp(-8.0)
-        models = torch.cat([theta[:, None], theta[:, None] + step * basis.transpose(-1, -2)], dim=1)
-        models = models.reshape(b * (R + 1), -1)
-        own = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=p.device), self.moves_transfer[idx]], dim=1)
-        own = own.flatten()
-        rank = torch.cumsum(own, 0) - 1  # position of each model's transfer function among those computed
-        source = torch.where(own, rank, rank[torch.arange(b, device=p.device).repeat_interleave(R + 1) * (R + 1)])
-        computed = models[own]
+        shifted = (theta[:, None] + step * basis.transpose(-1, -2)).reshape(b * R, -1)
+        base = unpack(theta, n)
+        base_gain = transfer_gain(transfer_function(base, self.freqs, clamped_subjects(base)))
+        pred = spectral_density(base_gain, base, self.freqs, self.grid, self.csd_model)
+        pred_upper = pred.reshape(b, nf, n * n)[..., self.upper]
+        moves = self.moves_transfer[idx].flatten()  # (b R,)
+        row = torch.arange(b, device=p.device).repeat_interleave(R)
 
-        def transfers(rows: slice) -> torch.Tensor:
-            part = unpack(computed[rows], self.n)
-            return transfer_function(part, self.freqs, clamped_subjects(part))
+        def differences(models: slice) -> tuple[torch.Tensor]:
+            part, own = unpack(shifted[models], n), moves[models]
+            gain = base_gain[row[models]]
+            if bool(own.any()):
+                moved = unpack(shifted[models][own], n)
+                gain[own] = transfer_gain(transfer_function(moved, self.freqs, clamped_subjects(moved)))
+            csd = spectral_density(gain, part, self.freqs, self.grid, self.csd_model)
+            return ((csd.reshape(-1, nf, n * n)[..., self.upper] - pred_upper[row[models]]).div_(step),)
 
-        (transfer,) = self.in_pieces(lambda rows: (transfers(rows),), computed.shape[0])
-        (pred,) = self.in_pieces(lambda rows: (spectral_density(transfer, unpack(models[rows], self.n), self.freqs,
-                                                                self.grid, self.csd_model, source[rows]),),
-                                 models.shape[0])
-        pred = pred.reshape((b, R + 1) + pred.shape[1:])
-        jac = (pred[:, 1:] - pred[:, :1]).div_(step)
-        return pred[:, 0], jac.transpose(1, 2)
+        (jac,) = self.in_pieces(differences, b * R)  # (b R, F, Ku), models in pieces
+        return pred, jac.reshape(b, R, nf, -1).transpose(1, 2)
 
 
 @task_threads(1)
@@ -590,14 +596,14 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
             break
         iterations[active] = k
         for idx in active.split(chunk):
-            pred, jac = problem.predict_and_jacobian(p[idx], idx)  # jac: (b, F, R, n, n)
+            pred, jac = problem.predict_and_jacobian(p[idx], idx)  # jac: (b, F, R, Ku)
             # CSD, prediction and Jacobian are Hermitian: element (j, i) is the conjugate of
             # (i, j), with the same Gram matrix, residual norm and hyperparameter; only the
             # elements i <= j are formed, and sums over elements weigh the others twice
             err = (y[idx] - pred).reshape(-1, nf, K)[..., upper]  # (b, F, Ku)
             er = torch.view_as_real(err).permute(0, 2, 1, 3).reshape(-1, upper.numel(), 2 * nf)
             # (b, Ku, R (R + 1) / 2), (b, Ku, R), (b, Ku): on the helper threads above 8 regions
-            gram, jte, j_sum = problem.in_pieces(partial(_element_terms, jac, er, upper, pairs), upper.numel(), dim=1)
+            gram, jte, j_sum = problem.in_pieces(partial(_element_terms, jac, er, pairs), upper.numel(), dim=1)
             finite = torch.isfinite(er.sum(dim=(1, 2))) & torch.isfinite(j_sum.sum(dim=1))
             if not bool(finite.all()):  # a non-finite prediction or Jacobian: no data terms, rejected below
                 er = torch.where(finite[:, None, None], er, torch.zeros_like(er))
@@ -672,19 +678,18 @@ def _chunk_size(problem: _Problem, chunk_bytes: int = CPU_CHUNK_BYTES) -> int:
     return max(1, min(B, chunk_bytes // (n * n * R * R * 8)))
 
 
-def _element_terms(jac: torch.Tensor, er: torch.Tensor, upper: torch.Tensor, pairs: torch.Tensor,
+def _element_terms(jac: torch.Tensor, er: torch.Tensor, pairs: torch.Tensor,
                    elements: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Data terms of the CSD elements ``upper[elements]`` (flat indices i <= j).
+    """Data terms of some CSD elements i <= j (``elements`` of the Jacobian's last axis).
 
     Each element's Jacobian in real form (rows: real and imaginary parts of the frequencies)
     gives its Gram matrix (symmetric: the upper triangle, entries ``pairs``), ``J^T e`` with
     its error ``er`` (b, Ku, 2F), and its sum (to find non-finite Jacobians). ``jac`` is
-    (b, F, R, n, n). Returns (b, k, R (R + 1) / 2), (b, k, R) and (b, k) for the k elements.
+    (b, F, R, Ku). Returns (b, k, R (R + 1) / 2), (b, k, R) and (b, k) for the k elements.
     """
-    b, nf, R, n, _ = jac.shape
-    picked = upper[elements]
-    jr = torch.view_as_real(jac[..., picked // n, picked % n]).permute(0, 3, 1, 4, 2)
-    jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(b, picked.numel(), 2 * nf, R)
+    b, nf, R, _ = jac.shape
+    jr = torch.view_as_real(jac[..., elements]).permute(0, 3, 1, 4, 2)
+    jr = jr.to(torch.float64, memory_format=torch.contiguous_format).reshape(b, -1, 2 * nf, R)
     jt = jr.transpose(-1, -2)
     return (jt @ jr)[..., pairs[0], pairs[1]], (jt @ er[:, elements, :, None])[..., 0], jr.sum(dim=(2, 3))
 
@@ -765,16 +770,24 @@ def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
 
 
+def _subject_posterior(problem: _Problem, best: dict, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Parameters (1, P), predicted CSD (1, F, n, n) and posterior covariance (1, P, P) of subject b."""
+    idx = torch.tensor([b], device=problem.y.device)
+    p, basis = best["p"][idx], problem.basis[idx]
+    with torch.no_grad():
+        pred = problem.predict(p, idx)
+    return problem.theta(p, idx), pred, basis @ best["Cp"][idx] @ basis.transpose(-1, -2)
+
+
 def _posterior(problem: _Problem, state: dict, nf: int) -> Posterior:
     """Assemble the posterior of the kept state in SPM's full parameter space."""
     best = state["best"]
     B = problem.y.shape[0]
     n = problem.n
-    idx = torch.arange(B, device=problem.y.device)
-    theta = problem.theta(best["p"], idx)
-    with torch.no_grad():
-        pred = problem.predict(best["p"], idx)
-    cov = problem.basis @ best["Cp"] @ problem.basis.transpose(-1, -2)
+    # one subject at a time, on copies: a batched product rounds a matrix by its place in the
+    # batch (its memory alignment), and a run's numbers must not depend on its batch
+    theta, pred, cov = (torch.cat(parts) for parts in zip(*(_subject_posterior(problem, best, b) for b in range(B)),
+                                                          strict=True))
     params = {k: v.cpu().numpy() for k, v in unpack(theta, n).items()}
     resid = (problem.y - pred).abs().pow(2).sum(dim=(1, 2, 3))
     pss = pred.abs().pow(2).sum(dim=(1, 2, 3))

@@ -374,26 +374,28 @@ def predict_csd_tensor(
     (needed inside ``torch.func`` transforms).
     """
     params = unpack(theta, n)
-    return spectral_density(transfer_function(params, freqs, clamp_subjects), params, freqs, grid, csd_model)
+    return spectral_density(transfer_gain(transfer_function(params, freqs, clamp_subjects)), params, freqs, grid,
+                            csd_model)
+
+
+def transfer_gain(transfer: torch.Tensor) -> torch.Tensor:
+    """``S S^H`` (B, F, n, n) of transfer functions S: the CSD of unit white fluctuations."""
+    return transfer @ transfer.conj_physical().mT
 
 
 def spectral_density(
-    transfer: torch.Tensor,
+    gain: torch.Tensor,
     params: dict[str, torch.Tensor],
     freqs: torch.Tensor,
     grid: CcfGrid | None = None,
     csd_model: str = "spm12",
-    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Predicted CSD (B, F, n, n) from transfer functions and the spectral parameters.
+    """Predicted CSD (B, F, n, n) from the transfer functions' gains and the spectral parameters.
 
-    The second half of :func:`predict_csd_tensor`. ``source`` (B,) lets models share a
-    transfer function (SPM's finite differences along spectral parameters leave it
-    unchanged): model b uses ``transfer[source[b]]``; without it, model b uses its own.
+    The second half of :func:`predict_csd_tensor`; ``gain`` is :func:`transfer_gain` of the
+    transfer functions (models that share a transfer function share its gain: SPM's finite
+    differences along spectral parameters leave it unchanged).
     """
-    if source is not None:
-        transfer = transfer[source]
-    gain = transfer @ transfer.conj_physical().mT
     gu, global_noise, region_noise = fluctuation_spectra(params, freqs)
     csd = torch.addcmul(global_noise[:, :, None, None], gu[:, :, None, None], gain)
     # the diagonal carries the regional noise as well: gu S S^H + (global + regional)

@@ -1,0 +1,102 @@
+"""Where a default spectral DCM inversion's time goes: the cost of each step of an iteration.
+
+For each size (default 4, 15 and 21 regions) the subject of ``benchmarks/dcm_speed.py`` (same
+seed, 256 scans) is fitted with the default inversion on one thread (``workers=1``: the
+paths run one after the other, so each step's time is its own), with a timer around each
+step of the Gauss-Newton loop:
+
+* ``spm_jacobian``: SPM's finite differences (the model at p and at p + step along each of
+  the R directions of the reduced parameter space: R + 1 forward models);
+* ``exact_jacobian``: the structured forward-mode Jacobian;
+* ``element_terms``: the Gram matrix, J^T e and sums of every CSD element;
+* ``hyper_loop``: SPM's M-step of the CSD error precisions (up to 8 steps).
+
+Up to 8 regions both paths run as rows of one batch, whose Jacobian steps are timed
+together under ``mixed_jacobian``. Prints one JSON line: per size, R, the iterations of each
+path, seconds and calls of each step, seconds per forward model of SPM's finite
+differences, and the whole fit's seconds (the rest is bookkeeping and the free energy).
+
+Usage: python benchmarks/dcm_iteration_cost.py [--sizes 4 15 21] [--scans 256] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+from dcm_speed import random_coupling
+
+from bids_ketdcm.dcm import fit, simulate
+from bids_ketdcm.dcm import invert as engine
+from bids_ketdcm.threads import limit_threads
+
+
+def _timed(totals: dict, name: Callable[..., str], function: Callable) -> Callable:
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            key = name(*args)
+            totals[key]["seconds"] += time.perf_counter() - start
+            totals[key]["calls"] += 1
+    return wrapper
+
+
+def _jacobian_name(problem, p, idx) -> str:
+    spm = problem.spm_rows[idx]
+    return "spm_jacobian" if bool(spm.all()) else "exact_jacobian" if not bool(spm.any()) else "mixed_jacobian"
+
+
+def cost(y: np.ndarray, tr: float) -> dict:
+    """Seconds and calls of each step of one default fit of ``y``."""
+    totals: dict = defaultdict(lambda: {"seconds": 0.0, "calls": 0})
+    originals = {"predict_and_jacobian": engine._Problem.predict_and_jacobian,
+                 "_element_terms": engine._element_terms, "_hyper_loop": engine._hyper_loop}
+    engine._Problem.predict_and_jacobian = _timed(totals, _jacobian_name, originals["predict_and_jacobian"])
+    engine._element_terms = _timed(totals, lambda *a: "element_terms", originals["_element_terms"])
+    engine._hyper_loop = _timed(totals, lambda *a: "hyper_loop", originals["_hyper_loop"])
+    try:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            post = fit(y, tr, device="cpu", workers=1)
+        seconds = time.perf_counter() - start
+    finally:
+        engine._Problem.predict_and_jacobian = originals["predict_and_jacobian"]  # type: ignore[method-assign]
+        engine._element_terms = originals["_element_terms"]
+        engine._hyper_loop = originals["_hyper_loop"]
+    steps = {key: {"seconds": round(v["seconds"], 3), "calls": v["calls"]} for key, v in totals.items()}
+    R = int(np.linalg.matrix_rank(post.cov))
+    out = {"seconds": round(seconds, 3), "R": R, "F_exact": round(float(post.extra["F_exact"]), 4),
+           "F_spm": round(float(post.extra["F_spm"]), 4), "path": str(post.extra["path"]), "steps": steps}
+    if "spm_jacobian" in totals:
+        calls = totals["spm_jacobian"]["calls"]
+        out["seconds_per_spm_iteration_jacobian"] = round(totals["spm_jacobian"]["seconds"] / calls, 5)
+        out["seconds_per_forward_model"] = round(totals["spm_jacobian"]["seconds"] / calls / (R + 1), 6)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 15, 21])
+    parser.add_argument("--scans", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    limit_threads(1)
+    rng = np.random.default_rng(args.seed)
+    tr = 2.5
+    data = {n: simulate(random_coupling(n, rng), tr, args.scans, seed=args.seed + n) for n in args.sizes}
+    cost(data[args.sizes[0]], tr)  # warm-up: imports, allocator
+    print(json.dumps({"scans": args.scans, "sizes": {str(n): cost(y, tr) for n, y in data.items()}}))
+
+
+if __name__ == "__main__":
+    main()
