@@ -155,7 +155,7 @@ def test_finite_difference_jacobian_is_spm_forward_differences():
     idx = torch.arange(2)
     pred, jac = problem.predict_and_jacobian(p, idx)
     base = problem.predict(p, idx)
-    assert (pred - base).abs().max() <= 1e-12 * base.abs().max()
+    assert (pred - _upper(problem, base)).abs().max() <= 1e-12 * base.abs().max()
     step = math.exp(-8.0)
     for r in range(basis.shape[1]):
         e = torch.zeros_like(p)
@@ -188,8 +188,8 @@ def test_finite_difference_models_in_pieces_on_threads_are_the_same_models():
         problem.helpers = helpers
         on_threads = problem.predict_and_jacobian(p, torch.arange(2))
     assert torch.equal(alone[0], on_threads[0]) and torch.equal(alone[1], on_threads[1])
-    assert torch.equal(whole[0], on_threads[0])  # the model at p is one batch either way
-    assert (whole[1] - on_threads[1]).abs().max() <= 1e-9 * whole[1].abs().max()
+    for part in range(2):
+        assert (whole[part] - on_threads[part]).abs().max() <= 1e-9 * whole[part].abs().max()
 
 
 @pytest.mark.parametrize("n,csd_model", [(4, "spm12"), (11, "spm12"), (4, "direct")])

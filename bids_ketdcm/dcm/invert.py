@@ -193,8 +193,9 @@ class _Problem:
         #: and the threads that compute them with the calling one
         self.pieces = PIECES if self.n > SPLIT_MODELS_ABOVE else 1
         self.helpers: ThreadPoolExecutor | None = None
-        #: flat indices of the CSD elements i <= j, the Jacobian's last axis
+        #: flat indices of the CSD elements i <= j, the last axis of the prediction and Jacobian
         self.upper = hermitian_components(self.n, csd.device)[0]
+        self.y_upper = csd.reshape(csd.shape[:2] + (-1,))[..., self.upper]
 
     def in_pieces(self, compute: Callable[[slice], tuple[torch.Tensor, ...]], rows: int,
                   dim: int = 0) -> tuple[torch.Tensor, ...]:
@@ -233,10 +234,10 @@ class _Problem:
         return predict_csd_tensor(theta, self.freqs, self.n, clamp, self.grid, self.csd_model)
 
     def predict_and_jacobian(self, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prediction (b, F, n, n) and Jacobian (b, F, R, Ku) w.r.t. reduced parameters.
+        """Prediction (b, F, Ku) and Jacobian (b, F, R, Ku) w.r.t. reduced parameters.
 
-        The Jacobian holds the CSD elements i <= j (flat indices ``self.upper``; the others
-        are their conjugates). Rows of ``spm_rows`` take SPM's finite differences, the
+        Both hold the CSD elements i <= j (flat indices ``self.upper``; the others are their
+        conjugates). Rows of ``spm_rows`` take SPM's finite differences, the
         others ``jacobian``:
 
         ``analytic``: structured forward mode (:mod:`bids_ketdcm.dcm.jacobian`); exact,
@@ -272,7 +273,8 @@ class _Problem:
 
             tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
             pred, jac = vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)  # type: ignore[arg-type,misc]
-        return pred, jac[..., self.upper // self.n, self.upper % self.n]
+        i, j = self.upper // self.n, self.upper % self.n
+        return pred[..., i, j], jac[..., i, j]
 
     def _finite_differences(self, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, basis = self.mean[idx], self.basis[idx]
@@ -282,25 +284,26 @@ class _Problem:
         # as SPM's spm_diff: the model at p, and at p + step along each basis direction; the
         # directions along spectral parameters share the transfer function (and its gain) of p
         step = math.exp(-8.0)
-        shifted = (theta[:, None] + step * basis.transpose(-1, -2)).reshape(b * R, -1)
-        base = unpack(theta, n)
-        base_gain = transfer_gain(transfer_function(base, self.freqs, clamped_subjects(base)))
-        pred = spectral_density(base_gain, base, self.freqs, self.grid, self.csd_model)
-        pred_upper = pred.reshape(b, nf, n * n)[..., self.upper]
-        moves = self.moves_transfer[idx].flatten()  # (b R,)
-        row = torch.arange(b, device=p.device).repeat_interleave(R)
+        models = torch.cat([theta[:, None], theta[:, None] + step * basis.transpose(-1, -2)], dim=1)
+        models = models.reshape(b * (R + 1), -1)
+        moves = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=p.device), self.moves_transfer[idx]], dim=1)
+        moves = moves.flatten()  # (b (R + 1),): the models whose transfer function is not their expansion point's
+        row = torch.arange(b, device=p.device).repeat_interleave(R + 1)
 
-        def differences(models: slice) -> tuple[torch.Tensor]:
-            part, own = unpack(shifted[models], n), moves[models]
-            gain = base_gain[row[models]]
-            if bool(own.any()):
-                moved = unpack(shifted[models][own], n)
-                gain[own] = transfer_gain(transfer_function(moved, self.freqs, clamped_subjects(moved)))
-            csd = spectral_density(gain, part, self.freqs, self.grid, self.csd_model)
-            return ((csd.reshape(-1, nf, n * n)[..., self.upper] - pred_upper[row[models]]).div_(step),)
+        def elements(rows: slice) -> tuple[torch.Tensor]:
+            # the transfer gains of the piece's expansion points, then of its models that move them
+            first, last = rows.start // (R + 1), (rows.stop - 1) // (R + 1)
+            own = moves[rows]
+            computed = unpack(torch.cat([theta[first:last + 1], models[rows][own]]), n)
+            gain = transfer_gain(transfer_function(computed, self.freqs, clamped_subjects(computed)))
+            source = torch.where(own, last - first + torch.cumsum(own, 0), row[rows] - first)
+            csd = spectral_density(gain[source], unpack(models[rows], n), self.freqs, self.grid, self.csd_model)
+            return (csd.reshape(-1, nf, n * n)[..., self.upper],)
 
-        (jac,) = self.in_pieces(differences, b * R)  # (b R, F, Ku), models in pieces
-        return pred, jac.reshape(b, R, nf, -1).transpose(1, 2)
+        (pred,) = self.in_pieces(elements, b * (R + 1))  # (b (R + 1), F, Ku), models in pieces
+        pred = pred.reshape(b, R + 1, nf, -1)
+        jac = (pred[:, 1:] - pred[:, :1]).div_(step)
+        return pred[:, 0], jac.transpose(1, 2)
 
 
 @task_threads(1)
@@ -596,11 +599,11 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
             break
         iterations[active] = k
         for idx in active.split(chunk):
-            pred, jac = problem.predict_and_jacobian(p[idx], idx)  # jac: (b, F, R, Ku)
             # CSD, prediction and Jacobian are Hermitian: element (j, i) is the conjugate of
             # (i, j), with the same Gram matrix, residual norm and hyperparameter; only the
             # elements i <= j are formed, and sums over elements weigh the others twice
-            err = (y[idx] - pred).reshape(-1, nf, K)[..., upper]  # (b, F, Ku)
+            pred, jac = problem.predict_and_jacobian(p[idx], idx)  # (b, F, Ku), (b, F, R, Ku)
+            err = problem.y_upper[idx] - pred
             er = torch.view_as_real(err).permute(0, 2, 1, 3).reshape(-1, upper.numel(), 2 * nf)
             # (b, Ku, R (R + 1) / 2), (b, Ku, R), (b, Ku): on the helper threads above 8 regions
             gram, jte, j_sum = problem.in_pieces(partial(_element_terms, jac, er, pairs), upper.numel(), dim=1)
