@@ -642,8 +642,8 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
             if r_idx.numel():
                 h[r_idx] = best["h"][r_idx]
                 v[r_idx] = torch.clamp(v[r_idx] - 2.0, max=-4.0)
-            for j, b in enumerate(idx.tolist()):
-                history[b].append(float(F[j]) if bool(accept[j]) else float("nan"))
+            for b, value, taken in zip(idx.tolist(), F.tolist(), accept.tolist(), strict=True):
+                history[b].append(value if taken else float("nan"))
             dp = _local_step(best["H"][idx], best["g"][idx], v[idx])
             p[idx] = best["p"][idx] + dp
             gain = (best["g"][idx] * dp).sum(-1)
@@ -710,29 +710,39 @@ def _hyper_loop(h: torch.Tensor, gram: torch.Tensor, pairs: torch.Tensor, mirror
     free energy and the E-step) and the updated hyperparameters ``h_new``.
     """
     rows, cols = pairs
-    twice = torch.where(rows == cols, 1.0, 2.0).to(gram.dtype)  # tr(C G) = sum over i <= j, twice off the diagonal
+    # halves of SPM's terms, formed from halved factors (the same numbers: halving is exact):
+    # tr(C G) / 2 = sum over i <= j of C_ij G_ij, halved on the diagonal
+    half_once = torch.where(rows == cols, 0.5, 1.0).to(gram.dtype)
+    half_err2, half_nf = err2 / 2, nf / 2
     prior = torch.diag_embed(ipc)
     active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    every = True  # whether every subject steps in the next inner step
     start = h
     for _ in range(_HYPER_STEPS):
+        stepped_all = every
         eh, prec, Pp, cp = _precisions(h, gram, mirror, prior, weight)
         ratio = eh / prec
-        trace = (gram @ (cp[:, rows, cols] * twice)[..., None])[..., 0]
-        dFdh = nf * ratio / 2 - eh * err2 / 2 - trace * eh / 2 - HYPER_PRECISION * (h - HYPER_MEAN)
-        curv = -nf * ratio * ratio / 2 - HYPER_PRECISION
+        half_trace = (gram @ (cp[:, rows, cols] * half_once)[..., None])[..., 0]
+        dFdh = half_nf * ratio - eh * half_err2 - half_trace * eh - HYPER_PRECISION * (h - HYPER_MEAN)
+        curv = -half_nf * ratio * ratio - HYPER_PRECISION
         step = torch.expm1(math.exp(4.0) * curv) / curv * dFdh
         step = torch.clamp(step, -1.0, 1.0)
         stepping = active
-        start = torch.where(stepping[:, None], h, start)
-        h = torch.where(stepping[:, None], h + step, h)
+        if every:
+            start, h = h, h + step
+        else:
+            start = torch.where(stepping[:, None], h, start)
+            h = torch.where(stepping[:, None], h + step, h)
         gain = (weight * dFdh * step).sum(-1)
         active = stepping & (gain >= 1e-2)
-        if not bool(active.any()):
+        still = int(active.sum())
+        if still == 0:
             break
-    if not bool(stepping.all()):  # some subjects took their last step earlier: their quantities again
+        every = still == active.numel()
+    if not stepped_all:  # some subjects took their last step earlier: their quantities again
         eh, prec, Pp, cp = _precisions(start, gram, mirror, prior, weight)
         ratio = eh / prec
-        curv = -nf * ratio * ratio / 2 - HYPER_PRECISION
+        curv = -half_nf * ratio * ratio - HYPER_PRECISION
     return {"prec": prec, "Cp": cp, "Pp": Pp, "h": start, "curv": curv, "h_new": h}
 
 
@@ -743,8 +753,8 @@ def _precisions(h: torch.Tensor, gram: torch.Tensor, mirror: torch.Tensor, prior
     eh = torch.exp(h)
     prec = _HYPER_FLOOR + eh
     upper = ((weight * prec)[:, None] @ gram)[:, 0]
-    Pp = upper[:, mirror].view(prior.shape)
-    cp = torch.linalg.inv(Pp + prior)
+    Pp = upper.index_select(1, mirror).view(prior.shape)
+    cp = torch.linalg.inv_ex(Pp + prior).inverse  # Pp + prior is positive definite
     return eh, prec, Pp, (cp + cp.transpose(-1, -2)) / 2
 
 
