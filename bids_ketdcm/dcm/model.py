@@ -248,15 +248,21 @@ def csd_to_autocovariance(csd: torch.Tensor, grid: CcfGrid, max_lag: int) -> tor
     return (kernel @ csd.reshape(B, F, n * n)).reshape(B, max_lag + 1, n, n).real
 
 
+@functools.cache
 def autocovariance_kernel(n_freqs: int, grid: CcfGrid, max_lag: int, ctype: torch.dtype,
                           device: torch.device | None = None) -> torch.Tensor:
-    """(max_lag + 1, F) complex kernel of :func:`csd_to_autocovariance` (real part taken after)."""
+    """(max_lag + 1, F) complex kernel of :func:`csd_to_autocovariance` (real part taken after).
+
+    Cached: every prediction of an inversion uses the same one (read only; a normal tensor,
+    also when first made in inference mode, so that autograd may use it).
+    """
     length = 2 * grid.n_lags + 1
     real = torch.float64 if ctype == torch.complex128 else torch.float32
-    lag = torch.arange(max_lag + 1, dtype=real, device=device)
-    position = torch.arange(n_freqs, dtype=real, device=device) + grid.start + 1
-    kernel = torch.exp((2j * math.pi / length) * (lag[:, None] * position[None, :]).to(ctype))
-    return kernel * (2.0 * grid.n_lags * grid.df / length)
+    with torch.inference_mode(False):
+        lag = torch.arange(max_lag + 1, dtype=real, device=device)
+        position = torch.arange(n_freqs, dtype=real, device=device) + grid.start + 1
+        kernel = torch.exp((2j * math.pi / length) * (lag[:, None] * position[None, :]).to(ctype))
+        return kernel * (2.0 * grid.n_lags * grid.df / length)
 
 
 def ccf_to_mar(cov: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
