@@ -12,8 +12,8 @@ step of the Gauss-Newton loop:
 * ``hyper_loop``: SPM's M-step of the CSD error precisions (up to 8 steps).
 
 Up to 8 regions both paths run as rows of one batch, whose Jacobian steps are timed
-together under ``mixed_jacobian``. Prints one JSON line: per size, R, the iterations of each
-path, seconds and calls of each step, seconds per forward model of SPM's finite
+together under ``mixed_jacobian``. Prints one JSON line: per size, R, seconds and calls of
+each step (a Jacobian's calls are its path's iterations), seconds per forward model of SPM's finite
 differences, and the whole fit's seconds (the rest is bookkeeping and the free energy).
 
 Usage: python benchmarks/dcm_iteration_cost.py [--sizes 4 15 21] [--scans 256] [--seed 0]
@@ -31,9 +31,9 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
-from dcm_speed import random_coupling
+from dcm_speed import TR, add_subject_arguments, simulate_subjects
 
-from bids_ketdcm.dcm import fit, simulate
+from bids_ketdcm.dcm import fit
 from bids_ketdcm.threads import limit_threads
 
 engine = importlib.import_module("bids_ketdcm.dcm.invert")  # the module (the package exports its function)
@@ -88,16 +88,12 @@ def cost(y: np.ndarray, tr: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 15, 21])
-    parser.add_argument("--scans", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    add_subject_arguments(parser)
     args = parser.parse_args()
     limit_threads(1)
-    rng = np.random.default_rng(args.seed)
-    tr = 2.5
-    data = {n: simulate(random_coupling(n, rng), tr, args.scans, seed=args.seed + n) for n in args.sizes}
-    cost(data[args.sizes[0]], tr)  # warm-up: imports, allocator
-    print(json.dumps({"scans": args.scans, "sizes": {str(n): cost(y, tr) for n, y in data.items()}}))
+    data = simulate_subjects(args)
+    cost(data[args.sizes[0]], TR)  # warm-up: imports, allocator
+    print(json.dumps({"scans": args.scans, "sizes": {str(n): cost(y, TR) for n, y in data.items()}}))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,23 @@ def random_coupling(n: int, rng: np.random.Generator) -> np.ndarray:
     return A
 
 
+#: Repetition time (s) of the benchmark subjects.
+TR = 2.5
+
+
+def add_subject_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the benchmark subjects: ``--sizes``, ``--scans``, ``--seed``."""
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 15, 21])
+    parser.add_argument("--scans", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def simulate_subjects(args: argparse.Namespace) -> dict[int, np.ndarray]:
+    """One simulated subject per size (regions -> (scans, regions) series, TR ``TR``)."""
+    rng = np.random.default_rng(args.seed)
+    return {n: simulate(random_coupling(n, rng), TR, args.scans, seed=args.seed + n) for n in args.sizes}
+
+
 def _spin(stop: mp.synchronize.Event) -> None:
     """Keep one core busy until told to stop (the 'other job' of a shared node)."""
     x = 0
@@ -77,23 +94,19 @@ def _time_fits(data: dict[int, np.ndarray], tr: float, config: str) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 15, 21])
-    parser.add_argument("--scans", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    add_subject_arguments(parser)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="thread configurations timed (see the module's docstring)")
     args = parser.parse_args()
     load_start = os.getloadavg()
-    rng = np.random.default_rng(args.seed)
-    tr = 2.5
-    data = {n: simulate(random_coupling(n, rng), tr, args.scans, seed=args.seed + n) for n in args.sizes}
-    _time_fits({4: data[args.sizes[0]]}, tr, "serial")  # warm-up: imports, allocator
-    runs = {f"idle_{c}": _time_fits(data, tr, c) for c in args.configs}
+    data = simulate_subjects(args)
+    _time_fits({4: data[args.sizes[0]]}, TR, "serial")  # warm-up: imports, allocator
+    runs = {f"idle_{c}": _time_fits(data, TR, c) for c in args.configs}
     stop = mp.Event()
     spinner = mp.Process(target=_spin, args=(stop,), daemon=True)
     spinner.start()
     try:
-        runs.update({f"busy_{c}": _time_fits(data, tr, c) for c in args.configs})
+        runs.update({f"busy_{c}": _time_fits(data, TR, c) for c in args.configs})
     finally:
         stop.set()
         spinner.join()

@@ -572,7 +572,7 @@ def _gauss_newton(problem: _Problem, max_iterations: int, progress: bool, stop_g
     K = n * n
     R = problem.ipc.shape[-1]
     ipc = problem.ipc
-    upper, _, weight = hermitian_components(n, dev)
+    upper, weight = problem.upper, hermitian_components(n, dev)[2]
     pairs = torch.triu_indices(R, R, device=dev)
     mirror = hermitian_components(R, dev)[1]  # an R x R symmetric matrix from its entries `pairs`
     p = torch.zeros(B, R, dtype=torch.float64, device=dev)
