@@ -254,8 +254,9 @@ def _check_model_options(kw: dict, problems: list[str]) -> None:
         show_default=True, section=ROIS, help="ROI summary: first eigenvariate (SPM's VOI) or mean.")
 @option("--dcm-jacobian", type=click.Choice(["analytic", "autograd", "finite-difference"]),
         default="analytic", show_default=True, section=DCM,
-        help="Exact Jacobian by structured forward mode (fast), the same by torch.func autograd (slower), "
-        "or SPM12's finite differences (SPM's path exactly).")
+        help="analytic: exact Jacobian by structured forward mode, and SPM12's own path run as well, the higher "
+        "free energy kept (sidecar: PathKept); autograd: the same with torch.func's Jacobian (slower); "
+        "finite-difference: SPM12's path alone (its finite differences, iterates and free energy).")
 @option("--dcm-csd-model", type=click.Choice(["spm12", "direct"]), default="spm12", show_default=True, section=DCM,
         help="Predicted CSD: SPM12's (with its AR(7) round trip), or direct (the transfer-function CSD "
         "without it: fits 1/f-like spectra better, not SPM12).")
