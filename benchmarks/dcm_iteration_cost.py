@@ -16,6 +16,13 @@ together under ``mixed_jacobian``. Prints one JSON line: per size, R, seconds an
 each step (a Jacobian's calls are its path's iterations), seconds per forward model of SPM's finite
 differences, and the whole fit's seconds (the rest is bookkeeping and the free energy).
 
+``forward_model_ms`` splits one forward model into its stages (milliseconds per model, the
+fastest of 7 calls on R + 1 models as SPM's finite differences form them: the fit's posterior
+mean, and that mean moved by SPM's step along each of its first R parameters):
+``transfer_function`` (32 inverses of n x n complex matrices), ``gain`` (S S^H),
+``spectra`` (fluctuations and noise added), ``autocovariance`` (CSD -> 8 lags),
+``yule_walker`` (the n p x n p solve) and ``ar_to_csd`` (32 more inverses and two products).
+
 Usage: python benchmarks/dcm_iteration_cost.py [--sizes 4 15 21] [--scans 256] [--seed 0]
 """
 
@@ -25,15 +32,19 @@ import argparse
 import functools
 import importlib
 import json
+import math
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from dcm_speed import TR, add_subject_arguments, simulate_subjects
 
-from bids_ketdcm.dcm import fit
+from bids_ketdcm.dcm import fit, model
+from bids_ketdcm.dcm.invert import Posterior
+from bids_ketdcm.dcm.priors import ParamLayout
 from bids_ketdcm.threads import limit_threads
 
 engine = importlib.import_module("bids_ketdcm.dcm.invert")  # the module (the package exports its function)
@@ -83,6 +94,45 @@ def cost(y: np.ndarray, tr: float) -> dict:
         calls = totals["spm_jacobian"]["calls"]
         out["seconds_per_spm_iteration_jacobian"] = round(totals["spm_jacobian"]["seconds"] / calls, 5)
         out["seconds_per_forward_model"] = round(totals["spm_jacobian"]["seconds"] / calls / (R + 1), 6)
+    out["forward_model_ms"] = forward_model_stages(post, R)
+    return out
+
+
+def forward_model_stages(post: Posterior, R: int) -> dict[str, float]:
+    """Milliseconds per model of each stage of the forward model, on R + 1 models (see module doc)."""
+    n = post.A.shape[-1]
+    theta = torch.from_numpy(ParamLayout(n).pack(post.params))
+    models = theta.repeat(R + 1, 1)
+    models[1:, :R] += math.exp(-8.0) * torch.eye(R, dtype=theta.dtype)
+    freqs = torch.from_numpy(post.freqs)
+    grid = model.CcfGrid.from_freqs(freqs)
+    params = model.unpack(models, n)
+    clamp = model.clamped_subjects(params)
+    order = model.MODEL_AR_ORDER
+    stages: dict[str, Callable[[], object]] = {}
+    with torch.inference_mode():
+        stages["transfer_function"] = lambda: model.transfer_function(params, freqs, clamp)
+        S = model.transfer_function(params, freqs, clamp)
+        stages["gain"] = lambda: model.transfer_gain(S)
+        gain = model.transfer_gain(S)
+        stages["spectra"] = lambda: model.spectral_density(gain, params, freqs, grid, "direct")
+        csd = model.spectral_density(gain, params, freqs, grid, "direct")
+        stages["autocovariance"] = lambda: model.csd_to_autocovariance(csd, grid, order)
+        cov = model.csd_to_autocovariance(csd, grid, order)
+        stages["yule_walker"] = lambda: model.ccf_to_mar(cov, order)
+        lags, noise_cov = model.ccf_to_mar(cov, order)
+        stages["ar_to_csd"] = lambda: model.mar_to_csd(lags, noise_cov, freqs, grid.ns)
+        stages["whole"] = lambda: model.spectral_density(model.transfer_gain(model.transfer_function(
+            params, freqs, clamp)), params, freqs, grid, "spm12")
+        out = {}
+        for name, stage in stages.items():
+            stage()
+            times = []
+            for _ in range(7):
+                start = time.perf_counter()
+                stage()
+                times.append(time.perf_counter() - start)
+            out[name] = round(min(times) * 1e3 / (R + 1), 4)
     return out
 
 
