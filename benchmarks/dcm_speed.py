@@ -13,6 +13,11 @@ An inversion never uses torch's intra-op threads, whatever ``--omp-nthreads`` sa
 (:func:`bids_ketdcm.threads.task_threads`): on this 2-core machine, busy, a 15-region fit on 2
 intra-op threads took 106-197 s against 9 s under the app policy.
 
+With ``--batch N`` (N > 1) each size's fit inverts N subjects in one call instead, as the
+participant level inverts a dataset's runs of equal length and TR: the benchmark subject and
+N - 1 more drawn the same way (seed ``--seed`` + 1000 + regions); ``seconds_per_subject`` is
+the call's wall time over N.
+
 Prints one JSON line: the seconds, CPU seconds, iterations and convergence of every fit,
 and the ratios ``app / serial`` (idle and busy) and ``busy / idle`` of each configuration.
 Results are identical across configurations (the free energies are printed). The load
@@ -20,6 +25,7 @@ average when the run started and ended is printed too (on a shared machine the w
 also counts other jobs' time).
 
 Usage: python benchmarks/dcm_speed.py [--sizes 4 15 21] [--configs serial app] [--scans 256] [--seed 0]
+[--batch 1]
 """
 
 from __future__ import annotations
@@ -65,6 +71,14 @@ def simulate_subjects(args: argparse.Namespace) -> dict[int, np.ndarray]:
     return {n: simulate(random_coupling(n, rng), TR, args.scans, seed=args.seed + n) for n in args.sizes}
 
 
+def batch_of_subjects(first: np.ndarray, n_subjects: int, scans: int, seed: int) -> np.ndarray:
+    """(n_subjects, scans, regions): ``first`` and ``n_subjects - 1`` more drawn like it."""
+    n = first.shape[-1]
+    rng = np.random.default_rng(seed + 1000 + n)
+    more = [simulate(random_coupling(n, rng), TR, scans, seed=seed + 1000 + n + k) for k in range(1, n_subjects)]
+    return np.stack([first] + more)
+
+
 def _spin(stop: mp.synchronize.Event) -> None:
     """Keep one core busy until told to stop (the 'other job' of a shared node)."""
     x = 0
@@ -84,11 +98,18 @@ def _time_fits(data: dict[int, np.ndarray], tr: float, config: str) -> dict[str,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             post = fit(y, tr, device="cpu", workers=workers)
-        out[str(n)] = {"seconds": round(time.perf_counter() - start, 3),
-                       "cpu_seconds": round(time.process_time() - cpu, 3), "iterations": int(post.iterations),
-                       "converged": bool(post.converged), "F": round(float(post.F), 4),
-                       "path": str(post.extra["path"]), "torch_threads": post.extra["threads"]["TorchThreads"],
-                       "workers": int(post.extra["workers"])}
+        seconds = time.perf_counter() - start
+        out[str(n)] = {"seconds": round(seconds, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
+                       "torch_threads": post.extra["threads"]["TorchThreads"], "workers": int(post.extra["workers"])}
+        if y.ndim == 2:
+            out[str(n)].update({"iterations": int(post.iterations), "converged": bool(post.converged),
+                                "F": round(float(post.F), 4), "path": str(post.extra["path"])})
+        else:
+            paths, counts = np.unique(post.extra["path"], return_counts=True)
+            out[str(n)].update({"subjects": len(y), "seconds_per_subject": round(seconds / len(y), 3),
+                                "iterations_max": int(post.iterations.max()), "converged": int(post.converged.sum()),
+                                "F_sum": round(float(post.F.sum()), 4),
+                                "paths": {str(k): int(v) for k, v in zip(paths, counts, strict=True)}})
     return out
 
 
@@ -97,10 +118,14 @@ def main() -> None:
     add_subject_arguments(parser)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="thread configurations timed (see the module's docstring)")
+    parser.add_argument("--batch", type=int, default=1, help="subjects inverted together in each fit")
     args = parser.parse_args()
     load_start = os.getloadavg()
     data = simulate_subjects(args)
-    _time_fits({4: data[args.sizes[0]]}, TR, "serial")  # warm-up: imports, allocator
+    if args.batch > 1:
+        data = {n: batch_of_subjects(y, args.batch, args.scans, args.seed) for n, y in data.items()}
+    first = data[args.sizes[0]]
+    _time_fits({4: first if first.ndim == 2 else first[0]}, TR, "serial")  # warm-up: imports, allocator
     runs = {f"idle_{c}": _time_fits(data, TR, c) for c in args.configs}
     stop = mp.Event()
     spinner = mp.Process(target=_spin, args=(stop,), daemon=True)
@@ -117,7 +142,7 @@ def main() -> None:
         if "serial" in args.configs:
             ratios[n].update({f"{c}_vs_serial_{load}": round(sec[f"{load}_{c}"] / sec[f"{load}_serial"], 2)
                               for c in args.configs if c != "serial" for load in ("idle", "busy")})
-    print(json.dumps({"cpus": available_cpus(), "torch": torch.__version__, "scans": args.scans,
+    print(json.dumps({"cpus": available_cpus(), "torch": torch.__version__, "scans": args.scans, "batch": args.batch,
                       "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
                       "runs": runs, "ratios": ratios}))
 
