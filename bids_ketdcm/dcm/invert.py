@@ -195,7 +195,13 @@ class _Problem:
         self.helpers: ThreadPoolExecutor | None = None
         #: flat indices of the CSD elements i <= j, the last axis of the prediction and Jacobian
         self.upper = hermitian_components(self.n, csd.device)[0]
-        self.y_upper = csd.reshape(csd.shape[:2] + (-1,))[..., self.upper]
+        self._upper_rows, self._upper_cols = self.upper // self.n, self.upper % self.n
+        self.y_upper = self.upper_elements(csd)
+
+    def upper_elements(self, x: torch.Tensor) -> torch.Tensor:
+        """The CSD elements i <= j (flat indices ``self.upper``) of (..., n, n) spectra or
+        their tangents, as (..., Ku): the last axis of the prediction and Jacobian."""
+        return x[..., self._upper_rows, self._upper_cols]
 
     def in_pieces(self, compute: Callable[[slice], tuple[torch.Tensor, ...]], rows: int,
                   dim: int = 0) -> tuple[torch.Tensor, ...]:
@@ -273,8 +279,7 @@ class _Problem:
 
             tangents = torch.eye(R, dtype=p.dtype, device=p.device)[:, None, :].expand(R, b, R)
             pred, jac = vmap(lambda t: jvp(forward, (p,), (t,)), out_dims=(None, 2))(tangents)  # type: ignore[arg-type,misc]
-        i, j = self.upper // self.n, self.upper % self.n
-        return pred[..., i, j], jac[..., i, j]
+        return self.upper_elements(pred), self.upper_elements(jac)
 
     def _finite_differences(self, p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, basis = self.mean[idx], self.basis[idx]
@@ -298,7 +303,7 @@ class _Problem:
             gain = transfer_gain(transfer_function(computed, self.freqs, clamped_subjects(computed)))
             source = torch.where(own, last - first + torch.cumsum(own, 0), row[rows] - first)
             csd = spectral_density(gain[source], unpack(models[rows], n), self.freqs, self.grid, self.csd_model)
-            return (csd.reshape(-1, nf, n * n)[..., self.upper],)
+            return (self.upper_elements(csd),)
 
         (pred,) = self.in_pieces(elements, b * (R + 1))  # (b (R + 1), F, Ku), models in pieces
         pred = pred.reshape(b, R + 1, nf, -1)
