@@ -1,7 +1,7 @@
 """21-region spectral DCM on simulated subjects: share converged within SPM's 128 iterations.
 
 Each subject's series is simulated from its own sparse coupling matrix
-(:func:`dcm_speed.random_coupling`) and fitted with the default inversion (exact path plus
+(:func:`bids_ketdcm.testing.fixtures.random_coupling`) and fitted with the default inversion (exact path plus
 SPM's path, the higher evidence kept) under the app's default thread policy (one thread
 per task, the two paths at once on every CPU of this machine; ``--serial``: one thread). Prints one
 JSON line: subjects, share converged (SPM's criterion), iterations, seconds per subject
@@ -20,9 +20,9 @@ import time
 import warnings
 
 import numpy as np
-from dcm_speed import random_coupling
 
 from bids_ketdcm.dcm import fit, simulate
+from bids_ketdcm.testing.fixtures import random_coupling
 from bids_ketdcm.threads import limit_threads, resolve
 
 

@@ -19,9 +19,9 @@ import warnings
 
 import numpy as np
 import torch
-from dcm_speed import random_coupling
 
 from bids_ketdcm.dcm import fit, simulate
+from bids_ketdcm.testing.fixtures import random_coupling
 from bids_ketdcm.threads import limit_threads
 
 

@@ -41,17 +41,11 @@ import numpy as np
 import torch
 
 from bids_ketdcm.dcm import fit, simulate
+from bids_ketdcm.testing.fixtures import random_coupling
 from bids_ketdcm.threads import available_cpus, limit_threads, resolve
 
 #: Configuration -> (nprocs, omp_nthreads); None: the app's default (every CPU, one thread per task).
 CONFIGS: dict[str, tuple[int, int] | None] = {"serial": (1, 1), "app": None}
-
-
-def random_coupling(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A stable coupling matrix: self-inhibition -0.5 Hz, sparse off-diagonal links."""
-    A = rng.normal(0.0, 0.1, (n, n)) * (rng.random((n, n)) < 0.4)
-    np.fill_diagonal(A, -0.5)
-    return A
 
 
 #: Repetition time (s) of the benchmark subjects.

@@ -14,6 +14,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from bids_ketdcm.dcm import fit, simulate
+from bids_ketdcm.testing.fixtures import random_coupling
 from bids_ketdcm.threads import ThreadPolicy, available_cpus, resolve, threads_in_force
 
 
@@ -71,21 +72,13 @@ def test_cli_refuses_more_threads_per_task_than_cpus(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _sparse_coupling(rng: np.random.Generator, n: int = 11) -> np.ndarray:
-    """A stable coupling matrix as benchmarks/dcm_speed.py draws it: self-inhibition -0.5 Hz,
-    sparse off-diagonal links."""
-    A = rng.normal(0.0, 0.1, (n, n)) * (rng.random((n, n)) < 0.4)
-    np.fill_diagonal(A, -0.5)
-    return A
-
-
 def test_inversion_ignores_the_process_thread_counts():
     """A DCM inversion runs on one torch and BLAS thread per unit whatever the process was
     given: an 11-region fit under 2 torch and 2 BLAS threads (one unit at a time) is
     bit-identical to one under 1 thread with its two paths on 2 units (without that, torch's
     2-thread reductions round differently and the fit ended 1 nat away), the sidecar's thread
     record says what the inversion used, and the process's counts are restored after it."""
-    y = simulate(_sparse_coupling(np.random.default_rng(1)), 2.5, 192, seed=1)
+    y = simulate(random_coupling(11, np.random.default_rng(1)), 2.5, 192, seed=1)
     previous = torch.get_num_threads()
     try:
         with warnings.catch_warnings():
@@ -113,7 +106,7 @@ def test_large_runs_do_not_depend_on_their_batch():
     together, they differed by 1.7e-11 after 16 iterations, and the exact path carries such
     rounding to ~0.1 nat)."""
     rng = np.random.default_rng(1)
-    ys = simulate(np.stack([_sparse_coupling(rng), _sparse_coupling(rng)]), 2.5, 192, seed=2)
+    ys = simulate(np.stack([random_coupling(11, rng), random_coupling(11, rng)]), 2.5, 192, seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         alone = fit(ys[1], 2.5, max_iterations=16)

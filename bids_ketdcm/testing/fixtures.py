@@ -1,4 +1,5 @@
-"""Fixture writers: derivative files as the participant level would leave them (tests, benchmarks).
+"""Fixtures for tests and benchmarks: derivative files as the participant level would leave
+them, and the coupling matrices simulated subjects are drawn with.
 
 Never imported by the runtime.
 """
@@ -20,6 +21,16 @@ from bids_ketdcm.bids.naming import (
 from bids_ketdcm.dcm.peb import coupling_hz
 from bids_ketdcm.dcm.priors import ParamLayout
 from bids_ketdcm.io import write_json, write_tsv
+
+
+def random_coupling(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A stable coupling matrix (Hz): self-inhibition -0.5 Hz, sparse off-diagonal links.
+
+    Each off-diagonal link is present with probability 0.4, then normal with sd 0.1 Hz.
+    """
+    A = rng.normal(0.0, 0.1, (n, n)) * (rng.random((n, n)) < 0.4)
+    np.fill_diagonal(A, -0.5)
+    return A
 
 
 def write_a_matrix(
