@@ -33,10 +33,6 @@ from bids_ketdcm.dcm import estimate_csd, invert, scale_timeseries  # noqa: E402
 from bids_ketdcm.dcm.priors import MAX_NODES, projected_A_covariance  # noqa: E402
 from bids_ketdcm.threads import limit_threads  # noqa: E402
 
-#: SPM's iteration counts of the simulated cases (tests/data/spm-reference/README.md); the
-#: real cases record theirs in meta.json
-SIMULATED_SPM_ITERATIONS = {"n04_seed1": 44, "n04_seed2": 24, "n11_seed1": 60}
-
 
 def agreement(name: str) -> dict:
     """The table's figures for one reference case."""
@@ -45,8 +41,7 @@ def agreement(name: str) -> dict:
     csd, freqs = estimate_csd(scaled, case.tr)
     prior_cov_A = projected_A_covariance(scaled) if case.n > MAX_NODES else None
     spm_A, spm_F = case.array("spm_Ep_A.txt"), float(case.meta["F"])
-    spm_iterations = case.meta.get("iterations", SIMULATED_SPM_ITERATIONS.get(name))
-    row: dict = {"case": name, "n": case.n, "real": case.has("source.txt"), "spm_iterations": spm_iterations}
+    row: dict = {"case": name, "n": case.n, "real": case.has("source.txt"), "spm_iterations": case.spm_iterations}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         default = invert(csd, freqs, prior_cov_A=prior_cov_A, device="cpu")

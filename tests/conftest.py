@@ -33,6 +33,11 @@ def load_spm_csd(path: Path, n: int) -> np.ndarray:
     return out
 
 
+#: SPM's iteration counts of the simulated cases (tests/data/spm-reference/README.md); the
+#: real cases record theirs in meta.json.
+SIMULATED_SPM_ITERATIONS = {"n04_seed1": 44, "n04_seed2": 24, "n11_seed1": 60}
+
+
 class SpmCase:
     """One SPM12 reference case (DESIGN.md section 7, 'Reference files')."""
 
@@ -65,6 +70,11 @@ class SpmCase:
     @property
     def meta(self) -> dict:
         return json.loads((self.path / "meta.json").read_text())
+
+    @property
+    def spm_iterations(self) -> int | None:
+        """SPM12's Gauss-Newton iterations on this case (meta.json, else the simulated cases' record)."""
+        return self.meta.get("iterations", SIMULATED_SPM_ITERATIONS.get(self.name))
 
 
 def spm_cases(real: bool = False) -> list[str]:

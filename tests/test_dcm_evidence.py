@@ -17,9 +17,6 @@ from bids_ketdcm.dcm import estimate_csd, invert, scale_timeseries
 from bids_ketdcm.dcm.invert import Posterior
 from bids_ketdcm.dcm.priors import MAX_NODES, prior_variance, projected_A_covariance
 
-#: SPM's iteration counts of the simulated cases (tests/data/spm-reference/README.md); the
-#: real cases record theirs in meta.json.
-SIMULATED_SPM_ITERATIONS = {"n04_seed1": 44, "n04_seed2": 24, "n11_seed1": 60}
 #: n11_seed1's SPM run predates recording SPM's basis of the reduced parameter space; above 8
 #: regions SPM's finite-difference path depends on that basis (DESIGN.md section 7), so SPM's
 #: path cannot be replayed there: it is checked by the evidence guarantee only.
@@ -65,7 +62,7 @@ def test_spm_path_reproduces_spm(name):
     post = invert(csd, freqs, prior_cov_A=prior_cov_A, basis=case.spm_basis, device="cpu",
                   jacobian="finite-difference")
     assert post.extra["path"] == "spm" and "F_exact" not in post.extra
-    assert int(post.iterations) == case.meta.get("iterations", SIMULATED_SPM_ITERATIONS.get(name))
+    assert int(post.iterations) == case.spm_iterations
     assert np.abs(post.A - case.array("spm_Ep_A.txt")).max() <= 1e-3
     # n04_seed1: +0.036, the other 4-region cases < 0.003; hcp102816_n15: 4e-5 (A 4e-9). On
     # hcp102816_n11 the engine's features differ from SPM's by 3.4e-10 (relative; both are
